@@ -1,0 +1,103 @@
+"""Calibration token windows for sketching: from a text file, a JSON/JSONL file, an HF dataset, or the model itself."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def calibration_windows(
+    source: str,
+    tokenizer,
+    *,
+    nsamples: int,
+    seq_len: int,
+    seed: int = 0,
+    model=None,
+    text_range: tuple[float, float] = (0.0, 1.0),
+) -> np.ndarray:
+    """``nsamples`` windows of ``seq_len`` tokens, int32 ``[nsamples, seq_len]``.
+
+    ``source`` is a text file, a JSON/JSONL file of records (``text`` or the
+    instruction fields), ``hf:NAME[:CONFIG]:SPLIT``, or ``self`` (sampled from
+    ``model``). Windows start at seeded random token offsets, as GPTQ samples C4.
+    ``text_range`` keeps only that fraction of a text (for held-out evaluation).
+    """
+    if nsamples < 1 or seq_len < 2:
+        raise ValueError(f"need nsamples >= 1 and seq_len >= 2, got {nsamples} and {seq_len}")
+    if source == "self":
+        if model is None:
+            raise ValueError("calibration 'self' needs the model to sample from")
+        return self_generated_windows(model, tokenizer, nsamples=nsamples, seq_len=seq_len, seed=seed)
+    text = _read_calibration_text(source)
+    lo, hi = (int(len(text) * f) for f in text_range)
+    ids = np.asarray(tokenizer(text[lo:hi], add_special_tokens=False)["input_ids"], dtype=np.int32)
+    if len(ids) < seq_len * nsamples:
+        have = len(ids) // seq_len
+        raise ValueError(
+            f"calibration source {source!r} has {len(ids)} tokens: room for {have} non-overlapping "
+            f"windows of {seq_len}, but {nsamples} were requested; lower --nsamples or --seq-len, or give more text"
+        )
+    rng = np.random.default_rng(seed)
+    starts = rng.choice(len(ids) - seq_len + 1, size=nsamples, replace=False)
+    return np.stack([ids[s : s + seq_len] for s in np.sort(starts)])
+
+
+def _read_calibration_text(source: str) -> str:
+    if source.startswith("hf:"):
+        from sketchtune_jax.perplexity import read_text
+
+        return read_text(source)
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"calibration file not found: {source} (give a text/JSON/JSONL file, hf:NAME:SPLIT, or 'self')")
+    if path.suffix.lower() in (".json", ".jsonl"):
+        return "\n\n".join(_record_text(r) for r in _read_records(path))
+    return path.read_text(encoding="utf-8")
+
+
+def _read_records(path: Path) -> list[dict]:
+    raw = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() == ".jsonl":
+            return [json.loads(line) for line in raw.splitlines() if line.strip()]
+        data = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from e
+    if not isinstance(data, list):
+        raise ValueError(f"{path} must hold a JSON list of records")
+    return data
+
+
+def _record_text(record: dict) -> str:
+    if "text" in record:
+        return str(record["text"])
+    parts = [str(record.get(k, "")).strip() for k in ("instruction", "input", "output")]
+    text = "\n".join(p for p in parts if p)
+    if not text:
+        raise ValueError(f"a calibration record has neither 'text' nor instruction fields: {record!r:.200}")
+    return text
+
+
+def self_generated_windows(model, tokenizer, *, nsamples: int, seq_len: int, seed: int) -> np.ndarray:
+    """Windows sampled from ``model`` itself (temperature 1) starting from BOS, for when no data is at hand."""
+    from sketchtune_jax.generate import generate
+
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    rng = np.random.default_rng(seed)
+    # A random first token per sample diversifies the sequences the way different documents would.
+    firsts = rng.integers(0, len(tokenizer), size=nsamples)
+    prompts = [[int(bos), int(t)] for t in firsts]
+    outs = generate(
+        model,
+        prompts,
+        max_new_tokens=seq_len - 2,
+        eos_token_id=None,
+        pad_token_id=int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else bos),
+        temperature=1.0,
+        top_p=1.0,
+        seed=seed,
+    )
+    return np.asarray([p + o for p, o in zip(prompts, outs)], dtype=np.int32)

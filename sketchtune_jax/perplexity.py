@@ -1,0 +1,124 @@
+"""Perplexity over non-overlapping token windows of a text."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sketchtune_jax.reporting import progress
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    """Perplexity over ``windows`` windows of ``seq_len`` tokens (``tokens`` predicted in all)."""
+
+    ppl: float
+    nll: float
+    tokens: int
+    windows: int
+    seq_len: int
+    seconds: float
+    tokens_per_s: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def tokenize_windows(tokenizer, text: str, seq_len: int, max_windows: int | None) -> np.ndarray:
+    """Tokenize ``text`` and cut it into non-overlapping windows: int32 ``[windows, seq_len]``.
+
+    Only as much of the text as the windows need is tokenized, plus a margin so that
+    the cut does not change the tokens kept.
+    """
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be at least 2, got {seq_len}")
+    if max_windows is not None and max_windows < 1:
+        raise ValueError(f"max_windows must be at least 1, got {max_windows}")
+    need = None if max_windows is None else seq_len * max_windows
+    chars = len(text) if need is None else min(len(text), need * 8)
+    while True:
+        ids = tokenizer(text[:chars], add_special_tokens=False)["input_ids"]
+        if need is None or chars >= len(text) or len(ids) > need + 16:
+            break
+        chars = min(len(text), chars * 2)
+    if need is not None and chars < len(text):
+        ids = ids[:need]
+    n_windows = len(ids) // seq_len
+    if max_windows is not None:
+        n_windows = min(n_windows, max_windows)
+    if n_windows == 0:
+        raise ValueError(
+            f"the text has {len(ids)} tokens, fewer than one window of {seq_len}; "
+            "give a longer text or a smaller --seq-len"
+        )
+    return np.asarray(ids[: n_windows * seq_len], dtype=np.int32).reshape(n_windows, seq_len)
+
+
+@nnx.jit
+def _window_nll(model: nnx.Module, ids: jax.Array) -> jax.Array:
+    """Summed next-token negative log-likelihood of each row of ``ids`` [B, T]: f32 [B]."""
+    logits, _ = model(ids)
+    logits = logits[:, :-1].astype(jnp.float32)
+    targets = ids[:, 1:]
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return jnp.sum(logz - picked, axis=-1)
+
+
+def perplexity(
+    model: nnx.Module,
+    tokenizer,
+    text: str,
+    *,
+    seq_len: int = 512,
+    max_windows: int | None = 20,
+    batch_size: int = 4,
+    show_progress: bool = True,
+) -> PerplexityResult:
+    """Perplexity of ``model`` on ``text``: exp of the mean NLL of every token after the first of each window."""
+    windows = tokenize_windows(tokenizer, text, seq_len, max_windows)
+    total = 0.0
+    start = time.perf_counter()
+    for lo in progress(range(0, len(windows), batch_size), desc="perplexity", disable=not show_progress):
+        batch = windows[lo : lo + batch_size]
+        total += float(jnp.sum(_window_nll(model, jnp.asarray(batch))))
+    seconds = time.perf_counter() - start
+    tokens = windows.shape[0] * (seq_len - 1)
+    nll = total / tokens
+    return PerplexityResult(
+        ppl=math.exp(nll),
+        nll=nll,
+        tokens=tokens,
+        windows=int(windows.shape[0]),
+        seq_len=seq_len,
+        seconds=seconds,
+        tokens_per_s=windows.size / seconds,
+    )
+
+
+def read_text(source: str) -> str:
+    """Text of a local file, or of an HF dataset given as ``hf:NAME[:CONFIG]:SPLIT`` (joined with blank lines)."""
+    if source.startswith("hf:"):
+        parts = source[3:].split(":")
+        if len(parts) not in (2, 3):
+            raise ValueError(f"expected hf:NAME[:CONFIG]:SPLIT, got {source!r}")
+        import datasets
+
+        name, split = parts[0], parts[-1]
+        config = parts[1] if len(parts) == 3 else None
+        try:
+            ds = datasets.load_dataset(name, config, split=split)
+        except Exception as e:  # offline or unknown name: say which and why
+            raise ValueError(f"could not load dataset {name!r} ({type(e).__name__}: {e})") from e
+        return "\n\n".join(ds["text"])
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"text file not found: {source}")
+    return path.read_text(encoding="utf-8")

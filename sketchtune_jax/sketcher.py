@@ -1,0 +1,281 @@
+"""Sketch a whole model, decoder layer by decoder layer (Algorithm 1 of the paper, per projection).
+
+For each decoder layer, in order, and within it stage by stage (q/k/v, then o, then
+gate/up, then down; modules of one stage share their input and so one Hessian):
+run the layer on the calibration hidden states with a probe that accumulates
+``H = 2 X Xᵀ / n`` of the stage's input, sketch each projection of the stage with
+that H, swap in `SketchedLinear`, and go on, so later stages and layers are
+calibrated on sketched outputs. Each finished layer is saved, so a killed run
+started again with the same command resumes and ends with the same result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sketchtune_jax.fileio import atomic_write_bytes, check_output_dir, write_json_atomic
+from sketchtune_jax.layers import Linear, SketchedLinear
+from sketchtune_jax.module_paths import get_submodule, set_submodule
+from sketchtune_jax.reporting import progress
+from sketchtune_jax.sketch import (
+    accumulate_hessian,
+    init_hessian,
+    prepare_hessian,
+    relative_output_error,
+    sketch_matrix,
+)
+
+STAGES: tuple[tuple[str, ...], ...] = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.down_proj",),
+)
+
+
+@dataclass(frozen=True)
+class SketchSettings:
+    """Everything that decides the result of a sketch; a resumed run must have the same."""
+
+    bits: int = 4
+    groups_per_row: int = 4
+    s: float = 3.0
+    percdamp: float = 0.01
+    block_size: int = 128
+    kmeans_iters: int = 50
+    refit_codebook: bool = False
+    error_feedback: bool = True
+    seed: int = 0
+    calib: str = ""
+    nsamples: int = 128
+    seq_len: int = 2048
+
+    def validate(self, config) -> None:
+        """Reject settings that cannot work for ``config`` before any work is done."""
+        if self.bits not in (2, 3, 4):
+            raise ValueError(f"bits must be 2, 3 or 4, got {self.bits}")
+        if self.groups_per_row < 1:
+            raise ValueError(f"groups per row must be positive, got {self.groups_per_row}")
+        widths = {config.hidden_size, config.intermediate_size, config.num_attention_heads * config.head_dim}
+        bad = sorted(w for w in widths if w % self.groups_per_row)
+        if bad:
+            raise ValueError(
+                f"groups per row {self.groups_per_row} does not divide the input width(s) {bad} of this model; "
+                f"pick a divisor of {sorted(widths)}"
+            )
+
+
+class HessianStat(nnx.Variable):
+    """Running Hessian statistics of a probe (not a parameter)."""
+
+
+class HessianProbe(nnx.Module):
+    """Passes its input through ``inner`` and accumulates ``H = 2 X Xᵀ / n`` of it."""
+
+    def __init__(self, inner: nnx.Module, in_features: int):
+        self.inner = inner
+        h, n = init_hessian(in_features)
+        self.hessian = HessianStat(h)
+        self.count = HessianStat(n)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        self.hessian[...], self.count[...] = accumulate_hessian(self.hessian[...], self.count[...], x)
+        return self.inner(x)
+
+
+@nnx.jit
+def _run_layer(layer: nnx.Module, hidden: jax.Array, positions: jax.Array) -> jax.Array:
+    return layer(hidden, positions=positions, attention_mask=None)
+
+
+def _forward_layer(layer: nnx.Module, hidden: jax.Array, batch_size: int) -> jax.Array:
+    """Run ``layer`` over all calibration rows in micro-batches: ``[N, T, D]`` -> ``[N, T, D]``."""
+    n, t, _ = hidden.shape
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (min(batch_size, n), t))
+    outs = []
+    for lo in range(0, n, batch_size):
+        chunk = hidden[lo : lo + batch_size]
+        outs.append(_run_layer(layer, chunk, positions[: chunk.shape[0]]))
+    return jnp.concatenate(outs, axis=0)
+
+
+def _sketch_stage(layer: nnx.Module, names: tuple[str, ...], hidden: jax.Array, settings: SketchSettings,
+                  batch_size: int, seed: int) -> list[dict[str, Any]]:
+    """Sketch the projections ``names`` of ``layer`` (which share an input) in place; one report row each."""
+    first = get_submodule(layer, names[0])
+    probe = HessianProbe(first, first.in_features)
+    set_submodule(layer, names[0], probe)
+    start = time.perf_counter()
+    _forward_layer(layer, hidden, batch_size)
+    set_submodule(layer, names[0], first)
+    hessian = probe.hessian[...]
+    hessian_seconds = time.perf_counter() - start
+    rows = []
+    for i, name in enumerate(names):
+        start = time.perf_counter()
+        linear = get_submodule(layer, name)
+        if not isinstance(linear, Linear):
+            raise TypeError(f"{name} is a {type(linear).__name__}, expected a dense Linear to sketch")
+        w = linear.weight[...].astype(jnp.float32)
+        w_prepared, hinv_upper = prepare_hessian(hessian, w, percdamp=settings.percdamp)
+        result = sketch_matrix(
+            w_prepared,
+            hinv_upper,
+            bits=settings.bits,
+            groups=settings.groups_per_row,
+            s=settings.s,
+            block_size=settings.block_size,
+            kmeans_iters=settings.kmeans_iters,
+            seed=seed + i,
+            error_feedback=settings.error_feedback,
+            refit_codebook=settings.refit_codebook,
+            hessian=hessian,
+        )
+        error = float(relative_output_error(w, result.w_hat, hessian))
+        set_submodule(layer, name, SketchedLinear.from_linear(linear, result.codebook, result.codes))
+        rows.append({
+            "module": name,
+            "shape": list(w.shape),
+            "rel_output_error": error,
+            "seconds": time.perf_counter() - start + (hessian_seconds if i == 0 else 0.0),
+        })
+    return rows
+
+
+def sketch_model(
+    model: nnx.Module,
+    calib_ids: np.ndarray,
+    settings: SketchSettings,
+    *,
+    work_dir: str | os.PathLike | None = None,
+    batch_size: int = 8,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Sketch every decoder-layer projection of ``model`` in place; returns the report.
+
+    ``calib_ids``: int32 ``[nsamples, seq_len]``. With ``work_dir``, each finished layer
+    is saved there and a later call with the same settings resumes from it.
+    """
+    config = model.config
+    settings.validate(config)
+    calib_ids = np.asarray(calib_ids, dtype=np.int32)
+    if calib_ids.ndim != 2:
+        raise ValueError(f"calibration ids must be [nsamples, seq_len], got shape {calib_ids.shape}")
+    resume = _ResumeDir(work_dir, settings, calib_ids) if work_dir is not None else None
+    layers = model.model.layers
+    hidden = model.model.embed_tokens(jnp.asarray(calib_ids)).astype(jnp.float32)
+    _check_finite(hidden, "the embeddings of the calibration tokens")
+    report: list[dict[str, Any]] = []
+    start = time.perf_counter()
+    for index in progress(range(len(layers)), desc="sketching layers", disable=not show_progress):
+        layer = layers[index]
+        done = resume.load_layer(index) if resume else None
+        if done is not None:
+            tensors, rows = done
+            for name in (n for stage in STAGES for n in stage):
+                linear = get_submodule(layer, name)
+                set_submodule(layer, name, SketchedLinear.from_linear(
+                    linear, tensors[f"{name}.codebook"], tensors[f"{name}.codes"]))
+        else:
+            rows = []
+            for stage in STAGES:
+                rows += _sketch_stage(layer, stage, hidden, settings, batch_size, settings.seed + 1000 * index)
+            rows = [{"layer": index, **r} for r in rows]
+            if resume:
+                resume.save_layer(index, layer, rows)
+        report += rows
+        hidden = _forward_layer(layer, hidden, batch_size)
+        _check_finite(hidden, f"the output of decoder layer {index}")
+    return {
+        "settings": dataclasses.asdict(settings),
+        "modules": report,
+        "mean_rel_output_error": float(np.mean([r["rel_output_error"] for r in report])),
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def _check_finite(x: jax.Array, what: str) -> None:
+    if not bool(jnp.all(jnp.isfinite(x))):
+        raise ValueError(f"NaN or Inf in {what}; check the checkpoint's weights and the dtype (try --dtype float32)")
+
+
+class _ResumeDir:
+    """Per-layer results of an unfinished sketch, keyed to the settings and calibration data."""
+
+    def __init__(self, path: str | os.PathLike, settings: SketchSettings, calib_ids: np.ndarray):
+        self.path = Path(path)
+        self.fingerprint = {
+            "settings": dataclasses.asdict(settings),
+            "calib_sha": _sha(calib_ids.tobytes()),
+        }
+        meta = self.path / "settings.json"
+        if meta.is_file():
+            if json.loads(meta.read_text()) != self.fingerprint:
+                raise ValueError(
+                    f"{self.path} holds an unfinished sketch made with other settings or calibration data; "
+                    "delete it or pass --overwrite to start again"
+                )
+        else:
+            self.path.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(meta, self.fingerprint)
+
+    def _file(self, index: int) -> Path:
+        return self.path / f"layer_{index:04d}.safetensors"
+
+    def load_layer(self, index: int) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]] | None:
+        import safetensors.numpy
+
+        f = self._file(index)
+        if not f.is_file():
+            return None
+        tensors = safetensors.numpy.load_file(str(f))
+        rows = json.loads((self.path / f"layer_{index:04d}.json").read_text())
+        return tensors, rows
+
+    def save_layer(self, index: int, layer: nnx.Module, rows: list[dict[str, Any]]) -> None:
+        import safetensors.numpy
+
+        tensors = {}
+        for name in (n for stage in STAGES for n in stage):
+            m = get_submodule(layer, name)
+            tensors[f"{name}.codebook"] = np.asarray(m.codebook[...], dtype=np.float32)
+            tensors[f"{name}.codes"] = np.asarray(m.codes[...])
+        # The report first, the tensors last: a layer counts as done only once its tensors exist.
+        write_json_atomic(self.path / f"layer_{index:04d}.json", rows)
+        atomic_write_bytes(self._file(index), safetensors.numpy.save(tensors))
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _sha(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def partial_dir_for(out_dir: str | os.PathLike) -> Path:
+    """Where an unfinished sketch bound for ``out_dir`` keeps its finished layers."""
+    out = Path(out_dir)
+    return out.with_name(f"{out.name}.partial")
+
+
+def prepare_sketch_output(out_dir: str | os.PathLike, *, overwrite: bool) -> Path:
+    """Check ``out_dir`` before any work: refuse a finished sketch there unless ``overwrite``."""
+    partial = partial_dir_for(out_dir)
+    if overwrite and partial.exists():
+        shutil.rmtree(partial)
+    check_output_dir(out_dir, overwrite=overwrite)
+    return partial

@@ -1,0 +1,42 @@
+"""Atomic writes and output-directory checks."""
+
+import json
+
+import pytest
+
+from sketchtune_jax.fileio import atomic_directory, check_output_dir, write_json_atomic
+
+
+def test_write_json_atomic_replaces_whole_file(tmp_path):
+    target = tmp_path / "r.json"
+    write_json_atomic(target, {"a": 1})
+    write_json_atomic(target, {"b": [1, 2]})
+    assert json.loads(target.read_text()) == {"b": [1, 2]}
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+def test_check_output_dir_refuses_non_empty(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "x").write_text("keep")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        check_output_dir(tmp_path / "out")
+    check_output_dir(tmp_path / "out", overwrite=True)
+    check_output_dir(tmp_path / "new")
+
+
+def test_atomic_directory_leaves_nothing_on_failure(tmp_path):
+    with pytest.raises(RuntimeError):
+        with atomic_directory(tmp_path / "out") as tmp:
+            (tmp / "half.bin").write_bytes(b"x")
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_directory_overwrite_swaps_contents(tmp_path):
+    out = tmp_path / "out"
+    with atomic_directory(out) as tmp:
+        (tmp / "a").write_text("1")
+    with atomic_directory(out, overwrite=True) as tmp:
+        (tmp / "b").write_text("2")
+    assert sorted(p.name for p in out.iterdir()) == ["b"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
