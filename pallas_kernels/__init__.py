@@ -1,0 +1,38 @@
+"""Pallas kernels for sketched (codebook + packed codes) linear layers, with ``jnp`` twins.
+
+Self-contained: nothing here imports ``sketchtune_jax``.
+"""
+
+from pallas_kernels.packing import (
+    SUPPORTED_BITS,
+    codes_per_word,
+    pack_codes,
+    packed_words,
+    unpack_codes,
+)
+from pallas_kernels.sketched_matmul import (
+    Backend,
+    BlockSizes,
+    dequantize,
+    dequantize_reference,
+    sketched_matmul,
+    sketched_matmul_grads,
+    sketched_matmul_grads_reference,
+    sketched_matmul_reference,
+)
+
+__all__ = [
+    "SUPPORTED_BITS",
+    "Backend",
+    "BlockSizes",
+    "codes_per_word",
+    "dequantize",
+    "dequantize_reference",
+    "pack_codes",
+    "packed_words",
+    "sketched_matmul",
+    "sketched_matmul_grads",
+    "sketched_matmul_grads_reference",
+    "sketched_matmul_reference",
+    "unpack_codes",
+]
