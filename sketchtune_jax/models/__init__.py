@@ -1,0 +1,32 @@
+"""Llama-family models (Llama 1/2/3/3.1, Mistral) in Flax NNX, mirroring Hugging Face names."""
+
+from sketchtune_jax.models.config import SUPPORTED_MODEL_TYPES, ModelConfig, RopeScaling
+from sketchtune_jax.models.kv_cache import KVCache, init_cache
+from sketchtune_jax.models.llama import (
+    Attention,
+    DecoderLayer,
+    Embedding,
+    LlamaForCausalLM,
+    LlamaModel,
+    MLP,
+    RMSNorm,
+    attention_mask_for,
+    positions_from_mask,
+)
+
+__all__ = [
+    "SUPPORTED_MODEL_TYPES",
+    "Attention",
+    "DecoderLayer",
+    "Embedding",
+    "KVCache",
+    "LlamaForCausalLM",
+    "LlamaModel",
+    "MLP",
+    "ModelConfig",
+    "RMSNorm",
+    "RopeScaling",
+    "attention_mask_for",
+    "init_cache",
+    "positions_from_mask",
+]

@@ -1,0 +1,99 @@
+"""Forward-pass throughput of our jitted model beside transformers (PyTorch) on WikiText-2 windows.
+
+    python bench/forward.py --model smollm2-135m --seq-len 512 --windows 4
+
+Prints one JSON object. Both sides see the same weights (ours are exported to a
+temporary HF directory for transformers) and the same token windows. No assertions:
+the figures are for reading, not for passing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from converters import export_hf, load_model
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2" / "test.txt"
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def windows(tokenizer, path: Path, seq_len: int, count: int) -> np.ndarray:
+    """``[count, seq_len]`` int32 consecutive windows from the start of the text."""
+    text = path.read_text()
+    # ~4 characters a token; read only what the windows need, with margin.
+    ids = tokenizer(text[: seq_len * count * 8])["input_ids"]
+    if len(ids) < seq_len * count:
+        raise SystemExit(f"{path} has only {len(ids)} tokens, need {seq_len * count}")
+    return np.asarray(ids[: seq_len * count], np.int32).reshape(count, seq_len)
+
+
+def bench_ours(model, batches: np.ndarray) -> tuple[dict, np.ndarray]:
+    forward = nnx.jit(lambda m, ids: m(ids)[0])
+    start = time.perf_counter()
+    first = np.asarray(forward(model, batches[0][None]))
+    compile_s = time.perf_counter() - start
+    start = time.perf_counter()
+    for row in batches:
+        forward(model, row[None]).block_until_ready()
+    elapsed = time.perf_counter() - start
+    return {"compile_and_first_s": round(compile_s, 3), "seconds": round(elapsed, 3),
+            "tokens_per_s": round(batches.size / elapsed, 1)}, first
+
+
+def bench_transformers(loaded, batches: np.ndarray, dtype: str) -> tuple[dict, np.ndarray]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with tempfile.TemporaryDirectory() as tmp:
+        export_hf(loaded.model, loaded.config, None, Path(tmp) / "model")
+        model = AutoModelForCausalLM.from_pretrained(Path(tmp) / "model", dtype=getattr(torch, dtype)).eval()
+    with torch.no_grad():
+        first = model(torch.tensor(batches[:1], dtype=torch.long)).logits.float().numpy()
+        start = time.perf_counter()
+        for row in batches:
+            model(torch.tensor(row[None], dtype=torch.long))
+        elapsed = time.perf_counter() - start
+    return {"seconds": round(elapsed, 3), "tokens_per_s": round(batches.size / elapsed, 1),
+            "torch_threads": torch.get_num_threads()}, first
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m", help="HF directory, .gguf file or smollm2-135m")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--windows", type=int, default=4)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--skip-transformers", action="store_true")
+    args = parser.parse_args()
+
+    dtype = DTYPES[args.dtype]
+    loaded = load_model(args.model, dtype=dtype, param_dtype=dtype)
+    if loaded.tokenizer is None:
+        raise SystemExit(f"{args.model} has no tokenizer")
+    batches = windows(loaded.tokenizer, args.data, args.seq_len, args.windows)
+    ours, ours_logits = bench_ours(loaded.model, batches)
+    result = {
+        "model": args.model, "dtype": args.dtype, "seq_len": args.seq_len, "windows": args.windows,
+        "device": jax.devices()[0].device_kind, "host": platform.machine(), "jax": jax.__version__,
+        "sketchtune_jax": ours,
+    }
+    if not args.skip_transformers:
+        theirs, theirs_logits = bench_transformers(loaded, batches, args.dtype)
+        result["transformers"] = theirs
+        result["max_abs_logit_diff_first_window"] = float(np.abs(ours_logits - theirs_logits).max())
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,216 @@
+"""Load a llama.cpp GGUF file of a Llama-family model: config, dequantized weights, tokenizer.
+
+llama.cpp stores q_proj and k_proj with the rows of each head interleaved for its
+rotary layout; we undo that so weights are in the Hugging Face layout again.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from converters._common import ConversionError, abstract_model, assign, check_names, iter_params
+from sketchtune_jax.models import LlamaForCausalLM, ModelConfig, RopeScaling
+from sketchtune_jax.models.rope import inverse_frequencies
+
+SUPPORTED_ARCHITECTURES = ("llama",)
+
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_BLOCK_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+_BLOCK = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
+
+
+def hf_tensor_name(gguf_name: str) -> str | None:
+    """HF key of a GGUF tensor name (``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight``)."""
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    m = _BLOCK.match(gguf_name)
+    if m and m.group(2) in _BLOCK_NAMES:
+        return f"model.layers.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}.{m.group(3)}"
+    return None
+
+
+def unpermute_rotary(w: np.ndarray, num_heads: int) -> np.ndarray:
+    """Undo llama.cpp's per-head row interleave of q/k weights ``[heads * head_dim, ...]`` (or biases)."""
+    half = w.shape[0] // num_heads // 2
+    return w.reshape(num_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _reader_class():
+    import gguf
+
+    class FastReader(gguf.GGUFReader):
+        """`gguf.GGUFReader` over a plain ndarray view of its memory map.
+
+        Every field is parsed by slicing the map, and slicing an `np.memmap` builds a
+        new memmap object each time; a 49k-token vocabulary took seconds that way.
+        """
+
+        @property
+        def data(self) -> np.ndarray:
+            return self._data
+
+        @data.setter
+        def data(self, value: np.ndarray) -> None:
+            self._data = value.view(np.ndarray) if isinstance(value, np.memmap) else value
+
+    return FastReader
+
+
+def _open_reader(path: Path):
+    try:
+        return _reader_class()(str(path))
+    except Exception as e:  # noqa: BLE001 - the reader raises plain ValueError/IndexError on bad bytes
+        raise ConversionError(f"cannot read GGUF file {path}: {type(e).__name__}: {e}") from None
+
+
+def _fields(reader: Any) -> dict[str, Any]:
+    out = {}
+    for key, field in reader.fields.items():
+        if key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
+                   "tokenizer.ggml.scores"):
+            continue
+        out[key] = field.contents()
+    return out
+
+
+def config_from_gguf(reader: Any, path: str = "the GGUF file") -> ModelConfig:
+    """`ModelConfig` from GGUF metadata (``llama.*`` keys) and the tensors present."""
+    meta = _fields(reader)
+    arch = meta.get("general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ConversionError(
+            f"{path}: unsupported GGUF architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    tensors = {t.name: t for t in reader.tensors}
+
+    def need(key: str) -> Any:
+        if f"{arch}.{key}" not in meta:
+            raise ConversionError(f"{path}: metadata key {arch}.{key} is missing")
+        return meta[f"{arch}.{key}"]
+
+    hidden, heads = int(need("embedding_length")), int(need("attention.head_count"))
+    head_dim = int(meta.get(f"{arch}.attention.key_length") or hidden // heads)
+    if "token_embd.weight" not in tensors:
+        raise ConversionError(f"{path}: tensor 'token_embd.weight' is missing")
+    # ggml lists dimensions innermost first: [hidden, vocab].
+    vocab = int(tensors["token_embd.weight"].shape[-1])
+    theta = float(meta.get(f"{arch}.rope.freq_base", 10000.0))
+    scaling = _rope_scaling(meta, arch, tensors, head_dim, theta, path)
+    return ModelConfig(
+        model_type="llama",
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=int(need("feed_forward_length")),
+        num_hidden_layers=int(need("block_count")),
+        num_attention_heads=heads,
+        num_key_value_heads=int(meta.get(f"{arch}.attention.head_count_kv") or heads),
+        head_dim=head_dim,
+        rms_norm_eps=float(meta.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        max_position_embeddings=int(meta.get(f"{arch}.context_length", 2048)),
+        tie_word_embeddings="output.weight" not in tensors,
+        attention_bias="blk.0.attn_q.bias" in tensors,
+        mlp_bias="blk.0.ffn_up.bias" in tensors,
+        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+        eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
+        pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
+    )
+
+
+def _rope_scaling(meta: dict, arch: str, tensors: dict, head_dim: int, theta: float,
+                  path: str) -> RopeScaling | None:
+    kind = meta.get(f"{arch}.rope.scaling.type", "none")
+    if kind == "linear":
+        return RopeScaling("linear", float(meta[f"{arch}.rope.scaling.factor"]))
+    if kind not in ("none", ""):
+        raise ConversionError(f"{path}: unsupported RoPE scaling {kind!r}; supported: linear, llama3")
+    if "rope_freqs.weight" not in tensors:
+        return None
+    # Llama 3.1+ GGUFs carry per-frequency divisors instead of the llama3 parameters; recover
+    # the parameters (the factor is the largest divisor) and check they reproduce the table.
+    import gguf
+
+    t = tensors["rope_freqs.weight"]
+    divisors = gguf.quants.dequantize(t.data, t.tensor_type).reshape(-1).astype(np.float64)
+    original = int(meta.get(f"{arch}.rope.scaling.original_context_length", 8192))
+    scaling = RopeScaling("llama3", float(divisors.max()), 1.0, 4.0, original)
+    expected = inverse_frequencies(head_dim, theta, None) / inverse_frequencies(head_dim, theta, scaling)
+    if expected.shape != divisors.shape or not np.allclose(expected, divisors, rtol=1e-3):
+        raise ConversionError(f"{path}: rope_freqs.weight does not match any llama3 RoPE scaling we support")
+    return scaling
+
+
+def load_gguf(path: str | Path, *, dtype: jnp.dtype = jnp.float32, param_dtype: jnp.dtype = jnp.float32,
+              load_tokenizer: bool = True) -> tuple[LlamaForCausalLM, ModelConfig, Any]:
+    """Load a Llama-family ``.gguf`` -> ``(model, config, tokenizer or None)``.
+
+    Quantized tensors (Q4_1, Q8_0, ...) are dequantized to float32 and cast to
+    ``param_dtype``. The tokenizer is built by transformers from the file's metadata.
+    """
+    import gguf
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConversionError(f"{path} does not exist")
+    reader = _open_reader(path)
+    config = config_from_gguf(reader, str(path))
+    model = abstract_model(config, dtype, param_dtype)
+    params = dict(iter_params(model))
+    by_hf = {}
+    for t in reader.tensors:
+        if t.name == "rope_freqs.weight":
+            continue
+        name = hf_tensor_name(t.name)
+        if name is None:
+            raise ConversionError(f"unexpected tensor {t.name!r} in {path}: not part of a Llama model")
+        by_hf[name] = t
+    check_names(params, by_hf, str(path))
+    for name, var in params.items():
+        t = by_hf[name]
+        try:
+            w = gguf.quants.dequantize(t.data, t.tensor_type)
+        except Exception as e:  # noqa: BLE001 - unsupported quant types raise NotImplementedError
+            raise ConversionError(f"cannot dequantize tensor {t.name!r} ({t.tensor_type.name}) in {path}: {e}") from None
+        if ".q_proj." in name:
+            w = unpermute_rotary(w, config.num_attention_heads)
+        elif ".k_proj." in name:
+            w = unpermute_rotary(w, config.num_key_value_heads)
+        assign(var, name, w, str(path))
+    tokenizer = _tokenizer(path, reader) if load_tokenizer else None
+    return model, config, tokenizer
+
+
+def _tokenizer(path: Path, reader: Any) -> Any:
+    if "tokenizer.ggml.model" not in reader.fields:
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as e:  # noqa: BLE001 - the weights are usable without a tokenizer
+        warnings.warn(f"could not build the tokenizer of {path}: {e}", stacklevel=3)
+        return None
+
+
+__all__ = ["config_from_gguf", "hf_tensor_name", "load_gguf", "unpermute_rotary"]

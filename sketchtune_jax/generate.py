@@ -1,0 +1,111 @@
+"""Batched autoregressive generation with a KV cache (greedy, or temperature / top-p sampling).
+
+The prefill and the whole decode loop (a `lax.while_loop`) are one jitted function, so
+nothing is recompiled per token; it is compiled once per (batch, padded prompt length,
+max_new_tokens, sampling or not) and the prompt length is padded up to a multiple of 8
+to share compilations between similar prompts.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sketchtune_jax.models import LlamaForCausalLM, init_cache
+
+_PROMPT_BUCKET = 8
+
+
+def generate(model: LlamaForCausalLM, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int,
+             eos_token_id: int | Sequence[int] | None, pad_token_id: int, temperature: float = 0.0,
+             top_p: float = 1.0, seed: int = 0) -> list[list[int]]:
+    """Continue each prompt; returns only the new tokens of each row.
+
+    Prompts of unequal length are left-padded with ``pad_token_id``. A row stops after
+    its first token in ``eos_token_id`` (which is kept in its output) or after
+    ``max_new_tokens``. ``temperature == 0`` is greedy; otherwise tokens are sampled
+    from ``softmax(logits / temperature)`` restricted to the smallest set of tokens
+    whose probability reaches ``top_p``, with randomness from ``seed``.
+    """
+    if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
+        raise ValueError("generate needs at least one prompt and every prompt needs at least one token")
+    if max_new_tokens <= 0:
+        return [[] for _ in prompt_ids]
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+    eos = () if eos_token_id is None else (
+        (int(eos_token_id),) if isinstance(eos_token_id, (int, np.integer)) else tuple(int(e) for e in eos_token_id)
+    )
+    batch = len(prompt_ids)
+    longest = max(len(p) for p in prompt_ids)
+    width = -(-longest // _PROMPT_BUCKET) * _PROMPT_BUCKET
+    ids = np.full((batch, width), pad_token_id, np.int32)
+    mask = np.zeros((batch, width), np.int32)
+    for row, prompt in enumerate(prompt_ids):
+        ids[row, width - len(prompt):] = prompt
+        mask[row, width - len(prompt):] = 1
+    graphdef, state = nnx.split(model)
+    tokens = _generate(
+        graphdef, state, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(eos or (-1,), jnp.int32),
+        jax.random.key(seed), jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p),
+        max_new_tokens=max_new_tokens, pad=int(pad_token_id), sample=temperature > 0,
+    )
+    out = []
+    for row in np.asarray(tokens).tolist():
+        stop = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+        out.append(row[:stop])
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "pad", "sample"))
+def _generate(graphdef, state, ids: jax.Array, mask: jax.Array, eos_ids: jax.Array, key: jax.Array,
+              temperature: jax.Array, top_p: jax.Array, *, max_new_tokens: int, pad: int, sample: bool) -> jax.Array:
+    """int32 ``[B, max_new_tokens]`` new tokens; rows that stopped are filled with ``pad``.
+
+    ``eos_ids`` is int32 ``[n]`` (-1 when there is none), traced so that changing it does
+    not recompile.
+    """
+    model = nnx.merge(graphdef, state)
+    batch, width = ids.shape
+    cache = init_cache(model.config, batch, width + max_new_tokens, model.dtype)
+    logits, cache = model(ids, attention_mask=mask, cache=cache)
+
+    def pick(step_logits: jax.Array, step: jax.Array) -> jax.Array:
+        if not sample:
+            return jnp.argmax(step_logits, axis=-1).astype(jnp.int32)
+        return _sample_top_p(step_logits, jax.random.fold_in(key, step), temperature, top_p)
+
+    first = pick(logits[:, -1], jnp.int32(0))
+    out = jnp.full((batch, max_new_tokens), pad, jnp.int32).at[:, 0].set(first)
+    done = jnp.isin(first, eos_ids)
+
+    def cond(carry):
+        step, _, done, _, _ = carry
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    def body(carry):
+        step, token, done, cache, out = carry
+        logits, cache = model(token[:, None], cache=cache)
+        nxt = jnp.where(done, pad, pick(logits[:, 0], step))
+        out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, step))
+        return step + 1, nxt, done | jnp.isin(nxt, eos_ids), cache, out
+
+    *_, out = jax.lax.while_loop(cond, body, (jnp.int32(1), first, done, cache, out))
+    return out
+
+
+def _sample_top_p(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Sample ``[B]`` ids from ``logits [B, V]`` after temperature and nucleus (top-p) filtering."""
+    logits = logits.astype(jnp.float32) / temperature
+    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    # Keep a token while the mass before it is below top_p, so the most likely one always stays.
+    keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p
+    cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits >= cutoff, logits, -jnp.inf)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)

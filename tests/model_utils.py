@@ -1,0 +1,60 @@
+"""Tiny random transformers models and helpers shared by the model, generation and converter tests."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from flax import nnx
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+_BASE = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
+             pad_token_id=0, attn_implementation="eager")
+
+TINY_CONFIGS = {
+    "llama_gqa": dict(model_type="llama"),
+    "llama3_rope": dict(model_type="llama", head_dim=16, rope_theta=500000.0, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16}),
+    "linear_rope": dict(model_type="llama", rope_scaling={"rope_type": "linear", "factor": 4.0}),
+    "mistral_window": dict(model_type="mistral", sliding_window=5),
+    "bias_untied": dict(model_type="llama", attention_bias=True, mlp_bias=True, tie_word_embeddings=False),
+    "tied_mqa": dict(model_type="llama", num_key_value_heads=1, tie_word_embeddings=True),
+}
+
+
+def tiny_hf_model(name: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    """A transformers model of config ``name`` with weights large enough to make attention non-uniform."""
+    kwargs = {**_BASE, **TINY_CONFIGS[name], **overrides}
+    model_type = kwargs.pop("model_type")
+    config = (MistralConfig if model_type == "mistral" else LlamaConfig)(**kwargs)
+    torch.manual_seed(seed)
+    model = (MistralForCausalLM if model_type == "mistral" else LlamaForCausalLM)(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim > 1:
+                p.normal_(0.0, 0.15)
+            else:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+    return model
+
+
+def hf_logits(model: torch.nn.Module, ids: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    with torch.no_grad():
+        kwargs = {} if mask is None else {"attention_mask": torch.tensor(mask)}
+        return model(torch.tensor(ids, dtype=torch.long), **kwargs).logits.float().numpy()
+
+
+@nnx.jit
+def _forward(model, ids, mask):
+    return model(ids, attention_mask=mask)[0]
+
+
+def jax_logits(model, ids: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """float32 logits of our model, jitted."""
+    mask = np.ones_like(ids) if mask is None else mask
+    return np.asarray(_forward(model, np.asarray(ids, np.int32), np.asarray(mask, np.int32)))
+
+
+def random_ids(batch: int, length: int, vocab: int = 96, seed: int = 0) -> np.ndarray:
+    return np.random.RandomState(seed).randint(3, vocab, size=(batch, length)).astype(np.int32)
