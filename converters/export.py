@@ -10,9 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from converters._common import ConversionError, hf_name
+from sketchtune_jax.fileio import atomic_directory, check_output_dir
 from sketchtune_jax.layers import Linear
 from sketchtune_jax.models import ModelConfig
 
@@ -96,15 +94,12 @@ def export_hf(model: nnx.Module, config: ModelConfig, tokenizer: Any, out_dir: s
     is refused unless ``overwrite=True``.
     """
     out = Path(out_dir).expanduser().absolute()
-    if out.exists():
-        if not out.is_dir():
-            raise ConversionError(f"export target {out} exists and is not a directory")
-        if any(out.iterdir()) and not overwrite:
-            raise ConversionError(f"export target {out} is not empty (pass overwrite=True to replace it)")
-    limit = parse_size(max_shard_size)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
+        check_output_dir(out, overwrite=overwrite)
+    except FileExistsError as e:
+        raise ConversionError(f"export target {e}") from e
+    limit = parse_size(max_shard_size)
+    with atomic_directory(out, overwrite=overwrite) as tmp:
         dtype_name = _write_weights(model, tmp, limit)
         hf_config = config.to_hf()
         hf_config["torch_dtype"] = hf_config["dtype"] = dtype_name
@@ -114,16 +109,6 @@ def export_hf(model: nnx.Module, config: ModelConfig, tokenizer: Any, out_dir: s
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        if out.exists():
-            trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(out, trash)
-            os.rename(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

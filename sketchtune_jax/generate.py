@@ -109,3 +109,31 @@ def _sample_top_p(logits: jax.Array, key: jax.Array, temperature: jax.Array, top
     cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
     logits = jnp.where(logits >= cutoff, logits, -jnp.inf)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def generate_text(model: LlamaForCausalLM, tokenizer, prompts: Sequence[str], *, max_new_tokens: int,
+                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, chat: bool = False,
+                  add_bos: bool = True) -> list[str]:
+    """Continue each text prompt and return the decoded new text (special tokens dropped).
+
+    ``chat`` wraps each prompt in the tokenizer's chat template as a user turn.
+    ``add_bos`` puts the tokenizer's BOS token first when the tokenizer has one and
+    did not add it itself.
+    """
+    prompt_ids = []
+    for prompt in prompts:
+        if chat:
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                tokenize=True)
+            ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+        else:
+            ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            bos = tokenizer.bos_token_id
+            if add_bos and bos is not None and (not ids or ids[0] != bos):
+                ids = [bos] + ids
+        prompt_ids.append(list(ids))
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    outs = generate(model, prompt_ids, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad,
+                    temperature=temperature, top_p=top_p, seed=seed)
+    return [tokenizer.decode(o, skip_special_tokens=True) for o in outs]
