@@ -1,0 +1,66 @@
+"""Fine-tuning of sketched models: only `Codebook` leaves train.
+
+- Config and optimizer: `TrainConfig`, `make_optimizer`, `make_schedule`.
+- Steps: `train_step` (jitted; frozen state is never copied), `apply_train_step`
+  (unjitted body for your own jit), `eval_step`, `loss_and_grads`,
+  `compile_train_step` (for memory analysis), `token_nll_sum`.
+- The loop: `finetune` / `Trainer` (progress bar, JSONL log, Orbax checkpoints,
+  exact resume, validation, loss curve), `NonFiniteLossError`, `read_log`.
+- Codebook files: `trainable_parameter_count`, `codebook_state`, `save_codebooks`,
+  `load_codebooks`, `CodebookMismatchError`.
+
+See `sketchtune_jax.train.step` for a ten-line loop of your own and
+`sketchtune_jax.train.trainer` for the full loop.
+"""
+
+from sketchtune_jax.train.codebooks import (
+    CodebookMismatchError,
+    apply_codebooks,
+    codebook_state,
+    load_codebooks,
+    read_codebooks,
+    save_codebooks,
+    trainable_parameter_count,
+)
+from sketchtune_jax.train.config import TrainConfig
+from sketchtune_jax.train.optim import make_optimizer, make_schedule
+from sketchtune_jax.train.step import apply_train_step, compile_train_step, eval_step, loss_and_grads, token_nll_sum, train_step
+from sketchtune_jax.train.trainer import (
+    BatchSource,
+    NonFiniteLossError,
+    SequenceBatches,
+    Trainer,
+    TrainResult,
+    finetune,
+    plot_loss_curve,
+    read_log,
+    stack_micro_batches,
+)
+
+__all__ = [
+    "BatchSource",
+    "CodebookMismatchError",
+    "NonFiniteLossError",
+    "SequenceBatches",
+    "TrainConfig",
+    "TrainResult",
+    "Trainer",
+    "apply_codebooks",
+    "apply_train_step",
+    "codebook_state",
+    "compile_train_step",
+    "eval_step",
+    "finetune",
+    "load_codebooks",
+    "loss_and_grads",
+    "make_optimizer",
+    "make_schedule",
+    "plot_loss_curve",
+    "read_codebooks",
+    "read_log",
+    "save_codebooks",
+    "stack_micro_batches",
+    "token_nll_sum",
+    "train_step",
+    "trainable_parameter_count",
+]

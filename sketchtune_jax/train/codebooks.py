@@ -1,0 +1,140 @@
+"""Fine-tuned codebooks as a small safetensors file that applies on top of a base sketch.
+
+Keys are module paths joined by dots, ending in ``codebook``
+(``model.layers.0.self_attn.q_proj.codebook``); values are ``[out, groups, 2**bits]``.
+The header metadata records the format, shapes and bits of every entry.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from sketchtune_jax.layers import Codebook
+
+FORMAT_NAME = "sketchtune-codebooks"
+FORMAT_VERSION = "1"
+
+
+class CodebookMismatchError(ValueError):
+    """A codebook file does not fit the model (missing modules, unexpected keys, wrong shapes)."""
+
+
+def path_key(path: tuple[Any, ...]) -> str:
+    """``('model', 'layers', 0, 'codebook')`` -> ``'model.layers.0.codebook'``."""
+    return ".".join(str(p) for p in path)
+
+
+def flat_state(state: nnx.State) -> dict[str, nnx.Variable]:
+    """The variables of an NNX state keyed by dotted path."""
+    return {path_key(p): v for p, v in nnx.to_flat_state(state)}
+
+
+def trainable_parameter_count(model: nnx.Module) -> int:
+    """Number of scalars in the model's `Codebook` variables (rows x groups x 2**bits summed)."""
+    return int(sum(int(np.prod(v.shape)) for v in flat_state(nnx.state(model, Codebook)).values()))
+
+
+def codebook_state(model: nnx.Module) -> dict[str, np.ndarray]:
+    """Every `Codebook` as a host numpy array, keyed by dotted module path (native dtype)."""
+    return {k: np.asarray(jax.device_get(v[...])) for k, v in flat_state(nnx.state(model, Codebook)).items()}
+
+
+def _bits(shape: tuple[int, ...]) -> int:
+    k = shape[-1]
+    return int(k).bit_length() - 1 if k > 0 and k & (k - 1) == 0 else -1
+
+
+def save_codebooks(model: nnx.Module, path: str | os.PathLike, *, metadata: dict[str, Any] | None = None) -> None:
+    """Write the model's codebooks to ``path`` (safetensors, atomic: temp file then rename).
+
+    bfloat16 codebooks are stored as float32 (numpy has no bfloat16); ``load_codebooks``
+    casts back to the model's dtype.
+    """
+    tensors = {}
+    for k, v in codebook_state(model).items():
+        a = v.astype(np.float32) if v.dtype == jnp.bfloat16 else v
+        tensors[k] = np.ascontiguousarray(a)
+    if not tensors:
+        raise ValueError("the model has no Codebook variables to save")
+    meta = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "shapes": json.dumps({k: list(v.shape) for k, v in tensors.items()}),
+        "bits": json.dumps({k: _bits(v.shape) for k, v in tensors.items()}),
+    }
+    if metadata:
+        meta["user"] = json.dumps(metadata)
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".codebooks-", suffix=".tmp", dir=directory)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_codebooks(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The tensors and header metadata of a codebook file."""
+    with safe_open(os.fspath(path), framework="numpy") as f:
+        meta = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    return tensors, meta
+
+
+def load_codebooks(model: nnx.Module, path: str | os.PathLike, *, strict: bool = True) -> None:
+    """Replace the model's codebooks with those in ``path``, in place.
+
+    Every key and shape is validated before anything changes: with ``strict`` a file
+    must hold exactly the model's codebooks; without it, keys the model lacks are
+    still errors but model codebooks absent from the file keep their values.
+
+    Raises:
+        CodebookMismatchError: listing every missing, unexpected and mis-shaped entry.
+    """
+    tensors, meta = read_codebooks(path)
+    if meta.get("format", FORMAT_NAME) != FORMAT_NAME:
+        raise CodebookMismatchError(f"{path}: not a codebook file (format {meta.get('format')!r})")
+    apply_codebooks(model, tensors, strict=strict, source=os.fspath(path))
+
+
+def apply_codebooks(
+    model: nnx.Module, tensors: dict[str, Any], *, strict: bool = True, source: str = "codebooks"
+) -> None:
+    """Validate and assign ``{dotted path: array}`` to the model's `Codebook` variables."""
+    variables = flat_state(nnx.state(model, Codebook))
+    problems = []
+    unexpected = sorted(set(tensors) - set(variables))
+    if unexpected:
+        problems.append(f"not in the model: {', '.join(unexpected[:10])}" + (" ..." if len(unexpected) > 10 else ""))
+    missing = sorted(set(variables) - set(tensors))
+    if missing and strict:
+        problems.append(f"missing from the file: {', '.join(missing[:10])}" + (" ..." if len(missing) > 10 else ""))
+    for k in sorted(set(tensors) & set(variables)):
+        want, got = tuple(variables[k].shape), tuple(np.shape(tensors[k]))
+        if want != got:
+            problems.append(f"{k}: shape {got} in the file, {want} in the model")
+    if problems:
+        raise CodebookMismatchError(f"{source} does not fit the model:\n  " + "\n  ".join(problems))
+    for k, array in tensors.items():
+        var = variables[k]
+        new = jnp.asarray(array, dtype=var.dtype)
+        old = var[...]
+        if isinstance(old, jax.Array):
+            # Keep the variable where it lives (sharded models keep their layout).
+            new = jax.device_put(new, old.sharding)
+        var.set_value(new)

@@ -1,0 +1,84 @@
+"""Training configuration."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+import jax.numpy as jnp
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything that shapes a fine-tuning run; stored with every checkpoint.
+
+    One *step* is one optimizer update over ``grad_accum`` micro-batches of
+    ``batch_size`` rows each. ``max_steps > 0`` overrides ``epochs``.
+
+    - ``schedule``: after ``warmup_steps`` of linear warmup from 0, decay linearly or
+      by cosine to 0 at the last step, or stay constant.
+    - ``max_grad_norm``: global-norm clipping (None or 0: off).
+    - ``save_every``: checkpoint every N steps (0: only at the end); ``keep_checkpoints``
+      most recent are kept. ``eval_every``: validation every N steps (0: at the end only).
+    - ``compute_dtype``: set on every module with a ``dtype`` attribute (None: leave).
+    - ``codebook_dtype``: storage dtype of the trained codebooks (float32 keeps an
+      exact master copy when the model computes in bfloat16; None: leave).
+    - ``remat``: switch on every module's ``remat`` attribute (the model's decoder
+      layers must offer one).
+    - ``seed``: the data order's seed; build the batches with it
+      (``build_batches(..., seed=config.seed)``); the Trainer warns when they differ.
+    - ``batch_size``, ``grad_accum``, ``seed``, ``seq_len`` must match to resume a run.
+    """
+
+    lr: float = 1e-4
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    adam_b1: float = 0.9
+    adam_b2: float = 0.999
+    adam_eps: float = 1e-8
+    max_grad_norm: float | None = 1.0
+    grad_accum: int = 1
+    batch_size: int = 8
+    epochs: int = 1
+    max_steps: int = 0
+    seq_len: int = 512
+    save_every: int = 200
+    keep_checkpoints: int = 2
+    eval_every: int = 0
+    log_every: int = 1
+    seed: int = 0
+    compute_dtype: str | None = None
+    codebook_dtype: str | None = "float32"
+    remat: bool = False
+
+    def __post_init__(self):
+        if self.schedule not in ("linear", "cosine", "constant"):
+            raise ValueError(f"schedule must be linear, cosine or constant, got {self.schedule!r}")
+        for name in ("grad_accum", "batch_size", "seq_len", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "max_steps", "save_every", "eval_every", "epochs"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("compute_dtype", "codebook_dtype"):
+            value = getattr(self, name)
+            if value is not None and value not in _DTYPES:
+                raise ValueError(f"{name} must be one of {sorted(_DTYPES)} or None, got {value!r}")
+        if self.max_steps == 0 and self.epochs == 0:
+            raise ValueError("set epochs > 0 or max_steps > 0")
+
+    def dtype(self, name: str) -> Any:
+        """The jnp dtype of field ``name`` (``compute_dtype`` or ``codebook_dtype``), or None."""
+        value = getattr(self, name)
+        return None if value is None else _DTYPES[value]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})

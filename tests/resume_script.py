@@ -1,0 +1,54 @@
+"""Train the tiny model for a few steps with checkpoints; run by test_train's kill-and-resume test.
+
+usage: python tests/resume_script.py OUT_DIR [--sleep SECONDS_PER_BATCH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import numpy as np  # noqa: E402
+
+from sketchtune_jax.data import BucketedBatches, DataPosition, TokenizedExample  # noqa: E402
+from sketchtune_jax.train import TrainConfig, finetune  # noqa: E402
+from tiny_lm import TinyCausalLM  # noqa: E402
+
+
+class SlowBatches(BucketedBatches):
+    """Sleeps before each batch so a test can kill the run between checkpoints."""
+
+    sleep = 0.0
+
+    def iterate(self, start=DataPosition(), *, epochs=None):
+        for item in super().iterate(start, epochs=epochs):
+            time.sleep(self.sleep)
+            yield item
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out_dir")
+    parser.add_argument("--sleep", type=float, default=0.0)
+    args = parser.parse_args()
+    rng = np.random.default_rng(0)
+    examples = []
+    for _ in range(24):
+        n = int(rng.integers(6, 30))
+        mask = np.zeros(n, np.int32)
+        mask[n // 2 :] = 1
+        examples.append(TokenizedExample(rng.integers(0, 64, n).astype(np.int32), mask, n // 2))
+    batches = SlowBatches(examples, 4, seq_len=32, pad_id=0, seed=1, pad_multiple=16)
+    batches.sleep = args.sleep
+    config = TrainConfig(lr=3e-3, schedule="cosine", warmup_steps=2, epochs=2, grad_accum=2, batch_size=4,
+                         seq_len=32, save_every=2, keep_checkpoints=2, seed=1)
+    result = finetune(TinyCausalLM(), batches, config, args.out_dir, progress=False)
+    print(f"resumed_from={result.resumed_from} step={result.step}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
