@@ -10,6 +10,7 @@ from pallas_kernels.packing import (
     packed_words,
     unpack_codes,
 )
+from pallas_kernels.sharding import SketchSharding, sharded_sketched_matmul
 from pallas_kernels.sketched_matmul import (
     Backend,
     BlockSizes,
@@ -25,11 +26,13 @@ __all__ = [
     "SUPPORTED_BITS",
     "Backend",
     "BlockSizes",
+    "SketchSharding",
     "codes_per_word",
     "dequantize",
     "dequantize_reference",
     "pack_codes",
     "packed_words",
+    "sharded_sketched_matmul",
     "sketched_matmul",
     "sketched_matmul_grads",
     "sketched_matmul_grads_reference",

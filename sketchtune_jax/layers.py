@@ -16,9 +16,11 @@ from flax import nnx
 from pallas_kernels import (
     SUPPORTED_BITS,
     Backend,
+    SketchSharding,
     dequantize,
     pack_codes,
     packed_words,
+    sharded_sketched_matmul,
     sketched_matmul,
 )
 
@@ -66,7 +68,9 @@ class SketchedLinear(nnx.Module):
     ``codebook`` (`Codebook`, ``[out, groups, 2**bits]``) is the only trainable state;
     ``codes`` (`Codes`) are packed ``uint32 [out, groups, words]`` and stay frozen, as
     does ``bias``. ``dtype`` is the compute dtype (``None``: the input's); the product
-    runs through `pallas_kernels.sketched_matmul` (``backend`` forces its backend).
+    runs through `pallas_kernels.sketched_matmul` (``backend`` forces its backend), or
+    per shard through `pallas_kernels.sharded_sketched_matmul` when ``sharding`` is set
+    (`sketchtune_jax.sharding.shard_model` sets it).
     """
 
     def __init__(
@@ -81,6 +85,7 @@ class SketchedLinear(nnx.Module):
         bias: jax.Array | None = None,
         dtype: jnp.dtype | None = None,
         backend: Backend | None = None,
+        sharding: SketchSharding | None = None,
     ):
         if bits not in SUPPORTED_BITS:
             raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}")
@@ -114,6 +119,7 @@ class SketchedLinear(nnx.Module):
         self.groups = groups
         self.dtype = dtype
         self.backend = backend
+        self.sharding = sharding
         self.codebook = Codebook(codebook)
         self.codes = Codes(codes)
         self.bias = nnx.Param(jnp.asarray(bias)) if bias is not None else None
@@ -178,9 +184,16 @@ class SketchedLinear(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dtype = self.dtype or x.dtype
-        y = sketched_matmul(
-            x.astype(dtype), self.codebook[...], self.codes[...], self.bits, backend=self.backend
-        )
+        if self.sharding is None:
+            y = sketched_matmul(
+                x.astype(dtype), self.codebook[...], self.codes[...], self.bits,
+                backend=self.backend,
+            )
+        else:
+            y = sharded_sketched_matmul(
+                x.astype(dtype), self.codebook[...], self.codes[...], self.bits, self.sharding,
+                backend=self.backend,
+            )
         if self.bias is not None:
             y = y + self.bias[...].astype(dtype)
         return y

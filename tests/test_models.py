@@ -148,3 +148,22 @@ def test_bfloat16_compute_stays_close_to_float32():
     low = jax_logits(bf16, ids)
     assert low.dtype == np.float32
     np.testing.assert_allclose(low, jax_logits(fp32, ids), atol=0.1, rtol=0)
+
+
+def test_remat_gives_the_same_gradients():
+    import jax
+    import jax.numpy as jnp
+
+    _, config, model = _pair("llama_gqa")
+    ids = jnp.asarray(random_ids(2, 16))
+
+    def loss(m):
+        logits, _ = m(ids)
+        return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - logits[..., 0])
+
+    plain = nnx.grad(loss)(model)
+    model.model.remat = True
+    graphdef = nnx.graphdef(model)
+    remat = jax.jit(lambda state: nnx.grad(loss)(nnx.merge(graphdef, state)))(nnx.state(model))
+    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(remat)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)

@@ -182,6 +182,8 @@ class LlamaModel(nnx.Module):
             for _ in range(config.num_hidden_layers)
         ])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        # Training sets this (TrainConfig.remat) to recompute each layer's activations in the backward pass.
+        self.remat = False
 
     def __call__(self, input_ids: jax.Array, positions: jax.Array | None, attention_mask: jax.Array | None,
                  cache: KVCache | None) -> tuple[jax.Array, KVCache | None]:
@@ -196,8 +198,11 @@ class LlamaModel(nnx.Module):
             slots = jnp.arange(t)
             mask = attention_mask_for(slots, slots, token_mask, window)
             rope = rope_for(self.config, positions)
+            run = lambda layer, h: layer.forward(h, rope, mask)[0]  # noqa: E731
+            if self.remat:
+                run = nnx.remat(run)
             for layer in self.layers:
-                hidden, _ = layer.forward(hidden, rope, mask)
+                hidden = run(layer, hidden)
             return self.norm(hidden), None
 
         index = cache.index

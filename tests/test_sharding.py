@@ -1,0 +1,223 @@
+"""Sketched layers under JAX SPMD on 8 fake CPU devices, against the unsharded model.
+
+The sharded tests need 8 devices, which ``XLA_FLAGS`` must ask for before JAX starts;
+the rest of the suite runs on one, so `test_sharded_in_subprocess` reruns this file in a
+fresh interpreter with ``--xla_force_host_platform_device_count=8``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+from pallas_kernels import SketchSharding, sharded_sketched_matmul, sketched_matmul
+from sketchtune_jax.layers import Codebook, Linear, SketchedLinear
+from sketchtune_jax.sharding import shard_batch, shard_model
+
+DEVICES = 8
+needs_8 = pytest.mark.skipif(
+    jax.device_count() < DEVICES, reason="needs 8 devices (run by test_sharded_in_subprocess)"
+)
+AXIS_TYPES = {"auto": AxisType.Auto, "explicit": AxisType.Explicit}
+TOL = dict(rtol=2e-5, atol=2e-5)
+
+
+def test_sharded_in_subprocess():
+    if jax.device_count() >= DEVICES:
+        pytest.skip("already on 8 devices: the tests below run in this process")
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} "
+                         f"--xla_force_host_platform_device_count={DEVICES}")
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+         "-k", "not test_sharded_in_subprocess"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
+    assert " passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-2000:]
+
+
+def make_mesh(axis_type: str = "auto"):
+    return jax.make_mesh((2, 4), ("data", "model"), axis_types=(AXIS_TYPES[axis_type],) * 2)
+
+
+def sketched(in_features: int, out_features: int, seed: int, backend: str, groups: int = 2,
+             bits: int = 4) -> SketchedLinear:
+    rng = np.random.default_rng(seed)
+    codebook = rng.normal(size=(out_features, groups, 2**bits)).astype(np.float32)
+    codes = rng.integers(0, 2**bits, (out_features, groups, in_features // groups), np.uint8)
+    return SketchedLinear(in_features, out_features, bits=bits, groups=groups,
+                          codebook=jnp.asarray(codebook), codes=jnp.asarray(codes),
+                          bias=jnp.asarray(rng.normal(size=out_features), jnp.float32),
+                          backend=backend)
+
+
+def batch(shape: tuple[int, ...], seed: int = 1) -> jax.Array:
+    return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
+
+
+def assert_close(a, b):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), **TOL)
+
+
+def assert_trees_close(a, b):
+    """Leaf by leaf: the sharded tree's variables carry sharding metadata, the other's not."""
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(la) == len(lb)
+    for x, y in zip(la, lb):
+        assert_close(x, y)
+
+
+def layer_loss(layer: SketchedLinear, x: jax.Array, dy: jax.Array) -> jax.Array:
+    return jnp.sum(layer(x) * dy)
+
+
+@nnx.jit
+def layer_grads(layer, x, dy):
+    loss, (grads, dx) = nnx.value_and_grad(layer_loss, argnums=(0, 1))(layer, x, dy)
+    return loss, layer(x), dx, grads.codebook[...]
+
+
+@needs_8
+@pytest.mark.parametrize(
+    "backend, axis_type",
+    [("reference", "auto"), ("reference", "explicit"), ("interpret", "explicit")],
+)
+def test_sketched_linear_forward_and_grads(backend, axis_type):
+    mesh = make_mesh(axis_type)
+    layer = sketched(24, 16, seed=0, backend=backend)
+    x, dy = batch((4, 3, 24)), batch((4, 3, 16), seed=2)
+    want = layer_grads(layer, x, dy)
+    sharded = shard_model(nnx.clone(layer), mesh)
+    assert sharded.sharding == SketchSharding(mesh)
+    assert sharded.codebook[...].sharding.spec == P("model", None, None)
+    assert sharded.codes[...].sharding.spec == P("model", None, None)
+    xs, dys = shard_batch((x, dy), mesh)
+    got = layer_grads(sharded, xs, dys)
+    for g, w in zip(got, want):
+        assert_close(g, w)
+    _, y, dx, dcodebook = got
+    assert y.sharding.spec == P("data", None, "model")
+    assert dx.sharding.spec[0] == "data"
+    assert dcodebook.sharding.spec[0] == "model"
+
+
+@needs_8
+def test_uneven_shapes_stay_whole():
+    """Batch 3 over data=2 and 6 rows over model=4 do not divide: those dims stay whole."""
+    mesh = make_mesh()
+    layer = sketched(8, 6, seed=3, backend="reference", groups=1, bits=3)
+    x, dy = batch((3, 8)), batch((3, 6), seed=4)
+    want = layer_grads(layer, x, dy)
+    sharded = shard_model(nnx.clone(layer), mesh)
+    assert sharded.codebook[...].sharding.spec == P(None, None, None)
+    for g, w in zip(layer_grads(sharded, x, dy), want):
+        assert_close(g, w)
+
+
+@needs_8
+def test_reference_backend_partitions_under_gspmd():
+    """Without the wrapper, GSPMD partitions the jnp twin itself: same numbers, and
+    no all-gather (neither weights nor activations are gathered)."""
+    mesh = make_mesh()
+    layer = sketched(64, 32, seed=5, backend="reference", groups=4)
+    x, dy = batch((8, 64)), batch((8, 32), seed=6)
+    cb, codes = layer.codebook[...], layer.codes[...]
+
+    def loss(x, cb):
+        return jnp.sum(sketched_matmul(x, cb, codes, 4, backend="reference") * dy)
+
+    grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    want = grad(x, cb)
+    rows = NamedSharding(mesh, P("model"))
+    args = (jax.device_put(x, NamedSharding(mesh, P("data"))), jax.device_put(cb, rows))
+    codes = jax.device_put(codes, rows)
+    got = grad(*args)
+    assert_close(got[0], want[0])
+    for g, w in zip(got[1], want[1]):
+        assert_close(g, w)
+    assert "all-gather" not in grad.lower(*args).compile().as_text()
+
+
+class TinyModel(nnx.Module):
+    """``x [batch, seq, 16] -> [batch, seq, 8]``: sketched up, dense mid, sketched down."""
+
+    def __init__(self, backend: str):
+        self.up = sketched(16, 32, seed=10, backend=backend)
+        self.mid = Linear(32, 32, use_bias=True, rngs=nnx.Rngs(0))
+        self.down = sketched(32, 8, seed=11, backend=backend, groups=4, bits=2)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down(jax.nn.gelu(self.mid(jax.nn.gelu(self.up(x)))))
+
+
+def model_loss(model: TinyModel, x: jax.Array, target: jax.Array) -> jax.Array:
+    return jnp.mean((model(x) - target) ** 2)
+
+
+@nnx.jit
+def train_step(model, optimizer, x, target):
+    loss, grads = nnx.value_and_grad(model_loss, argnums=nnx.DiffState(0, Codebook))(
+        model, x, target
+    )
+    optimizer.update(model, grads)
+    return loss, grads
+
+
+@needs_8
+@pytest.mark.parametrize("backend, axis_type", [("reference", "explicit"), ("interpret", "auto")])
+def test_tiny_model_grads_and_optax_step(backend, axis_type):
+    mesh = make_mesh(axis_type)
+    tx = optax.adam(1e-2)
+    x, target = batch((4, 2, 16)), batch((4, 2, 8), seed=7)
+
+    model = TinyModel(backend)
+    sharded = shard_model(nnx.clone(model), mesh)
+    optimizer = nnx.Optimizer(model, tx, wrt=Codebook)
+    sharded_optimizer = nnx.Optimizer(sharded, tx, wrt=Codebook)
+
+    loss, grads = train_step(model, optimizer, x, target)
+    xs, targets = shard_batch((x, target), mesh)
+    sharded_loss, sharded_grads = train_step(sharded, sharded_optimizer, xs, targets)
+
+    assert_close(sharded_loss, loss)
+    assert_trees_close(sharded_grads, grads)
+    assert_trees_close(nnx.state(sharded), nnx.state(model))
+    assert_trees_close(nnx.state(sharded_optimizer), nnx.state(optimizer))
+    for layer in (sharded.up, sharded.down):
+        assert layer.codebook[...].sharding.spec[0] == "model"
+    assert sharded.mid.weight[...].sharding.is_fully_replicated
+    mu = sharded_optimizer.opt_state[0].mu["up"]["codebook"]
+    assert mu[...].sharding.spec[0] == "model"
+
+
+@needs_8
+def test_shard_batch_checks_divisibility():
+    mesh = make_mesh()
+    out = shard_batch({"tokens": jnp.zeros((4, 5), jnp.int32), "step": 3}, mesh)
+    assert out["tokens"].sharding.spec == P("data")
+    with pytest.raises(ValueError, match="not divisible"):
+        shard_batch(jnp.zeros((3, 5)), mesh)
+
+
+@needs_8
+def test_sketch_sharding_checks_axes():
+    mesh = make_mesh()
+    with pytest.raises(ValueError, match="not in the mesh"):
+        SketchSharding(mesh, model_axis="tensor")
+    with pytest.raises(ValueError, match="share an axis"):
+        SketchSharding(mesh, data_axis=("data", "model"))
+    x = batch((4, 24))
+    layer = sketched(24, 16, seed=0, backend="reference")
+    y = sharded_sketched_matmul(x, layer.codebook[...], layer.codes[...], 4,
+                                SketchSharding(mesh, data_axis=None))
+    assert y.sharding.spec == P(None, "model")
