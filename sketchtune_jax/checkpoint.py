@@ -28,9 +28,10 @@ def is_sketched_dir(path: str | os.PathLike) -> bool:
 
 
 def sketched_modules(model: nnx.Module) -> dict[str, dict[str, int]]:
-    """``{name: {in_features, out_features, bits, groups}}`` for every `SketchedLinear` in ``model``."""
+    """``{name: {in_features, out_features, bits, groups, use_bias}}`` for every `SketchedLinear` in ``model``."""
     return {
-        name: {"in_features": m.in_features, "out_features": m.out_features, "bits": m.bits, "groups": m.groups}
+        name: {"in_features": m.in_features, "out_features": m.out_features, "bits": m.bits, "groups": m.groups,
+               "use_bias": m.bias is not None}
         for name, m in iter_modules(model, SketchedLinear)
     }
 
@@ -105,7 +106,8 @@ def load_sketched(
     def build():
         model = LlamaForCausalLM(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
         for name, spec in sketch_config["modules"].items():
-            set_submodule(model, name, SketchedLinear.empty(**spec, dtype=dtype, codebook_dtype=codebook_dtype))
+            set_submodule(model, name, SketchedLinear.empty(
+                **spec, dtype=dtype, codebook_dtype=codebook_dtype, bias_dtype=param_dtype))
         return model
 
     abstract = nnx.eval_shape(build)

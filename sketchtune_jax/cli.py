@@ -199,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--s", type=float, default=3.0, help="exponent of the Hessian weights in k-means")
     p.add_argument("--percdamp", type=float, default=0.01, help="damping as a fraction of mean(diag H)")
     p.add_argument("--block-size", type=int, default=128, help="columns per error-feedback block")
-    p.add_argument("--kmeans-iters", type=int, default=50)
+    p.add_argument("--kmeans-iters", type=int, default=100)
     p.add_argument("--refit-codebook", action="store_true", help="re-fit codebooks by least squares after the sweep")
     p.add_argument("--no-error-feedback", action="store_true", help="ablation: map weights without error feedback")
     p.add_argument("--seed", type=int, default=0)

@@ -132,11 +132,13 @@ class SketchedLinear(nnx.Module):
         bits: int,
         groups: int,
         *,
+        use_bias: bool = False,
         dtype: jnp.dtype | None = None,
         codebook_dtype: jnp.dtype = jnp.float32,
+        bias_dtype: jnp.dtype = jnp.float32,
         backend: Backend | None = None,
     ) -> SketchedLinear:
-        """A zero sketch of the given shape (no bias), to be filled from a checkpoint;
+        """A zero sketch of the given shape, to be filled from a checkpoint;
         cheap under `nnx.eval_shape`."""
         if groups <= 0 or in_features % groups:
             raise ValueError(f"groups={groups} must divide in_features={in_features}")
@@ -148,6 +150,7 @@ class SketchedLinear(nnx.Module):
             groups=groups,
             codebook=jnp.zeros((out_features, groups, 2**bits), codebook_dtype),
             codes=jnp.zeros((out_features, groups, words), jnp.uint32),
+            bias=jnp.zeros((out_features,), bias_dtype) if use_bias else None,
             dtype=dtype,
             backend=backend,
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -13,6 +14,7 @@ import numpy as np
 from flax import nnx
 
 from sketchtune_jax.reporting import progress
+from sketchtune_jax.train.step import token_nll_sum
 
 
 @dataclass(frozen=True)
@@ -61,15 +63,13 @@ def tokenize_windows(tokenizer, text: str, seq_len: int, max_windows: int | None
     return np.asarray(ids[: n_windows * seq_len], dtype=np.int32).reshape(n_windows, seq_len)
 
 
-@nnx.jit
-def _window_nll(model: nnx.Module, ids: jax.Array) -> jax.Array:
-    """Summed next-token negative log-likelihood of each row of ``ids`` [B, T]: f32 [B]."""
-    logits, _ = model(ids)
-    logits = logits[:, :-1].astype(jnp.float32)
-    targets = ids[:, 1:]
-    logz = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return jnp.sum(logz - picked, axis=-1)
+@functools.partial(jax.jit, static_argnums=0)
+def _windows_nll(graphdef: nnx.GraphDef, state: nnx.State, ids: jax.Array) -> jax.Array:
+    """Summed next-token negative log-likelihood over all rows of ``ids`` [B, T]: f32 scalar."""
+    # split/merge rather than nnx.jit: the model is an input only, never copied into outputs.
+    logits, _ = nnx.merge(graphdef, state)(ids)
+    nll, _ = token_nll_sum(logits, {"input_ids": ids, "loss_mask": jnp.ones_like(ids)})
+    return nll
 
 
 def perplexity(
@@ -84,11 +84,12 @@ def perplexity(
 ) -> PerplexityResult:
     """Perplexity of ``model`` on ``text``: exp of the mean NLL of every token after the first of each window."""
     windows = tokenize_windows(tokenizer, text, seq_len, max_windows)
+    graphdef, state = nnx.split(model)
     total = 0.0
     start = time.perf_counter()
     for lo in progress(range(0, len(windows), batch_size), desc="perplexity", disable=not show_progress):
         batch = windows[lo : lo + batch_size]
-        total += float(jnp.sum(_window_nll(model, jnp.asarray(batch))))
+        total += float(_windows_nll(graphdef, state, jnp.asarray(batch)))
     seconds = time.perf_counter() - start
     tokens = windows.shape[0] * (seq_len - 1)
     nll = total / tokens

@@ -12,13 +12,14 @@ started again with the same command resumes and ends with the same result.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -54,7 +55,7 @@ class SketchSettings:
     s: float = 3.0
     percdamp: float = 0.01
     block_size: int = 128
-    kmeans_iters: int = 50
+    kmeans_iters: int = 100
     refit_codebook: bool = False
     error_feedback: bool = True
     seed: int = 0
@@ -95,19 +96,29 @@ class HessianProbe(nnx.Module):
         return self.inner(x)
 
 
-@nnx.jit
-def _run_layer(layer: nnx.Module, hidden: jax.Array, positions: jax.Array) -> jax.Array:
-    return layer(hidden, positions=positions, attention_mask=None)
+@functools.partial(jax.jit, static_argnums=0)
+def _run_layer(graphdef: nnx.GraphDef, stats: nnx.State, rest: nnx.State, hidden: jax.Array,
+               positions: jax.Array) -> tuple[jax.Array, nnx.State]:
+    # Only the probe statistics go out again: the layer's weights are inputs only.
+    layer = nnx.merge(graphdef, stats, rest)
+    out = layer(hidden, positions=positions, attention_mask=None)
+    return out, nnx.state(layer, HessianStat)
 
 
 def _forward_layer(layer: nnx.Module, hidden: jax.Array, batch_size: int) -> jax.Array:
-    """Run ``layer`` over all calibration rows in micro-batches: ``[N, T, D]`` -> ``[N, T, D]``."""
+    """Run ``layer`` over all calibration rows in micro-batches: ``[N, T, D]`` -> ``[N, T, D]``.
+
+    Probes inside ``layer`` (if any) accumulate the inputs they see.
+    """
     n, t, _ = hidden.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (min(batch_size, n), t))
+    graphdef, stats, rest = nnx.split(layer, HessianStat, ...)
     outs = []
     for lo in range(0, n, batch_size):
         chunk = hidden[lo : lo + batch_size]
-        outs.append(_run_layer(layer, chunk, positions[: chunk.shape[0]]))
+        out, stats = _run_layer(graphdef, stats, rest, chunk, positions[: chunk.shape[0]])
+        outs.append(out)
+    nnx.update(layer, stats)
     return jnp.concatenate(outs, axis=0)
 
 
@@ -129,7 +140,7 @@ def _sketch_stage(layer: nnx.Module, names: tuple[str, ...], hidden: jax.Array, 
         if not isinstance(linear, Linear):
             raise TypeError(f"{name} is a {type(linear).__name__}, expected a dense Linear to sketch")
         w = linear.weight[...].astype(jnp.float32)
-        w_prepared, hinv_upper = prepare_hessian(hessian, w, percdamp=settings.percdamp)
+        hinv_upper, w_prepared = prepare_hessian(hessian, w, percdamp=settings.percdamp)
         result = sketch_matrix(
             w_prepared,
             hinv_upper,
@@ -141,7 +152,6 @@ def _sketch_stage(layer: nnx.Module, names: tuple[str, ...], hidden: jax.Array, 
             seed=seed + i,
             error_feedback=settings.error_feedback,
             refit_codebook=settings.refit_codebook,
-            hessian=hessian,
         )
         error = float(relative_output_error(w, result.w_hat, hessian))
         set_submodule(layer, name, SketchedLinear.from_linear(linear, result.codebook, result.codes))
@@ -162,11 +172,13 @@ def sketch_model(
     work_dir: str | os.PathLike | None = None,
     batch_size: int = 8,
     show_progress: bool = True,
+    on_layer_done: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Sketch every decoder-layer projection of ``model`` in place; returns the report.
 
     ``calib_ids``: int32 ``[nsamples, seq_len]``. With ``work_dir``, each finished layer
     is saved there and a later call with the same settings resumes from it.
+    ``on_layer_done(index)`` is called after each decoder layer is finished (and saved).
     """
     config = model.config
     settings.validate(config)
@@ -198,6 +210,8 @@ def sketch_model(
         report += rows
         hidden = _forward_layer(layer, hidden, batch_size)
         _check_finite(hidden, f"the output of decoder layer {index}")
+        if on_layer_done is not None:
+            on_layer_done(index)
     return {
         "settings": dataclasses.asdict(settings),
         "modules": report,

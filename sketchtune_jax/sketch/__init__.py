@@ -1,0 +1,32 @@
+"""Sketching one weight matrix: Hessian, weighted k-means, column sweep (Algorithm 1).
+
+Typical use, per linear layer::
+
+    h, n = init_hessian(in_features)
+    for x in calibration_inputs:              # [..., in_features]
+        h, n = accumulate_hessian(h, n, x)
+    hinv_upper, w = prepare_hessian(h, weight)
+    result = sketch_matrix(w, hinv_upper, bits=4, groups=4)
+    relative_output_error(weight, result.w_hat, h)
+"""
+
+from sketchtune_jax.sketch.hessian import accumulate_hessian, init_hessian, prepare_hessian
+from sketchtune_jax.sketch.kmeans import assign_nearest, weighted_kmeans
+from sketchtune_jax.sketch.sweep import (
+    SketchResult,
+    importance_weights,
+    relative_output_error,
+    sketch_matrix,
+)
+
+__all__ = [
+    "SketchResult",
+    "accumulate_hessian",
+    "assign_nearest",
+    "importance_weights",
+    "init_hessian",
+    "prepare_hessian",
+    "relative_output_error",
+    "sketch_matrix",
+    "weighted_kmeans",
+]
