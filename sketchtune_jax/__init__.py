@@ -1,0 +1,78 @@
+"""sketchtune-jax: fine-tunable sketches of Llama/Mistral models in JAX (SketchTune, ICML 2025).
+
+The public API, in the order a user meets it::
+
+    import sketchtune_jax as st
+
+    loaded = st.load_any("smollm2-135m")                     # HF dir, GGUF, sketched dir or built-in name
+    calib = st.calibration_windows("wiki.txt", loaded.tokenizer, nsamples=32, seq_len=512)
+    st.sketch_model(loaded.model, calib, st.SketchSettings(bits=4, groups_per_row=4))
+    st.save_sketched(loaded.model, loaded.config, loaded.tokenizer, "smol-int4")
+    train, val = st.build_batches("math.json", loaded.tokenizer, batch_size=8, seq_len=512)
+    st.finetune(loaded.model, train, st.TrainConfig(lr=8e-5, epochs=1), "runs/math")
+"""
+
+from sketchtune_jax.layers import Codebook, Codes, Linear, SketchedLinear
+from sketchtune_jax.models import KVCache, LlamaForCausalLM, ModelConfig, init_cache
+
+from sketchtune_jax.calibration import calibration_windows
+from sketchtune_jax.checkpoint import is_sketched_dir, load_sketched, save_sketched
+from sketchtune_jax.data import build_batches, format_prompt, load_instruction_data
+from sketchtune_jax.evaluation import evaluate_task, extract_answer
+from sketchtune_jax.fileio import write_json_atomic
+from sketchtune_jax.generate import generate, generate_text
+from sketchtune_jax.loading import load_any, model_info
+from sketchtune_jax.perplexity import PerplexityResult, perplexity, read_text
+from sketchtune_jax.sharding import shard_batch, shard_model
+from sketchtune_jax.sketcher import SketchSettings, partial_dir_for, sketch_model
+from sketchtune_jax.train import (
+    TrainConfig,
+    finetune,
+    load_codebooks,
+    make_optimizer,
+    save_codebooks,
+    train_step,
+    trainable_parameter_count,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Codebook",
+    "Codes",
+    "KVCache",
+    "Linear",
+    "LlamaForCausalLM",
+    "ModelConfig",
+    "PerplexityResult",
+    "SketchSettings",
+    "SketchedLinear",
+    "TrainConfig",
+    "build_batches",
+    "calibration_windows",
+    "evaluate_task",
+    "extract_answer",
+    "finetune",
+    "format_prompt",
+    "generate",
+    "generate_text",
+    "init_cache",
+    "is_sketched_dir",
+    "load_any",
+    "load_codebooks",
+    "load_instruction_data",
+    "load_sketched",
+    "make_optimizer",
+    "model_info",
+    "partial_dir_for",
+    "perplexity",
+    "read_text",
+    "save_codebooks",
+    "save_sketched",
+    "shard_batch",
+    "shard_model",
+    "sketch_model",
+    "train_step",
+    "trainable_parameter_count",
+    "write_json_atomic",
+]

@@ -109,6 +109,7 @@ def cmd_sketch(args: argparse.Namespace) -> int:
         kmeans_iters=args.kmeans_iters,
         refit_codebook=args.refit_codebook,
         error_feedback=not args.no_error_feedback,
+        true_sequential=args.true_sequential,
         seed=args.seed,
         calib=args.calib,
         nsamples=args.nsamples,
@@ -164,6 +165,72 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from sketchtune_jax.checkpoint import is_sketched_dir
+    from sketchtune_jax.data import build_batches, load_instruction_data
+    from sketchtune_jax.fileio import write_json_atomic
+    from sketchtune_jax.reporting import print_table
+    from sketchtune_jax.train import TrainConfig, finetune, trainable_parameter_count
+
+    if not is_sketched_dir(args.model):
+        raise ValueError(f"{args.model} is not a sketched model; make one first with `sketchtune sketch`")
+    config = TrainConfig(
+        lr=args.lr, schedule=args.schedule, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
+        max_grad_norm=args.max_grad_norm, grad_accum=args.grad_accum, batch_size=args.batch_size,
+        epochs=args.epochs, max_steps=args.max_steps, seq_len=args.seq_len, save_every=args.save_every,
+        eval_every=args.eval_every, seed=args.seed, remat=args.remat,
+        compute_dtype=None if args.dtype == "float32" else args.dtype,
+    )
+    records = load_instruction_data(args.data)
+    loaded = _load(args)
+    train, val = build_batches(records, loaded.tokenizer, batch_size=args.batch_size, seq_len=args.seq_len,
+                               val_fraction=args.val_fraction, seed=args.seed, on_long_prompt="skip")
+    result = finetune(loaded.model, train, config, args.out, val_batches=val)
+    summary = {
+        "step": result.step,
+        "loss": result.loss,
+        "val_loss": result.val_loss,
+        "trainable_params": trainable_parameter_count(loaded.model),
+        "resumed_from": result.resumed_from,
+        "codebooks": result.codebooks_path,
+        "log": result.log_path,
+    }
+    print_table(f"fine-tuned {args.model} on {args.data}", summary)
+    write_json_atomic(Path(args.out) / "summary.json", summary)
+    return 0
+
+
+def cmd_eval_task(args: argparse.Namespace) -> int:
+    """``eval math`` and ``eval commonsense``: generate for every record and score the extracted answers."""
+    from sketchtune_jax.evaluation import evaluate_task
+    from sketchtune_jax.fileio import write_json_atomic
+    from sketchtune_jax.generate import generate_text
+    from sketchtune_jax.reporting import print_table
+
+    if not Path(args.data).is_file():
+        raise FileNotFoundError(f"data file not found: {args.data}")
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+    loaded = _load(args)
+
+    def generate_fn(prompts: list[str]) -> list[str]:
+        return generate_text(loaded.model, loaded.tokenizer, prompts, max_new_tokens=args.max_new_tokens)
+
+    name = Path(args.data).name.split(".")[0]
+    summary = evaluate_task(
+        generate_fn, args.data, loaded.tokenizer, task=args.task_name, batch_size=args.batch_size,
+        limit=args.limit, out_jsonl=Path(args.out) / f"{name}.predictions.jsonl" if args.out else None,
+        strict=not args.reference_rule, progress=True,
+    )
+    summary["model"] = args.model
+    print_table(f"{args.task} accuracy on {args.data}", summary)
+    if args.out:
+        write_json_atomic(Path(args.out) / f"{name}.summary.json", summary)
+    if args.json:
+        write_json_atomic(args.json, summary)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sketchtune", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -201,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=int, default=128, help="columns per error-feedback block")
     p.add_argument("--kmeans-iters", type=int, default=100)
     p.add_argument("--refit-codebook", action="store_true", help="re-fit codebooks by least squares after the sweep")
+    p.add_argument("--true-sequential", action="store_true",
+                   help="measure each stage's Hessian after the stages before it are sketched")
     p.add_argument("--no-error-feedback", action="store_true", help="ablation: map weights without error feedback")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward pass")
@@ -226,6 +295,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--json", help="also write the result to this JSON file")
     p.set_defaults(func=cmd_eval_ppl)
+    for task in ("math", "commonsense"):
+        p = ev.add_parser(task, help=f"{task} accuracy: generate, extract the answer, score")
+        _add_model_args(p)
+        p.add_argument("--data", required=True, help="JSON records {instruction, input, answer}")
+        p.add_argument("--codebooks", help="fine-tuned codebook file to apply first")
+        p.add_argument("--limit", type=int, help="evaluate only the first N records")
+        p.add_argument("--batch-size", type=int, default=8)
+        p.add_argument("--max-new-tokens", type=int, default=256 if task == "math" else 32)
+        p.add_argument("--task-name", help="task or answer kind (default: from the file name)")
+        p.add_argument("--reference-rule", action="store_true",
+                       help="extract answers exactly as the reference does (last number), not 'The answer is' first")
+        p.add_argument("--out", help="directory for per-item predictions (JSONL) and the summary")
+        p.add_argument("--json", help="also write the summary to this JSON file")
+        p.set_defaults(func=cmd_eval_task)
+
+    p = sub.add_parser("finetune", help="fine-tune the codebooks of a sketched model on instruction data")
+    _add_model_args(p)
+    p.add_argument("--data", required=True, help="JSON/JSONL records {instruction, input, output}")
+    p.add_argument("--out", required=True, help="run directory (logs, checkpoints, codebooks); resumed if present")
+    p.add_argument("--codebooks", help="start from these fine-tuned codebooks")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (overrides --epochs)")
+    p.add_argument("--lr", type=float, default=8e-5)
+    p.add_argument("--schedule", choices=("linear", "cosine", "constant"), default="linear")
+    p.add_argument("--warmup-steps", type=int, default=100)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--val-fraction", type=float, default=0.0)
+    p.add_argument("--save-every", type=int, default=200)
+    p.add_argument("--eval-every", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--remat", action="store_true", help="recompute layer activations in the backward pass")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out (also automatic)")
+    p.set_defaults(func=cmd_finetune)
     return parser
 
 

@@ -1,11 +1,12 @@
 """Sketch a whole model, decoder layer by decoder layer (Algorithm 1 of the paper, per projection).
 
-For each decoder layer, in order, and within it stage by stage (q/k/v, then o, then
-gate/up, then down; modules of one stage share their input and so one Hessian):
-run the layer on the calibration hidden states with a probe that accumulates
-``H = 2 X Xᵀ / n`` of the stage's input, sketch each projection of the stage with
-that H, swap in `SketchedLinear`, and go on, so later stages and layers are
-calibrated on sketched outputs. Each finished layer is saved, so a killed run
+For each decoder layer, in order: run the layer on the calibration hidden states
+with probes that accumulate ``H = 2 X Xᵀ / n`` of the input of each stage (q/k/v,
+o, gate/up, down; the modules of one stage share their input and so one Hessian),
+sketch every projection with its stage's H, swap in `SketchedLinear`, and run the
+layer again, so the next layer is calibrated on sketched outputs. With
+``true_sequential`` the stages are measured one after another instead, each after
+the ones before it are sketched (four passes instead of one). Each finished layer is saved, so a killed run
 started again with the same command resumes and ends with the same result.
 """
 
@@ -58,6 +59,7 @@ class SketchSettings:
     kmeans_iters: int = 100
     refit_codebook: bool = False
     error_feedback: bool = True
+    true_sequential: bool = False
     seed: int = 0
     calib: str = ""
     nsamples: int = 128
@@ -122,24 +124,31 @@ def _forward_layer(layer: nnx.Module, hidden: jax.Array, batch_size: int) -> jax
     return jnp.concatenate(outs, axis=0)
 
 
-def _sketch_stage(layer: nnx.Module, names: tuple[str, ...], hidden: jax.Array, settings: SketchSettings,
-                  batch_size: int, seed: int) -> list[dict[str, Any]]:
-    """Sketch the projections ``names`` of ``layer`` (which share an input) in place; one report row each."""
-    first = get_submodule(layer, names[0])
-    probe = HessianProbe(first, first.in_features)
-    set_submodule(layer, names[0], probe)
+def _stage_hessians(layer: nnx.Module, stages: tuple[tuple[str, ...], ...], hidden: jax.Array,
+                    batch_size: int) -> dict[tuple[str, ...], jax.Array]:
+    """One pass of ``layer`` over the calibration rows with a probe on the first module of each stage."""
+    probes = {}
+    for stage in stages:
+        inner = get_submodule(layer, stage[0])
+        probes[stage] = HessianProbe(inner, inner.in_features)
+        set_submodule(layer, stage[0], probes[stage])
+    try:
+        _forward_layer(layer, hidden, batch_size)
+    finally:
+        for stage, probe in probes.items():
+            set_submodule(layer, stage[0], probe.inner)
+    return {stage: probe.hessian[...] for stage, probe in probes.items()}
+
+
+def _sketch_module(layer: nnx.Module, name: str, hessian: jax.Array, settings: SketchSettings,
+                   seed: int) -> dict[str, Any]:
+    """Sketch the projection ``name`` of ``layer`` with ``hessian`` and swap it in; returns its report row."""
     start = time.perf_counter()
-    _forward_layer(layer, hidden, batch_size)
-    set_submodule(layer, names[0], first)
-    hessian = probe.hessian[...]
-    hessian_seconds = time.perf_counter() - start
-    rows = []
-    for i, name in enumerate(names):
-        start = time.perf_counter()
-        linear = get_submodule(layer, name)
-        if not isinstance(linear, Linear):
-            raise TypeError(f"{name} is a {type(linear).__name__}, expected a dense Linear to sketch")
-        w = linear.weight[...].astype(jnp.float32)
+    linear = get_submodule(layer, name)
+    if not isinstance(linear, Linear):
+        raise TypeError(f"{name} is a {type(linear).__name__}, expected a dense Linear to sketch")
+    w = linear.weight[...].astype(jnp.float32)
+    try:
         hinv_upper, w_prepared = prepare_hessian(hessian, w, percdamp=settings.percdamp)
         result = sketch_matrix(
             w_prepared,
@@ -149,18 +158,32 @@ def _sketch_stage(layer: nnx.Module, names: tuple[str, ...], hidden: jax.Array, 
             s=settings.s,
             block_size=settings.block_size,
             kmeans_iters=settings.kmeans_iters,
-            seed=seed + i,
+            seed=seed,
             error_feedback=settings.error_feedback,
             refit_codebook=settings.refit_codebook,
         )
-        error = float(relative_output_error(w, result.w_hat, hessian))
-        set_submodule(layer, name, SketchedLinear.from_linear(linear, result.codebook, result.codes))
-        rows.append({
-            "module": name,
-            "shape": list(w.shape),
-            "rel_output_error": error,
-            "seconds": time.perf_counter() - start + (hessian_seconds if i == 0 else 0.0),
-        })
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from e
+    error = float(relative_output_error(w, result.w_hat, hessian))
+    set_submodule(layer, name, SketchedLinear.from_linear(linear, result.codebook, result.codes))
+    return {"module": name, "shape": list(w.shape), "rel_output_error": error,
+            "seconds": time.perf_counter() - start}
+
+
+def _sketch_layer(layer: nnx.Module, hidden: jax.Array, settings: SketchSettings, batch_size: int,
+                  seed: int) -> list[dict[str, Any]]:
+    """Sketch every projection of one decoder layer in place; one report row per module.
+
+    With ``true_sequential`` each stage's Hessian is measured after the stages before
+    it are sketched (one pass per stage); otherwise one pass measures them all.
+    """
+    passes = tuple((stage,) for stage in STAGES) if settings.true_sequential else (STAGES,)
+    rows = []
+    for stages in passes:
+        hessians = _stage_hessians(layer, stages, hidden, batch_size)
+        for stage in stages:
+            for name in stage:
+                rows.append(_sketch_module(layer, name, hessians[stage], settings, seed + len(rows)))
     return rows
 
 
@@ -201,10 +224,8 @@ def sketch_model(
                 set_submodule(layer, name, SketchedLinear.from_linear(
                     linear, tensors[f"{name}.codebook"], tensors[f"{name}.codes"]))
         else:
-            rows = []
-            for stage in STAGES:
-                rows += _sketch_stage(layer, stage, hidden, settings, batch_size, settings.seed + 1000 * index)
-            rows = [{"layer": index, **r} for r in rows]
+            rows = [{"layer": index, **r} for r in
+                    _sketch_layer(layer, hidden, settings, batch_size, settings.seed + 1000 * index)]
             if resume:
                 resume.save_layer(index, layer, rows)
         report += rows
