@@ -91,6 +91,16 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fraction_range(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(x) for x in text.split(":"))
+    except ValueError:
+        raise ValueError(f"--calib-range must be START:END fractions like 0.5:1, got {text!r}") from None
+    if not 0 <= lo < hi <= 1:
+        raise ValueError(f"--calib-range needs 0 <= START < END <= 1, got {text!r}")
+    return lo, hi
+
+
 def cmd_sketch(args: argparse.Namespace) -> int:
     import dataclasses
 
@@ -107,6 +117,7 @@ def cmd_sketch(args: argparse.Namespace) -> int:
         percdamp=args.percdamp,
         block_size=args.block_size,
         kmeans_iters=args.kmeans_iters,
+        kmeans_restarts=args.kmeans_restarts,
         refit_codebook=args.refit_codebook,
         error_feedback=not args.no_error_feedback,
         true_sequential=args.true_sequential,
@@ -114,6 +125,7 @@ def cmd_sketch(args: argparse.Namespace) -> int:
         calib=args.calib,
         nsamples=args.nsamples,
         seq_len=args.seq_len,
+        calib_range=_fraction_range(args.calib_range),
     )
     if args.bits not in (2, 3, 4):
         raise ValueError(f"--bits must be 2, 3 or 4, got {args.bits}")
@@ -125,7 +137,8 @@ def cmd_sketch(args: argparse.Namespace) -> int:
     loaded = _load(args)
     settings.validate(loaded.config)
     calib = calibration_windows(
-        args.calib, loaded.tokenizer, nsamples=args.nsamples, seq_len=args.seq_len, seed=args.seed, model=loaded.model
+        args.calib, loaded.tokenizer, nsamples=args.nsamples, seq_len=args.seq_len, seed=args.seed, model=loaded.model,
+        text_range=settings.calib_range,
     )
     report = sketch_model(loaded.model, calib, settings, work_dir=partial, batch_size=args.batch_size)
     report["source"] = args.model
@@ -262,11 +275,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--groups-per-row", type=int, default=4, help="codebooks per row (a divisor of the input widths)")
     p.add_argument("--calib", required=True, help="text/JSON/JSONL file, hf:NAME[:CONFIG]:SPLIT, or 'self'")
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows")
+    p.add_argument("--calib-range", default="0:1",
+                   help="use only this fraction of a calibration text, e.g. 0.5:1 to hold out the first half")
     p.add_argument("--seq-len", type=int, default=2048, help="tokens per calibration window")
     p.add_argument("--s", type=float, default=3.0, help="exponent of the Hessian weights in k-means")
     p.add_argument("--percdamp", type=float, default=0.01, help="damping as a fraction of mean(diag H)")
     p.add_argument("--block-size", type=int, default=128, help="columns per error-feedback block")
     p.add_argument("--kmeans-iters", type=int, default=100)
+    p.add_argument("--kmeans-restarts", type=int, default=1, help="k-means++ restarts; the best fit is kept")
     p.add_argument("--refit-codebook", action="store_true", help="re-fit codebooks by least squares after the sweep")
     p.add_argument("--true-sequential", action="store_true",
                    help="measure each stage's Hessian after the stages before it are sketched")

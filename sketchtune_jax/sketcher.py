@@ -57,6 +57,7 @@ class SketchSettings:
     percdamp: float = 0.01
     block_size: int = 128
     kmeans_iters: int = 100
+    kmeans_restarts: int = 1
     refit_codebook: bool = False
     error_feedback: bool = True
     true_sequential: bool = False
@@ -64,6 +65,7 @@ class SketchSettings:
     calib: str = ""
     nsamples: int = 128
     seq_len: int = 2048
+    calib_range: tuple[float, float] = (0.0, 1.0)
 
     def validate(self, config) -> None:
         """Reject settings that cannot work for ``config`` before any work is done."""
@@ -140,16 +142,22 @@ def _stage_hessians(layer: nnx.Module, stages: tuple[tuple[str, ...], ...], hidd
     return {stage: probe.hessian[...] for stage, probe in probes.items()}
 
 
-def _sketch_module(layer: nnx.Module, name: str, hessian: jax.Array, settings: SketchSettings,
-                   seed: int) -> dict[str, Any]:
-    """Sketch the projection ``name`` of ``layer`` with ``hessian`` and swap it in; returns its report row."""
+def _sketch_stage(layer: nnx.Module, stage: tuple[str, ...], hessian: jax.Array, settings: SketchSettings,
+                  seed: int) -> list[dict[str, Any]]:
+    """Sketch the projections of one stage (one shared input, so one H) and swap them in.
+
+    Rows are independent problems, so the stage's weights are stacked by rows and
+    sketched in one call: one Cholesky and one compiled program per stage.
+    """
     start = time.perf_counter()
-    linear = get_submodule(layer, name)
-    if not isinstance(linear, Linear):
-        raise TypeError(f"{name} is a {type(linear).__name__}, expected a dense Linear to sketch")
-    w = linear.weight[...].astype(jnp.float32)
+    linears = [get_submodule(layer, name) for name in stage]
+    for name, linear in zip(stage, linears):
+        if not isinstance(linear, Linear):
+            raise TypeError(f"{name} is a {type(linear).__name__}, expected a dense Linear to sketch")
+    weights = [linear.weight[...].astype(jnp.float32) for linear in linears]
     try:
-        hinv_upper, w_prepared = prepare_hessian(hessian, w, percdamp=settings.percdamp)
+        hinv_upper, w_prepared = prepare_hessian(hessian, jnp.concatenate(weights, axis=0),
+                                                 percdamp=settings.percdamp)
         result = sketch_matrix(
             w_prepared,
             hinv_upper,
@@ -158,16 +166,22 @@ def _sketch_module(layer: nnx.Module, name: str, hessian: jax.Array, settings: S
             s=settings.s,
             block_size=settings.block_size,
             kmeans_iters=settings.kmeans_iters,
+            kmeans_restarts=settings.kmeans_restarts,
             seed=seed,
             error_feedback=settings.error_feedback,
             refit_codebook=settings.refit_codebook,
         )
     except ValueError as e:
-        raise ValueError(f"{name}: {e}") from e
-    error = float(relative_output_error(w, result.w_hat, hessian))
-    set_submodule(layer, name, SketchedLinear.from_linear(linear, result.codebook, result.codes))
-    return {"module": name, "shape": list(w.shape), "rel_output_error": error,
-            "seconds": time.perf_counter() - start}
+        raise ValueError(f"{'/'.join(stage)}: {e}") from e
+    seconds = (time.perf_counter() - start) / len(stage)
+    rows, lo = [], 0
+    for name, linear, w in zip(stage, linears, weights):
+        hi = lo + w.shape[0]
+        error = float(relative_output_error(w, result.w_hat[lo:hi], hessian))
+        set_submodule(layer, name, SketchedLinear.from_linear(linear, result.codebook[lo:hi], result.codes[lo:hi]))
+        rows.append({"module": name, "shape": list(w.shape), "rel_output_error": error, "seconds": seconds})
+        lo = hi
+    return rows
 
 
 def _sketch_layer(layer: nnx.Module, hidden: jax.Array, settings: SketchSettings, batch_size: int,
@@ -182,8 +196,7 @@ def _sketch_layer(layer: nnx.Module, hidden: jax.Array, settings: SketchSettings
     for stages in passes:
         hessians = _stage_hessians(layer, stages, hidden, batch_size)
         for stage in stages:
-            for name in stage:
-                rows.append(_sketch_module(layer, name, hessians[stage], settings, seed + len(rows)))
+            rows += _sketch_stage(layer, stage, hessians[stage], settings, seed + len(rows))
     return rows
 
 
@@ -251,10 +264,11 @@ class _ResumeDir:
 
     def __init__(self, path: str | os.PathLike, settings: SketchSettings, calib_ids: np.ndarray):
         self.path = Path(path)
-        self.fingerprint = {
+        # Through JSON and back, so that it compares equal to what a previous run wrote.
+        self.fingerprint = json.loads(json.dumps({
             "settings": dataclasses.asdict(settings),
             "calib_sha": _sha(calib_ids.tobytes()),
-        }
+        }))
         meta = self.path / "settings.json"
         if meta.is_file():
             if json.loads(meta.read_text()) != self.fingerprint:
