@@ -25,6 +25,9 @@ def calibration_windows(
     ``model``). Windows start at seeded random token offsets, as GPTQ samples C4.
     ``text_range`` keeps only that fraction of a text (for held-out evaluation).
     """
+    if tokenizer is None:
+        raise ValueError("the model has no tokenizer files, and calibration text must be tokenized; "
+                         "add the tokenizer to the model directory")
     if nsamples < 1 or seq_len < 2:
         raise ValueError(f"need nsamples >= 1 and seq_len >= 2, got {nsamples} and {seq_len}")
     if source == "self":

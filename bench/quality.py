@@ -1,0 +1,82 @@
+"""Perplexity of sketched models across bits x groups per row and ablations, on held-out text.
+
+    python bench/quality.py --out bench/results/quality-smollm2-cpu.json [--configs int4-g4,int4-g4-nofb]
+
+Calibrates on windows from one part of the text (default: its second half) and
+measures perplexity on the first windows of the text, so the sketch never saw the
+evaluation tokens. One process, so programs compiled for one configuration serve
+the next; results are written after every configuration and finished ones are
+skipped when the command is run again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from flax import nnx
+
+import sketchtune_jax as st
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+CONFIGS: dict[str, dict] = {
+    **{f"int{b}-g{g}": dict(bits=b, groups_per_row=g) for b in (4, 3, 2) for g in (1, 2, 4, 8)},
+    "int4-g4-nofb": dict(bits=4, groups_per_row=4, error_feedback=False),
+    "int4-g4-s0": dict(bits=4, groups_per_row=4, s=0.0),
+    "int4-g4-refit": dict(bits=4, groups_per_row=4, refit_codebook=True),
+    "int4-g4-restarts4": dict(bits=4, groups_per_row=4, kmeans_restarts=4),
+    "int4-g4-refit-restarts4": dict(bits=4, groups_per_row=4, refit_codebook=True, kmeans_restarts=4),
+    "int4-g4-trueseq": dict(bits=4, groups_per_row=4, true_sequential=True),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--text", default=str(DATA / "wikitext-2" / "test.txt"))
+    parser.add_argument("--calib-range", default="0.5:1", help="fractions of the text the calibration draws from")
+    parser.add_argument("--nsamples", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--eval-windows", type=int, default=20)
+    parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, from {', '.join(CONFIGS)}")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    names = args.configs.split(",")
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        raise SystemExit(f"unknown configs {unknown}; choose from {list(CONFIGS)}")
+    lo, hi = (float(x) for x in args.calib_range.split(":"))
+    out = Path(args.out)
+    results = json.loads(out.read_text()) if out.is_file() else {"setup": vars(args), "runs": {}}
+
+    text = st.read_text(args.text)
+    loaded = st.load_any(args.model)
+    calib = st.calibration_windows(args.text, loaded.tokenizer, nsamples=args.nsamples, seq_len=args.seq_len,
+                                   text_range=(lo, hi))
+    if "dense" not in results:
+        results["dense"] = st.perplexity(loaded.model, loaded.tokenizer, text, max_windows=args.eval_windows).ppl
+    for name in names:
+        if name in results["runs"]:
+            continue
+        model = nnx.clone(loaded.model)  # sketching swaps modules in place; the dense model stays as it is
+        settings = st.SketchSettings(calib=args.text, nsamples=args.nsamples, seq_len=args.seq_len,
+                                     calib_range=(lo, hi), **CONFIGS[name])
+        start = time.perf_counter()
+        report = st.sketch_model(model, calib, settings)
+        seconds = time.perf_counter() - start
+        ppl = st.perplexity(model, loaded.tokenizer, text, max_windows=args.eval_windows).ppl
+        results["runs"][name] = {
+            **CONFIGS[name], "ppl": ppl, "ratio": ppl / results["dense"],
+            "mean_rel_output_error": report["mean_rel_output_error"], "sketch_seconds": seconds,
+            "trainable_params": st.trainable_parameter_count(model),
+        }
+        st.write_json_atomic(out, results)
+        print(json.dumps({name: results["runs"][name]}))
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

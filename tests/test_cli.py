@@ -1,0 +1,86 @@
+"""The command line: bad input fails fast with a one-line error and writes nothing; info on a real directory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from model_utils import tiny_hf_model
+
+from sketchtune_jax.cli import main
+
+WIKI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2" / "test.txt"
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("hf") / "tiny"
+    tiny_hf_model("llama_gqa").save_pretrained(path)
+    return path
+
+
+def _fails(argv: list[str], capsys, match: str) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert match in err, err
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def test_sketch_rejects_bad_bits_before_loading(tmp_path, capsys):
+    _fails(["sketch", "no/such/model", "--bits", "5", "--calib", str(WIKI), "--out", str(tmp_path / "o")],
+           capsys, "--bits must be 2, 3 or 4")
+    assert not (tmp_path / "o").exists()
+
+
+def test_sketch_refuses_an_existing_output(tmp_path, capsys, hf_dir):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    _fails(["sketch", str(hf_dir), "--calib", str(WIKI), "--out", str(out)], capsys, "--overwrite")
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_sketch_names_a_missing_calibration_file(tmp_path, capsys, hf_dir):
+    _fails(["sketch", str(hf_dir), "--calib", str(tmp_path / "none.txt"), "--out", str(tmp_path / "o")],
+           capsys, "calibration file not found")
+    _fails(["sketch", str(hf_dir), "--calib", str(WIKI), "--calib-range", "0.9:0.1", "--out", str(tmp_path / "o")],
+           capsys, "--calib-range")
+    assert not (tmp_path / "o").exists()
+
+
+def test_sketch_rejects_groups_that_do_not_divide_the_widths(tmp_path, capsys, hf_dir):
+    _fails(["sketch", str(hf_dir), "--groups-per-row", "5", "--calib", str(WIKI), "--out", str(tmp_path / "o")],
+           capsys, "does not divide")
+    assert not (tmp_path / "o").exists()
+
+
+def test_model_errors_are_one_line(tmp_path, capsys):
+    _fails(["info", str(tmp_path / "missing")], capsys, "missing")
+    (tmp_path / "empty").mkdir()
+    _fails(["convert", str(tmp_path / "empty"), "--out", str(tmp_path / "o")], capsys, "config.json")
+    assert not (tmp_path / "o").exists()
+
+
+def test_finetune_needs_a_sketched_model(tmp_path, capsys, hf_dir):
+    _fails(["finetune", str(hf_dir), "--data", str(WIKI), "--out", str(tmp_path / "run")], capsys,
+           "not a sketched model")
+    assert not (tmp_path / "run").exists()
+
+
+def test_eval_commands_name_missing_files(tmp_path, capsys, hf_dir):
+    _fails(["eval", "ppl", str(hf_dir), "--text", str(tmp_path / "t.txt")], capsys, "text file not found")
+    _fails(["eval", "math", str(hf_dir), "--data", str(tmp_path / "g.json")], capsys, "data file not found")
+
+
+def test_codebooks_only_apply_to_sketches(tmp_path, capsys, hf_dir):
+    _fails(["export", str(hf_dir), "--codebooks", str(tmp_path / "c.safetensors"), "--out", str(tmp_path / "o")],
+           capsys, "not one")
+
+
+def test_info_prints_and_writes_json(tmp_path, capsys, hf_dir):
+    assert main(["info", str(hf_dir), "--json", str(tmp_path / "info.json")]) == 0
+    info = json.loads((tmp_path / "info.json").read_text())
+    assert info["layers"] == 2 and info["kv_heads"] == 2 and info["params"] > 0
+    assert info["bytes"] == 4 * info["params"]

@@ -1,0 +1,85 @@
+"""The real SmolLM2-135M through the command line: perplexity, sketch, export, fine-tune, evaluate.
+
+Sizes are cut to what CI's two cores allow; the full-size figures are in bench/results/.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sketchtune_jax.cli import main
+
+pytestmark = pytest.mark.slow
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+WIKI = DATA / "wikitext-2" / "test.txt"
+DENSE_PPL = 29.31  # transformers (PyTorch fp32, GGUF loader), first 20 windows of 512 tokens
+
+
+@pytest.fixture(scope="module")
+def sketch_dir(tmp_path_factory):
+    """SmolLM2 sketched INT4, 4 groups per row, calibrated on the second half of WikiText-2 only."""
+    out = tmp_path_factory.mktemp("smol") / "int4-g4"
+    assert main(["sketch", "smollm2-135m", "--bits", "4", "--groups-per-row", "4", "--calib", str(WIKI),
+                 "--calib-range", "0.5:1", "--nsamples", "16", "--seq-len", "512", "--out", str(out)]) == 0
+    return out
+
+
+def test_dense_perplexity_matches_transformers(tmp_path):
+    out = tmp_path / "ppl.json"
+    assert main(["eval", "ppl", "smollm2-135m", "--text", str(WIKI), "--seq-len", "512", "--max-windows", "20",
+                 "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["tokens"] == 20 * 511 and result["tokens_per_s"] > 0
+    assert abs(result["ppl"] / DENSE_PPL - 1) < 0.005
+
+
+def test_sketched_perplexity_on_held_out_text(sketch_dir, tmp_path):
+    report = json.loads((sketch_dir / "sketch_report.json").read_text())
+    assert len(report["modules"]) == 30 * 7
+    out = tmp_path / "ppl.json"
+    assert main(["eval", "ppl", str(sketch_dir), "--text", str(WIKI), "--json", str(out)]) == 0
+    ratio = json.loads(out.read_text())["ppl"] / DENSE_PPL
+    # Required by the project: INT4 GPR=4 within 1.20x of dense (the paper's algorithm
+    # re-implemented in PyTorch measures 1.20x); ours measures about 1.04x at this size.
+    assert 1.0 < ratio < 1.10
+
+
+def test_exported_dense_model_gives_the_same_logits_in_transformers(sketch_dir, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sketchtune_jax import load_any
+
+    assert main(["export", str(sketch_dir), "--out", str(tmp_path / "dense")]) == 0
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", torch_dtype=torch.float32)
+    loaded = load_any(str(sketch_dir))
+    ids = np.asarray(loaded.tokenizer("The tower is 324 metres tall, about the same height as")["input_ids"])[None]
+    ours = np.asarray(loaded.model(ids)[0])
+    with torch.no_grad():
+        theirs = hf(torch.as_tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(theirs, ours, rtol=0, atol=1e-3 * np.abs(ours).max())
+
+
+def test_finetuning_the_codebooks_lowers_the_loss_and_evaluates(sketch_dir, tmp_path):
+    run = tmp_path / "run"
+    assert main(["finetune", str(sketch_dir), "--data", str(DATA / "math" / "math_data.train.json"),
+                 "--out", str(run), "--max-steps", "40", "--batch-size", "4", "--seq-len", "256", "--lr", "3e-4",
+                 "--warmup-steps", "4", "--save-every", "20"]) == 0
+    losses = [r["loss"] for r in map(json.loads, (run / "train_log.jsonl").read_text().splitlines()) if "loss" in r]
+    assert len(losses) == 40
+    assert np.mean(losses[-10:]) < 0.85 * np.mean(losses[:5])
+    assert (run / "codebooks.safetensors").is_file() and (run / "loss_curve.png").is_file()
+
+    summary = tmp_path / "gsm8k.json"
+    assert main(["eval", "math", str(sketch_dir), "--codebooks", str(run / "codebooks.safetensors"),
+                 "--data", str(DATA / "math" / "gsm8k.test.json"), "--limit", "8", "--max-new-tokens", "96",
+                 "--out", str(tmp_path / "eval"), "--json", str(summary)]) == 0
+    result = json.loads(summary.read_text())
+    assert result["n"] == 8 and 0.0 <= result["accuracy"] <= 1.0
+    predictions = (tmp_path / "eval" / "gsm8k.predictions.jsonl").read_text().splitlines()
+    assert len(predictions) == 8
