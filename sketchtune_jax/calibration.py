@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
+
+from sketchtune_jax.data import read_json_records
 
 
 def calibration_windows(
@@ -57,21 +58,8 @@ def _read_calibration_text(source: str) -> str:
     if not path.is_file():
         raise FileNotFoundError(f"calibration file not found: {source} (give a text/JSON/JSONL file, hf:NAME:SPLIT, or 'self')")
     if path.suffix.lower() in (".json", ".jsonl"):
-        return "\n\n".join(_record_text(r) for r in _read_records(path))
+        return "\n\n".join(_record_text(r) for r in read_json_records(str(path)))
     return path.read_text(encoding="utf-8")
-
-
-def _read_records(path: Path) -> list[dict]:
-    raw = path.read_text(encoding="utf-8")
-    try:
-        if path.suffix.lower() == ".jsonl":
-            return [json.loads(line) for line in raw.splitlines() if line.strip()]
-        data = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e})") from e
-    if not isinstance(data, list):
-        raise ValueError(f"{path} must hold a JSON list of records")
-    return data
 
 
 def _record_text(record: dict) -> str:

@@ -62,7 +62,7 @@ def load_instruction_data(source: str | os.PathLike, *, split: str = "train") ->
     """
     path = os.fspath(source)
     if os.path.exists(path):
-        records = _read_json_records(path)
+        records = read_json_records(path)
         where = path
     else:
         # Hub names look like "owner/name"; anything with a JSON extension or an
@@ -77,7 +77,8 @@ def load_instruction_data(source: str | os.PathLike, *, split: str = "train") ->
     return [_validate_record(r, i, where) for i, r in enumerate(records)]
 
 
-def _read_json_records(path: str) -> list[Any]:
+def read_json_records(path: str) -> list[Any]:
+    """Records of a JSON list, a JSONL file, or a single object (or ``{"split": [...]}`` wrapper)."""
     with open(path, encoding="utf-8") as f:
         text = f.read()
     stripped = text.lstrip()

@@ -1,0 +1,57 @@
+"""Calibration windows: shapes, seeding, held-out ranges, record files and clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from sketchtune_jax.calibration import calibration_windows
+
+
+class ByteTokenizer:
+    """One token per byte: enough to check where windows come from."""
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": list(text.encode())}
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text("a" * 5000 + "b" * 5000)
+    return path
+
+
+def test_windows_are_seeded_and_shaped(text_file):
+    a = calibration_windows(str(text_file), ByteTokenizer(), nsamples=6, seq_len=64, seed=1)
+    b = calibration_windows(str(text_file), ByteTokenizer(), nsamples=6, seq_len=64, seed=1)
+    c = calibration_windows(str(text_file), ByteTokenizer(), nsamples=6, seq_len=64, seed=2)
+    assert a.shape == (6, 64) and a.dtype == np.int32
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_text_range_holds_out_the_rest(text_file):
+    windows = calibration_windows(str(text_file), ByteTokenizer(), nsamples=20, seq_len=64, text_range=(0.5, 1.0))
+    assert set(np.unique(windows)) == {ord("b")}
+
+
+def test_too_little_text_says_how_much_there_is(text_file):
+    with pytest.raises(ValueError, match=r"has 10000 tokens: room for 9 non-overlapping windows of 1024"):
+        calibration_windows(str(text_file), ByteTokenizer(), nsamples=20, seq_len=1024)
+
+
+def test_json_records_are_joined(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps([{"instruction": "x" * 300, "input": "", "output": "y" * 300}, {"text": "z" * 300}]))
+    windows = calibration_windows(str(path), ByteTokenizer(), nsamples=4, seq_len=100)
+    assert set(np.unique(windows)) <= {ord(c) for c in "xyz\n"}
+
+
+def test_bad_sources_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="calibration file not found"):
+        calibration_windows(str(tmp_path / "none.txt"), ByteTokenizer(), nsamples=1, seq_len=8)
+    with pytest.raises(ValueError, match="no tokenizer"):
+        calibration_windows(str(tmp_path / "none.txt"), None, nsamples=1, seq_len=8)
