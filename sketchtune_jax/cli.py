@@ -197,7 +197,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     records = load_instruction_data(args.data)
     loaded = _load(args)
     train, val = build_batches(records, loaded.tokenizer, batch_size=args.batch_size, seq_len=args.seq_len,
-                               val_fraction=args.val_fraction, seed=args.seed, on_long_prompt="skip")
+                               val_fraction=args.val_fraction, seed=args.seed, on_long_prompt="skip",
+                               pad_multiple=args.pad_multiple)
     result = finetune(loaded.model, train, config, args.out, val_batches=val)
     summary = {
         "step": result.step,
@@ -342,6 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--val-fraction", type=float, default=0.0)
+    p.add_argument("--pad-multiple", type=int, default=64,
+                   help="pad batches to a multiple of this many tokens (each length compiles once)")
     p.add_argument("--save-every", type=int, default=200)
     p.add_argument("--eval-every", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
