@@ -55,3 +55,24 @@ def test_bad_sources_are_named(tmp_path):
         calibration_windows(str(tmp_path / "none.txt"), ByteTokenizer(), nsamples=1, seq_len=8)
     with pytest.raises(ValueError, match="no tokenizer"):
         calibration_windows(str(tmp_path / "none.txt"), None, nsamples=1, seq_len=8)
+
+
+def test_self_calibration_samples_the_model():
+    from converters import from_state_dict
+    from model_utils import tiny_hf_model
+
+    from sketchtune_jax.models import ModelConfig
+
+    class VocabTokenizer:
+        bos_token_id, eos_token_id, pad_token_id = 1, 2, 0
+
+        def __len__(self):
+            return 96
+
+    hf = tiny_hf_model("llama_gqa")
+    model = from_state_dict(ModelConfig.from_hf(hf.config.to_dict()), hf.state_dict())
+    a = calibration_windows("self", VocabTokenizer(), nsamples=3, seq_len=12, seed=0, model=model)
+    b = calibration_windows("self", VocabTokenizer(), nsamples=3, seq_len=12, seed=0, model=model)
+    assert a.shape == (3, 12) and (a[:, 0] == 1).all()
+    np.testing.assert_array_equal(a, b)
+    assert len({tuple(row) for row in a}) == 3
