@@ -2,8 +2,8 @@
 
 The prefill and the whole decode loop (a `lax.while_loop`) are one jitted function, so
 nothing is recompiled per token; it is compiled once per (batch, padded prompt length,
-max_new_tokens, sampling or not) and the prompt length is padded up to a multiple of 8
-to share compilations between similar prompts.
+max_new_tokens, sampling or not); rows are padded up to a power of two and the prompt
+length up to a multiple of 64, so that similar batches share compilations.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from flax import nnx
 
 from sketchtune_jax.models import LlamaForCausalLM, init_cache
 
-_PROMPT_BUCKET = 8
+_PROMPT_BUCKET = 64
 
 
 def generate(model: LlamaForCausalLM, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int,
@@ -42,10 +42,14 @@ def generate(model: LlamaForCausalLM, prompt_ids: Sequence[Sequence[int]], *, ma
         (int(eos_token_id),) if isinstance(eos_token_id, (int, np.integer)) else tuple(int(e) for e in eos_token_id)
     )
     batch = len(prompt_ids)
+    # Rows up to a power of two (filled with copies of the first prompt) and prompt
+    # widths up to a multiple of the bucket, so an evaluation's batches share programs.
+    rows = 1 << (batch - 1).bit_length()
+    prompt_ids = list(prompt_ids) + [prompt_ids[0]] * (rows - batch)
     longest = max(len(p) for p in prompt_ids)
     width = -(-longest // _PROMPT_BUCKET) * _PROMPT_BUCKET
-    ids = np.full((batch, width), pad_token_id, np.int32)
-    mask = np.zeros((batch, width), np.int32)
+    ids = np.full((rows, width), pad_token_id, np.int32)
+    mask = np.zeros((rows, width), np.int32)
     for row, prompt in enumerate(prompt_ids):
         ids[row, width - len(prompt):] = prompt
         mask[row, width - len(prompt):] = 1
@@ -56,7 +60,7 @@ def generate(model: LlamaForCausalLM, prompt_ids: Sequence[Sequence[int]], *, ma
         max_new_tokens=max_new_tokens, pad=int(pad_token_id), sample=temperature > 0,
     )
     out = []
-    for row in np.asarray(tokens).tolist():
+    for row in np.asarray(tokens)[:batch].tolist():
         stop = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
         out.append(row[:stop])
     return out
