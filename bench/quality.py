@@ -43,7 +43,11 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=20)
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, from {', '.join(CONFIGS)}")
     parser.add_argument("--out", required=True)
+    parser.add_argument("--markdown", action="store_true", help="print the results in --out as tables and exit")
     args = parser.parse_args()
+    if args.markdown:
+        print(markdown_tables(json.loads(Path(args.out).read_text())))
+        return
     names = args.configs.split(",")
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
@@ -76,6 +80,29 @@ def main() -> None:
         st.write_json_atomic(out, results)
         print(json.dumps({name: results["runs"][name]}))
     print(json.dumps(results, indent=2))
+
+
+def markdown_tables(results: dict) -> str:
+    """Perplexity (and ratio to dense) by bits x groups per row, then the INT4 GPR=4 variants."""
+    runs = results["runs"]
+    cell = lambda r: f"{r['ppl']:.2f} ({r['ratio']:.3f}x)" if r else "not run"  # noqa: E731
+    lines = ["| bits | GPR 1 | GPR 2 | GPR 4 | GPR 8 |", "|---|---|---|---|---|"]
+    for b in (4, 3, 2):
+        lines.append(f"| INT{b} | " + " | ".join(cell(runs.get(f"int{b}-g{g}")) for g in (1, 2, 4, 8)) + " |")
+    variants = {
+        "int4-g4": "full method (s = 3, error feedback, k-means++)",
+        "int4-g4-nofb": "ablation: no error feedback",
+        "int4-g4-s0": "ablation: s = 0 (unweighted k-means)",
+        "int4-g4-refit": "+ codebook refit after the sweep",
+        "int4-g4-restarts4": "+ 4 k-means++ restarts",
+        "int4-g4-refit-restarts4": "+ refit and 4 restarts",
+        "int4-g4-trueseq": "+ true-sequential Hessians",
+    }
+    lines += ["", "| INT4, GPR 4 | perplexity | mean rel. output error |", "|---|---|---|"]
+    for key, label in variants.items():
+        if key in runs:
+            lines.append(f"| {label} | {cell(runs[key])} | {runs[key]['mean_rel_output_error']:.2e} |")
+    return f"Dense: {results['dense']:.2f}\n\n" + "\n".join(lines)
 
 
 if __name__ == "__main__":
