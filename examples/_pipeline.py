@@ -27,6 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser, *, lr: float, batch_size: int
     parser.add_argument("--batch-size", type=int, default=batch_size)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--warmup-steps", type=int, default=100)
+    parser.add_argument("--val-records", type=int, default=64, help="records held out for validation loss")
     parser.add_argument("--pad-multiple", type=int, default=64, help="pad batches to a multiple of this many tokens")
     parser.add_argument("--eval-limit", type=int, default=100, help="records per evaluation set")
     parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
@@ -75,8 +76,9 @@ def run(args: argparse.Namespace, train_file: Path, eval_files: list[Path]) -> d
                      "trainable_params": st.trainable_parameter_count(loaded.model)}
     if not args.skip_baseline:
         results["before"] = evaluate(loaded, eval_files, args, "before")
-    train, val = st.build_batches(str(train_file), loaded.tokenizer, batch_size=args.batch_size,
-                                  seq_len=args.seq_len, val_fraction=0.02, on_long_prompt="skip",
+    records = st.load_instruction_data(str(train_file))
+    train, val = st.build_batches(records, loaded.tokenizer, batch_size=args.batch_size, seq_len=args.seq_len,
+                                  val_fraction=min(0.5, args.val_records / len(records)), on_long_prompt="skip",
                                   pad_multiple=args.pad_multiple)
     config = st.TrainConfig(lr=args.lr, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
                             seq_len=args.seq_len, warmup_steps=args.warmup_steps, save_every=100, eval_every=100)
