@@ -4,6 +4,10 @@
     sketchtune info MODEL
     sketchtune generate MODEL --prompt TEXT --max-new-tokens N
     sketchtune eval ppl MODEL --text FILE --seq-len 512 --max-windows 20 [--json OUT]
+    sketchtune sketch MODEL --bits 4 --groups-per-row 4 --calib FILE|hf:NAME|self --nsamples N --seq-len L --out DIR
+    sketchtune finetune SKETCH --data FILE --out RUN [--epochs --lr --batch-size ... --resume]
+    sketchtune eval math|commonsense MODEL --data FILE [--limit N] [--codebooks FILE]
+    sketchtune export SKETCH [--codebooks FILE] --out DIR
 
 MODEL is a Hugging Face directory, a GGUF file, a sketched directory, or the
 built-in name ``smollm2-135m``.
