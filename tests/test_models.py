@@ -161,9 +161,14 @@ def test_remat_gives_the_same_gradients():
         logits, _ = m(ids)
         return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - logits[..., 0])
 
-    plain = nnx.grad(loss)(model)
+    def jitted_grads():
+        graphdef = nnx.graphdef(model)
+        return jax.jit(lambda state: nnx.grad(loss)(nnx.merge(graphdef, state)))(nnx.state(model))
+
+    plain = jitted_grads()
     model.model.remat = True
-    graphdef = nnx.graphdef(model)
-    remat = jax.jit(lambda state: nnx.grad(loss)(nnx.merge(graphdef, state)))(nnx.state(model))
+    remat = jitted_grads()
+    # Recomputation may fuse and sum in another order: allow fp32 rounding on the leaf's scale.
     for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(remat)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+        a, b = np.asarray(a), np.asarray(b)
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * np.abs(a).max())
