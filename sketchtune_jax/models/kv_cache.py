@@ -20,21 +20,23 @@ class KVCache:
     `mask` remembers which slots hold real tokens.
 
     Attributes:
-      k, v: ``[num_layers, batch, max_len, kv_heads, head_dim]``, the compute dtype.
+      k, v: one ``[batch, max_len, kv_heads, head_dim]`` array per layer, the compute
+        dtype. Separate arrays (not one stacked array) let each layer's slot write
+        happen in place; a stacked array is copied whole by every layer's write.
       mask: bool ``[batch, max_len]``, True where a slot holds a real (non-pad) token.
       index: int32 scalar, the next slot to write.
       lengths: int32 ``[batch]``, real tokens seen per row, i.e. the next position.
     """
 
-    k: jax.Array
-    v: jax.Array
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
     mask: jax.Array
     index: jax.Array
     lengths: jax.Array
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.k[0].shape[1]
 
 
 def init_cache(config: ModelConfig, batch: int, max_len: int, dtype: jnp.dtype = jnp.float32) -> KVCache:
@@ -43,10 +45,11 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype: jnp.dtype =
     Writing past ``max_len`` is not checked inside `jit` (slot writes would clamp), so
     size it for the whole generation.
     """
-    shape = (config.num_hidden_layers, batch, max_len, config.num_key_value_heads, config.head_dim)
+    shape = (batch, max_len, config.num_key_value_heads, config.head_dim)
+    layers = range(config.num_hidden_layers)
     return KVCache(
-        k=jnp.zeros(shape, dtype),
-        v=jnp.zeros(shape, dtype),
+        k=tuple(jnp.zeros(shape, dtype) for _ in layers),
+        v=tuple(jnp.zeros(shape, dtype) for _ in layers),
         mask=jnp.zeros((batch, max_len), jnp.bool_),
         index=jnp.zeros((), jnp.int32),
         lengths=jnp.zeros((batch,), jnp.int32),

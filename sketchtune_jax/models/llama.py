@@ -81,12 +81,12 @@ class Attention(nnx.Module):
     def __call__(self, x: jax.Array, rope: Rope, mask: jax.Array,
                  past: tuple[jax.Array, jax.Array, jax.Array] | None = None
                  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-        """Attend ``x [B, T, D]``; returns the output and this call's rotated ``(k, v)``.
+        """Attend ``x [B, T, D]``; returns the output and the keys and values attended over.
 
         Without `past`, keys are the T new tokens and ``mask`` is bool ``[B, T, T]``.
         With ``past = (k_layer, v_layer, index)`` (``[B, S, kv_heads, head_dim]`` and the
-        slot to write at), the new keys are placed at ``[index, index + T)`` and
-        ``mask`` is ``[B, T, S]``.
+        slot to write at), the new keys are placed at ``[index, index + T)``, ``mask`` is
+        ``[B, T, S]``, and the returned keys and values are the updated cache arrays.
         """
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
@@ -101,7 +101,7 @@ class Attention(nnx.Module):
             keys = jax.lax.dynamic_update_slice(k_layer, k.astype(k_layer.dtype), (0, index, 0, 0))
             values = jax.lax.dynamic_update_slice(v_layer, v.astype(v_layer.dtype), (0, index, 0, 0))
         out = _attend(q, keys.astype(q.dtype), values.astype(q.dtype), mask)
-        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), (k, v)
+        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), (keys, values)
 
 
 def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
@@ -211,14 +211,13 @@ class LlamaModel(nnx.Module):
         kv_mask = jax.lax.dynamic_update_slice(cache.mask, token_mask, (0, index))
         mask = attention_mask_for(index + jnp.arange(t), jnp.arange(cache.max_len), kv_mask, window)
         rope = rope_for(self.config, positions)
-        k_all, v_all = cache.k, cache.v
-        for i, layer in enumerate(self.layers):
-            hidden, (k, v) = layer.forward(hidden, rope, mask, (k_all[i], v_all[i], index))
-            # Write only this call's slots back; the full arrays stay in place under jit.
-            k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), (i, 0, index, 0, 0))
-            v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), (i, 0, index, 0, 0))
+        keys, values = [], []
+        for layer, k_layer, v_layer in zip(self.layers, cache.k, cache.v):
+            hidden, (k_layer, v_layer) = layer.forward(hidden, rope, mask, (k_layer, v_layer, index))
+            keys.append(k_layer)
+            values.append(v_layer)
         new_cache = KVCache(
-            k=k_all, v=v_all, mask=kv_mask, index=index + t,
+            k=tuple(keys), v=tuple(values), mask=kv_mask, index=index + t,
             lengths=cache.lengths + token_mask.sum(axis=-1, dtype=jnp.int32),
         )
         return self.norm(hidden), new_cache
