@@ -5,7 +5,7 @@ Self-contained: nothing here imports ``sketchtune_jax``.
 
 from pallas_kernels.packing import (
     SUPPORTED_BITS,
-    codes_per_word,
+    decode_codes,
     pack_codes,
     packed_words,
     unpack_codes,
@@ -27,7 +27,7 @@ __all__ = [
     "Backend",
     "BlockSizes",
     "SketchSharding",
-    "codes_per_word",
+    "decode_codes",
     "dequantize",
     "dequantize_reference",
     "pack_codes",

@@ -1,10 +1,14 @@
-"""Dense bit-packing of sketch codes into uint32 words.
+"""Dense bit-packing of sketch codes into uint32 words, layout ``[out, groups, words]``.
 
-Codes of one row-group are packed little-end first: code ``c`` of a group lives in
-word ``c // codes_per_word(bits)`` at bit offset ``(c % codes_per_word(bits)) * bits``.
-3-bit codes pack 10 to a word (2 bits of each word unused, 3.2 bits a code) so that a
-code never straddles two words and a kernel can decode any column with one load.
-Layout ``[out, groups, words]`` keeps each row-group contiguous for wide loads.
+Each row-group is packed on its own and stays contiguous, so a kernel reads a
+group's codes with wide aligned loads.
+
+- 2 and 4 bits: fields, little end first. Code ``c`` of a group lives in word
+  ``c // (32 // bits)`` at bit offset ``(c % (32 // bits)) * bits`` (16 or 8 a word).
+- 3 bits: bit planes. Codes go in blocks of 32; block ``k`` takes words ``3k, 3k+1,
+  3k+2``, and word ``3k + b`` holds bit ``b`` of the block's code ``i`` at bit ``i``.
+  That is exactly 3 bits a code (for groups a multiple of 32 wide) and no code
+  straddles a word: a column decodes with three loads of the same lane.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 SUPPORTED_BITS = (2, 3, 4)
+_PLANE_BLOCK = 32
 
 
 def _check_bits(bits: int) -> None:
@@ -20,16 +25,33 @@ def _check_bits(bits: int) -> None:
         raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}")
 
 
-def codes_per_word(bits: int) -> int:
-    """Number of ``bits``-wide codes held by one uint32 word (16, 10 or 8)."""
-    _check_bits(bits)
-    return 32 // bits
-
-
 def packed_words(cols_per_group: int, bits: int) -> int:
     """uint32 words needed for one row-group of ``cols_per_group`` codes."""
-    cpw = codes_per_word(bits)
-    return -(-cols_per_group // cpw)
+    _check_bits(bits)
+    if bits == 3:
+        return 3 * -(-cols_per_group // _PLANE_BLOCK)
+    return -(-cols_per_group // (32 // bits))
+
+
+def decode_codes(load_words, cols, bits: int):
+    """Codes (uint32) of the group columns ``cols`` (int32 array, position within the group).
+
+    ``load_words(word_index)`` returns the packed uint32 words at ``word_index`` (an int32
+    array shaped like ``cols``, or broadcasting with what the caller loads). The one
+    decoding rule shared by `unpack_codes` and the Pallas kernels; numpy or jax arrays.
+    """
+    _check_bits(bits)
+    if bits == 3:
+        block = cols // _PLANE_BLOCK
+        lane = (cols - block * _PLANE_BLOCK).astype(np.uint32)
+        code = (load_words(3 * block) >> lane) & np.uint32(1)
+        for plane in (1, 2):
+            code = code | (((load_words(3 * block + plane) >> lane) & np.uint32(1)) << np.uint32(plane))
+        return code
+    per_word = 32 // bits
+    word = cols // per_word
+    shift = ((cols - word * per_word) * bits).astype(np.uint32)
+    return (load_words(word) >> shift) & np.uint32((1 << bits) - 1)
 
 
 def _xp(a):
@@ -40,21 +62,26 @@ def pack_codes(codes, bits: int):
     """Pack codes ``uint8 [out, groups, cols_per_group]`` into ``uint32 [out, groups, words]``.
 
     Accepts numpy (returns numpy) or jax arrays (returns jax, jittable). Values must be
-    below ``2**bits``; the tail of the last word is zero-padded.
+    below ``2**bits``; the tail of the last word (block, for 3 bits) is zero-padded.
     """
     _check_bits(bits)
     if codes.ndim != 3:
         raise ValueError(f"codes must be [out, groups, cols_per_group], got shape {codes.shape}")
     xp = _xp(codes)
     out, groups, cols = codes.shape
-    cpw = codes_per_word(bits)
     words = packed_words(cols, bits)
+    per_word = _PLANE_BLOCK if bits == 3 else 32 // bits
+    padded = (words // 3 if bits == 3 else words) * per_word
     c = codes.astype(xp.uint32)
-    if words * cpw != cols:
-        c = xp.pad(c, ((0, 0), (0, 0), (0, words * cpw - cols)))
-    c = c.reshape(out, groups, words, cpw)
-    shifts = (xp.arange(cpw, dtype=xp.uint32) * xp.uint32(bits)).astype(xp.uint32)
-    # Fields are disjoint, so the sum is the bitwise or and cannot carry.
+    if padded != cols:
+        c = xp.pad(c, ((0, 0), (0, 0), (0, padded - cols)))
+    c = c.reshape(out, groups, padded // per_word, per_word)
+    # Fields are disjoint, so the sums are bitwise ors and cannot carry.
+    if bits == 3:
+        lanes = xp.arange(_PLANE_BLOCK, dtype=xp.uint32)
+        planes = [xp.sum(((c >> xp.uint32(b)) & xp.uint32(1)) << lanes, axis=-1, dtype=xp.uint32) for b in range(3)]
+        return xp.stack(planes, axis=-1).reshape(out, groups, words)
+    shifts = (xp.arange(per_word, dtype=xp.uint32) * xp.uint32(bits)).astype(xp.uint32)
     return xp.sum(c << shifts, axis=-1, dtype=xp.uint32)
 
 
@@ -70,8 +97,6 @@ def unpack_codes(packed, bits: int, cols_per_group: int):
             f"got {packed.shape[-1]}"
         )
     xp = _xp(packed)
-    out, groups, _ = packed.shape
-    cpw = codes_per_word(bits)
-    shifts = (xp.arange(cpw, dtype=xp.uint32) * xp.uint32(bits)).astype(xp.uint32)
-    fields = (packed.astype(xp.uint32)[..., None] >> shifts) & xp.uint32((1 << bits) - 1)
-    return fields.reshape(out, groups, words * cpw)[..., :cols_per_group].astype(xp.uint8)
+    packed = packed.astype(xp.uint32)
+    cols = xp.arange(cols_per_group, dtype=xp.int32)
+    return decode_codes(lambda w: packed[..., w], cols, bits).astype(xp.uint8)

@@ -30,7 +30,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.packing import SUPPORTED_BITS, codes_per_word, packed_words, unpack_codes
+from pallas_kernels.packing import SUPPORTED_BITS, decode_codes, packed_words, unpack_codes
 
 Backend = Literal["pallas", "interpret", "reference"]
 BlockSizes = tuple[int, int, int]
@@ -167,16 +167,14 @@ def _pad2(a: jax.Array, rows: int, cols: int) -> jax.Array:
 
 def _tile_codes(codes_ref, rows, cols, *, bits: int, cols_per_group: int):
     """Codes (int32) at rows ``[bn, 1]`` x absolute columns ``[1, bk]`` (both in range)."""
-    cpw = codes_per_word(bits)
     g = cols // cols_per_group
-    c = cols - g * cols_per_group
-    word = c // cpw
-    shift = ((c - word * cpw) * bits).astype(jnp.uint32)
     shape = (rows.shape[0], cols.shape[1])
-    packed = codes_ref[
-        jnp.broadcast_to(rows, shape), jnp.broadcast_to(g, shape), jnp.broadcast_to(word, shape)
-    ]
-    code = lax.shift_right_logical(packed, shift) & jnp.uint32((1 << bits) - 1)
+    rows, groups = jnp.broadcast_to(rows, shape), jnp.broadcast_to(g, shape)
+
+    def load_words(word):
+        return codes_ref[rows, groups, jnp.broadcast_to(word, shape)]
+
+    code = decode_codes(load_words, cols - g * cols_per_group, bits)
     return g, code.astype(jnp.int32)
 
 
