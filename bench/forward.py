@@ -1,6 +1,10 @@
-"""Forward-pass throughput of our jitted model beside transformers (PyTorch) on WikiText-2 windows.
+"""Forward-pass and greedy-decoding throughput of our model beside transformers (PyTorch).
 
-    python bench/forward.py --model smollm2-135m --seq-len 512 --windows 4
+    python bench/forward.py --model smollm2-135m --seq-len 512 --windows 4 --decode-rows 16 --decode-tokens 128
+
+Forward: jitted full-window logits on WikiText-2 windows. Decoding: `generate` with the
+KV cache, ``--decode-rows`` prompts of 64 tokens each continued by exactly
+``--decode-tokens`` greedy tokens (no EOS stop), beside ``transformers.generate``.
 
 Prints one JSON object. Both sides see the same weights (ours are exported to a
 temporary HF directory for transformers) and the same token windows. No assertions:
@@ -22,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from converters import export_hf, load_model
+from sketchtune_jax.generate import generate
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2" / "test.txt"
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -50,13 +55,44 @@ def bench_ours(model, batches: np.ndarray) -> tuple[dict, np.ndarray]:
             "tokens_per_s": round(batches.size / elapsed, 1)}, first
 
 
-def bench_transformers(loaded, batches: np.ndarray, dtype: str) -> tuple[dict, np.ndarray]:
+def bench_ours_decode(model, prompts: np.ndarray, new_tokens: int) -> tuple[dict, np.ndarray]:
+    run = lambda: generate(model, prompts.tolist(), max_new_tokens=new_tokens, eos_token_id=None,  # noqa: E731
+                           pad_token_id=0)
+    start = time.perf_counter()
+    run()
+    compile_s = time.perf_counter() - start
+    start = time.perf_counter()
+    tokens = np.asarray(run())
+    elapsed = time.perf_counter() - start
+    return {"compile_and_first_s": round(compile_s, 3), "seconds": round(elapsed, 3),
+            "new_tokens_per_s": round(tokens.size / elapsed, 1)}, tokens
+
+
+def transformers_model(loaded, dtype: str):
     import torch
     from transformers import AutoModelForCausalLM
 
     with tempfile.TemporaryDirectory() as tmp:
         export_hf(loaded.model, loaded.config, None, Path(tmp) / "model")
-        model = AutoModelForCausalLM.from_pretrained(Path(tmp) / "model", dtype=getattr(torch, dtype)).eval()
+        return AutoModelForCausalLM.from_pretrained(Path(tmp) / "model", dtype=getattr(torch, dtype)).eval()
+
+
+def bench_transformers_decode(model, prompts: np.ndarray, new_tokens: int) -> tuple[dict, np.ndarray]:
+    import torch
+
+    ids = torch.tensor(prompts, dtype=torch.long)
+    with torch.no_grad():
+        start = time.perf_counter()
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        elapsed = time.perf_counter() - start
+    tokens = out[:, prompts.shape[1]:].numpy()
+    return {"seconds": round(elapsed, 3), "new_tokens_per_s": round(tokens.size / elapsed, 1)}, tokens
+
+
+def bench_transformers(model, batches: np.ndarray) -> tuple[dict, np.ndarray]:
+    import torch
+
     with torch.no_grad():
         first = model(torch.tensor(batches[:1], dtype=torch.long)).logits.float().numpy()
         start = time.perf_counter()
@@ -74,6 +110,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--windows", type=int, default=4)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--decode-rows", type=int, default=16, help="prompts decoded together (0: skip decoding)")
+    parser.add_argument("--decode-tokens", type=int, default=128)
     parser.add_argument("--skip-transformers", action="store_true")
     args = parser.parse_args()
 
@@ -88,10 +126,21 @@ def main() -> None:
         "device": jax.devices()[0].device_kind, "host": platform.machine(), "jax": jax.__version__,
         "sketchtune_jax": ours,
     }
+    prompts = windows(loaded.tokenizer, args.data, 64, args.decode_rows) if args.decode_rows else None
+    if prompts is not None:
+        result["decode"] = {"rows": args.decode_rows, "prompt_tokens": 64, "new_tokens": args.decode_tokens}
+        result["decode"]["sketchtune_jax"], ours_tokens = bench_ours_decode(loaded.model, prompts, args.decode_tokens)
     if not args.skip_transformers:
-        theirs, theirs_logits = bench_transformers(loaded, batches, args.dtype)
+        hf = transformers_model(loaded, args.dtype)
+        theirs, theirs_logits = bench_transformers(hf, batches)
         result["transformers"] = theirs
         result["max_abs_logit_diff_first_window"] = float(np.abs(ours_logits - theirs_logits).max())
+        if prompts is not None:
+            result["decode"]["transformers"], theirs_tokens = bench_transformers_decode(hf, prompts,
+                                                                                       args.decode_tokens)
+            # Greedy paths may part on near-ties; report how many leading tokens agree per row.
+            agree = [int(np.argmin(np.append(a == b, False))) for a, b in zip(ours_tokens, theirs_tokens)]
+            result["decode"]["leading_tokens_equal_per_row"] = agree
     print(json.dumps(result, indent=2))
 
 
