@@ -71,7 +71,7 @@ def pack_codes(codes, bits: int):
     out, groups, cols = codes.shape
     words = packed_words(cols, bits)
     per_word = _PLANE_BLOCK if bits == 3 else 32 // bits
-    padded = (words // 3 if bits == 3 else words) * per_word
+    padded = -(-cols // per_word) * per_word
     c = codes.astype(xp.uint32)
     if padded != cols:
         c = xp.pad(c, ((0, 0), (0, 0), (0, padded - cols)))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from pallas_kernels import pack_codes, packed_words
+from pallas_kernels import pack_codes
 from sketchtune_jax.layers import Codebook, Codes, Linear, SketchedLinear
 
 IN, OUT, GROUPS, BITS = 24, 10, 2, 4
@@ -65,7 +65,8 @@ def test_empty_under_eval_shape():
         IN, OUT, 3, GROUPS, dtype=jnp.bfloat16, codebook_dtype=jnp.bfloat16))
     assert abstract.codebook.shape == (OUT, GROUPS, 8)
     assert abstract.codebook.dtype == jnp.bfloat16
-    assert abstract.codes.shape == (OUT, GROUPS, packed_words(IN // GROUPS, 3)) and abstract.codes.dtype == jnp.uint32
+    # 12 columns a group at 3 bits: one block of 32 codes, three words.
+    assert abstract.codes.shape == (OUT, GROUPS, 3) and abstract.codes.dtype == jnp.uint32
     layer = SketchedLinear.empty(IN, OUT, 2, GROUPS)
     assert layer(jnp.ones((1, IN))).shape == (1, OUT) and layer.bias is None
 
