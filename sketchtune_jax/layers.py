@@ -55,7 +55,12 @@ class Linear(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dtype = self.dtype or x.dtype
-        y = jnp.einsum("...i,oi->...o", x.astype(dtype), self.weight[...].astype(dtype))
+        weight = self.weight[...]
+        # Leave the weight as it is when no cast is needed: qwix's QLoRA hands the
+        # einsum a quantized array here, which has no `astype` of its own.
+        if weight.dtype != dtype:
+            weight = weight.astype(dtype)
+        y = jnp.einsum("...i,oi->...o", x.astype(dtype), weight)
         if self.bias is not None:
             y = y + self.bias[...].astype(dtype)
         return y
