@@ -178,7 +178,7 @@ def test_nan_loss_stops_naming_step_and_batch(tmp_path):
 
     trainer = Trainer(fresh, batches, config, tmp_path / "run", progress=False)
     assert trainer.restore() == 4 and trainer.position == DataPosition(0, 4)
-    trainer.manager.close()
+    trainer.checkpoints.close()
     assert all(np.isfinite(v).all() for v in codebook_state(fresh).values())
 
 
@@ -224,7 +224,7 @@ def test_remat_and_dtypes_switch_on(tmp_path):
     bf = TinyCausalLM()
     for _, var in nnx.to_flat_state(nnx.state(bf, Codebook)):
         var.set_value(var[...].astype(jnp.bfloat16))
-    Trainer(bf, [make_batch(1, 4)], TrainConfig(max_steps=1, codebook_dtype="float32"), tmp_path / "dtype").manager.close()
+    Trainer(bf, [make_batch(1, 4)], TrainConfig(max_steps=1, codebook_dtype="float32"), tmp_path / "dtype").checkpoints.close()
     assert all(v.dtype == np.float32 for v in codebook_state(bf).values())
 
 

@@ -10,7 +10,9 @@
   `load_codebooks`, `CodebookMismatchError`.
 
 See `sketchtune_jax.train.step` for a ten-line loop of your own and
-`sketchtune_jax.train.trainer` for the full loop.
+`sketchtune_jax.train.trainer` for the full loop; `checkpointing` (Orbax, one
+table of what is saved) and `metrics_log` (JSONL log, loss plot) are its parts;
+batch sources live in `sketchtune_jax.batches`.
 """
 
 from sketchtune_jax.train.codebooks import (
@@ -25,20 +27,14 @@ from sketchtune_jax.train.codebooks import (
 from sketchtune_jax.train.config import TrainConfig
 from sketchtune_jax.train.optim import make_optimizer, make_schedule
 from sketchtune_jax.train.step import apply_train_step, compile_train_step, eval_step, loss_and_grads, token_nll_sum, train_step
-from sketchtune_jax.train.trainer import (
-    BatchSource,
-    NonFiniteLossError,
-    SequenceBatches,
-    Trainer,
-    TrainResult,
-    finetune,
-    plot_loss_curve,
-    read_log,
-    stack_micro_batches,
-)
+from sketchtune_jax.batches import BatchSource, SequenceBatches, stack_micro_batches
+from sketchtune_jax.train.checkpointing import Checkpoints
+from sketchtune_jax.train.metrics_log import MetricsLog, plot_loss_curve, read_log
+from sketchtune_jax.train.trainer import NonFiniteLossError, Trainer, TrainResult, finetune
 
 __all__ = [
     "BatchSource",
+    "Checkpoints",
     "CodebookMismatchError",
     "NonFiniteLossError",
     "SequenceBatches",
@@ -55,6 +51,7 @@ __all__ = [
     "loss_and_grads",
     "make_optimizer",
     "make_schedule",
+    "MetricsLog",
     "plot_loss_curve",
     "read_codebooks",
     "read_log",

@@ -155,3 +155,8 @@ def loss_and_grads(model: nnx.Module, batch: Batch, wrt: Any = Codebook) -> tupl
     """Mean loss and gradients of the ``wrt`` variables (default `Codebook`) without an update."""
     graphdef, state = nnx.split(model)
     return _pure_grads(graphdef, state, batch, wrt)
+
+
+# The trainer's loop carries the split state itself (see `Trainer.run`).
+split_for_step = _split_for_step
+pure_train_step = _pure_train_step

@@ -13,36 +13,33 @@
 Files in ``out_dir``: ``train_log.jsonl`` (one object per step, plus ``val_loss``
 records), ``checkpoints/<step>/`` (Orbax: codebooks, optimizer state, model RNG
 state, step, data position, config), ``codebooks.safetensors`` (the final
-codebooks, see `save_codebooks`), ``loss_curve.png``.
+codebooks, see `save_codebooks`), ``loss_curve.png`` (with matplotlib installed).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 
+from sketchtune_jax.batches import as_batch_source, stack_micro_batches
 from sketchtune_jax.data import DataPosition
 from sketchtune_jax.layers import Codebook
+from sketchtune_jax.train.checkpointing import Checkpoints, saved_parts
 from sketchtune_jax.train.codebooks import flat_state, save_codebooks
 from sketchtune_jax.train.config import TrainConfig
+from sketchtune_jax.train.metrics_log import MetricsLog, plot_loss_curve
 from sketchtune_jax.train.optim import make_optimizer, make_schedule
-from sketchtune_jax.train.step import _pure_train_step, _split_for_step, eval_step
-
-# Config fields that decide which rows form which step: a resume with other
-# values would silently see different batches.
-_RESUME_FIELDS = ("batch_size", "grad_accum", "seed", "seq_len")
+from sketchtune_jax.train.step import eval_step, pure_train_step, split_for_step
 
 
 class NonFiniteLossError(RuntimeError):
@@ -52,70 +49,6 @@ class NonFiniteLossError(RuntimeError):
         super().__init__(message)
         self.step = step
         self.position = position
-
-
-class BatchSource(Protocol):
-    """A resumable source of batches (`sketchtune_jax.data.BucketedBatches` is one)."""
-
-    @property
-    def num_batches(self) -> int: ...
-
-    def iterate(
-        self, start: DataPosition = ..., *, epochs: int | None = ...
-    ) -> Iterator[tuple[DataPosition, dict[str, np.ndarray]]]: ...
-
-
-class SequenceBatches:
-    """A fixed list of batches as a `BatchSource` (same order every epoch)."""
-
-    def __init__(self, batches: Sequence[dict[str, np.ndarray]]):
-        if not batches:
-            raise ValueError("no batches")
-        self.batches = list(batches)
-
-    @property
-    def num_batches(self) -> int:
-        return len(self.batches)
-
-    def iterate(
-        self, start: DataPosition = DataPosition(), *, epochs: int | None = None
-    ) -> Iterator[tuple[DataPosition, dict[str, np.ndarray]]]:
-        epoch, index = start.epoch, start.index
-        while epochs is None or epoch < epochs:
-            for i in range(index, len(self.batches)):
-                yield DataPosition(epoch, i), self.batches[i]
-            epoch, index = epoch + 1, 0
-
-
-def as_batch_source(batches: Any) -> BatchSource:
-    if hasattr(batches, "iterate") and hasattr(batches, "num_batches"):
-        return batches
-    if isinstance(batches, Sequence):
-        return SequenceBatches(batches)
-    raise TypeError(
-        "train_batches must be a BatchSource (e.g. data.BucketedBatches) or a list of batch dicts; "
-        f"got {type(batches).__name__} (a one-shot iterator cannot be resumed)"
-    )
-
-
-def stack_micro_batches(batches: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Stack ``A`` batches of ``[B_i, T_i]`` into ``[A, max B, max T]`` int32.
-
-    Filler rows get one attended token and no loss tokens, so they add nothing to
-    the loss or gradients and never produce an all-masked attention row.
-    """
-    if len(batches) == 1:
-        return {k: np.asarray(v, np.int32) for k, v in batches[0].items()}
-    rows = max(b["input_ids"].shape[0] for b in batches)
-    length = max(b["input_ids"].shape[1] for b in batches)
-    out = {k: np.zeros((len(batches), rows, length), np.int32) for k in batches[0]}
-    for a, b in enumerate(batches):
-        r, t = b["input_ids"].shape
-        for k, v in b.items():
-            out[k][a, :r, :t] = v
-        if "attention_mask" in out:
-            out["attention_mask"][a, r:, 0] = 1
-    return out
 
 
 @dataclasses.dataclass
@@ -129,12 +62,6 @@ class TrainResult:
     codebooks_path: str
     log_path: str
     resumed_from: int | None
-
-
-def _key_to_data(x: Any) -> Any:
-    if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
-        return jax.random.key_data(x)
-    return x
 
 
 class Trainer:
@@ -182,6 +109,7 @@ class Trainer:
         self.progress = progress
         os.makedirs(self.out_dir, exist_ok=True)
         self.log_path = os.path.join(self.out_dir, "train_log.jsonl")
+        self.log = MetricsLog(self.log_path)
         self.codebooks_path = os.path.join(self.out_dir, "codebooks.safetensors")
         self.total_steps = self._total_steps()
         self._prepare_model()
@@ -190,12 +118,7 @@ class Trainer:
         self.step = 0
         self.position = DataPosition()
         self.last_good_step: int | None = None
-        self.manager = ocp.CheckpointManager(
-            os.path.join(self.out_dir, "checkpoints"),
-            options=ocp.CheckpointManagerOptions(
-                max_to_keep=config.keep_checkpoints, create=True, cleanup_tmp_directories=True
-            ),
-        )
+        self.checkpoints = Checkpoints(os.path.join(self.out_dir, "checkpoints"), keep=config.keep_checkpoints)
 
     # ------------------------------------------------------------------ setup
 
@@ -227,79 +150,26 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _checkpoint_state(self) -> dict[str, jax.Array]:
-        state = {}
-        for prefix, st in (
-            ("params", nnx.state(self.model, self.wrt)),
-            ("opt", nnx.state(self.optimizer)),
-            ("rng", nnx.state(self.model, nnx.RngState)),
-        ):
-            for k, v in flat_state(st).items():
-                state[f"{prefix}/{k}"] = _key_to_data(v[...])
-        return state
-
     def save(self) -> None:
-        """Checkpoint the current step (atomic; Orbax writes to a temp dir then renames)."""
+        """Checkpoint the current step (atomic)."""
         meta = {
             "step": self.step,
             "data_position": self.position.to_dict(),
             "config": self.config.to_dict(),
             "total_steps": self.total_steps,
         }
-        self.manager.save(
-            self.step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(self._checkpoint_state()), meta=ocp.args.JsonSave(meta)),
-            force=True,
-        )
+        self.checkpoints.save(self.step, saved_parts(self.model, self.optimizer, self.wrt), meta)
         self.last_good_step = self.step
 
     def restore(self) -> int | None:
         """Load the latest checkpoint in ``out_dir`` if there is one; return its step."""
-        step = self.manager.latest_step()
-        if step is None:
+        meta = self.checkpoints.restore(saved_parts(self.model, self.optimizer, self.wrt), self.config)
+        if meta is None:
             return None
-        target = self._checkpoint_state()
-        abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=getattr(v, "sharding", None)) for k, v in target.items()}
-        restored = self.manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
-        )
-        saved_cfg = restored.meta["config"]
-        changed = [f for f in _RESUME_FIELDS if saved_cfg.get(f) != getattr(self.config, f)]
-        if changed:
-            raise ValueError(
-                f"cannot resume from {self.manager.directory}: {', '.join(changed)} differ from the checkpoint's "
-                f"({', '.join(f'{f}={saved_cfg.get(f)}' for f in changed)}); use a new out_dir"
-            )
-        values = restored.state
-        for prefix, st in (
-            ("params", nnx.state(self.model, self.wrt)),
-            ("opt", nnx.state(self.optimizer)),
-            ("rng", nnx.state(self.model, nnx.RngState)),
-        ):
-            for k, var in flat_state(st).items():
-                v = values[f"{prefix}/{k}"]
-                if jnp.issubdtype(var.dtype, jax.dtypes.prng_key):
-                    v = jax.random.wrap_key_data(v)
-                var.set_value(v)
-        self.step = int(restored.meta["step"])
-        self.position = DataPosition.from_dict(restored.meta["data_position"])
+        self.step = int(meta["step"])
+        self.position = DataPosition.from_dict(meta["data_position"])
         self.last_good_step = self.step
         return self.step
-
-    # ------------------------------------------------------------------ logging
-
-    def _truncate_log(self, step: int) -> None:
-        # Steps logged after the checkpoint we resume from will be run again.
-        if not os.path.exists(self.log_path):
-            return
-        with open(self.log_path) as f:
-            keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-        with open(self.log_path, "w") as f:
-            f.writelines(keep)
-
-    def _log(self, record: dict[str, Any]) -> None:
-        with open(self.log_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
 
     # ------------------------------------------------------------------ loop
 
@@ -341,7 +211,7 @@ class Trainer:
                if not math.isfinite(values[key])]
         if bad:
             good = (
-                f"the last good checkpoint is step {self.last_good_step} in {self.manager.directory}"
+                f"the last good checkpoint is step {self.last_good_step} in {self.checkpoints.directory}"
                 if self.last_good_step is not None
                 else "no checkpoint was saved yet"
             )
@@ -358,7 +228,7 @@ class Trainer:
         from tqdm.auto import tqdm
 
         resumed_from = self.restore()
-        self._truncate_log(self.step)
+        self.log.truncate_after(self.step)
         bar = tqdm(
             total=self.total_steps,
             initial=self.step,
@@ -389,14 +259,14 @@ class Trainer:
                     "loss_tokens": int(values["tokens"]),
                     "tokens_per_s": tokens_since / max(now - t_last, 1e-9),
                 }
-                self._log(record)
+                self.log.append(record)
                 t_last, tokens_since = now, 0
             bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}", refresh=False)
             bar.update(1)
 
         # Split once and carry the mutable state through the loop; the model is
         # brought up to date only when something reads it (eval, save, the end).
-        graphdef, mutable, frozen = _split_for_step(self.model, self.optimizer)
+        graphdef, mutable, frozen = split_for_step(self.model, self.optimizer)
 
         def sync():
             nnx.update((self.model, self.optimizer), mutable)
@@ -409,7 +279,7 @@ class Trainer:
                 except StopIteration:
                     break
                 lr = float(self.schedule(self.step))
-                mutable, metrics = _pure_train_step(graphdef, mutable, frozen, self.put_batch(batch))
+                mutable, metrics = pure_train_step(graphdef, mutable, frozen, self.put_batch(batch))
                 self.step += 1
                 self.position = nxt
                 # Check the previous step while this one runs, so the host does not stall the device.
@@ -425,7 +295,7 @@ class Trainer:
                     sync()
                 if at_eval and self.val_batches is not None:
                     val_loss = self.evaluate()
-                    self._log({"step": self.step, "val_loss": val_loss})
+                    self.log.append({"step": self.step, "val_loss": val_loss})
                 if at_save:
                     self.save()
             if pending is not None:
@@ -434,16 +304,16 @@ class Trainer:
             sync()
             if self.val_batches is not None and not (self.config.eval_every and self.step % self.config.eval_every == 0):
                 val_loss = self.evaluate()
-                self._log({"step": self.step, "val_loss": val_loss})
+                self.log.append({"step": self.step, "val_loss": val_loss})
             if self.last_good_step != self.step:
                 self.save()
-            self.manager.wait_until_finished()
+            self.checkpoints.wait_until_finished()
             save_codebooks(self.model, self.codebooks_path, metadata={"step": self.step})
             plot_loss_curve(self.log_path, os.path.join(self.out_dir, "loss_curve.png"))
         finally:
             sync()
             bar.close()
-            self.manager.close()
+            self.checkpoints.close()
         return TrainResult(
             step=self.step,
             loss=last_loss,
@@ -476,44 +346,4 @@ def finetune(
                    put_batch=put_batch).run()
 
 
-def read_log(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """The records of a ``train_log.jsonl``."""
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def plot_loss_curve(log_path: str | os.PathLike, png_path: str | os.PathLike) -> None:
-    """Training (and validation) loss against step, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = read_log(log_path) if os.path.exists(log_path) else []
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    if train:
-        ax.plot(*zip(*train), label="train", lw=1)
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats / response token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)
-
-
-__all__ = [
-    "BatchSource",
-    "NonFiniteLossError",
-    "SequenceBatches",
-    "TrainResult",
-    "Trainer",
-    "finetune",
-    "plot_loss_curve",
-    "read_log",
-    "stack_micro_batches",
-]
+__all__ = ["NonFiniteLossError", "TrainResult", "Trainer", "finetune"]

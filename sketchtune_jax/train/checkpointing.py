@@ -1,0 +1,109 @@
+"""Orbax checkpoints of a fine-tuning run, driven by one table of what is saved.
+
+A checkpoint ``checkpoints/<step>/`` holds ``state`` (a flat dict ``"<prefix>/<path>" -> array``
+for every prefix of `saved_parts`) and ``meta`` (JSON: step, data position, config,
+total steps). PRNG keys are stored as their raw key data.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from sketchtune_jax.train.codebooks import flat_state
+
+# Config fields that decide which rows form which step: a resume with other
+# values would silently see different batches.
+RESUME_FIELDS = ("batch_size", "grad_accum", "seed", "seq_len")
+
+
+def saved_parts(model: nnx.Module, optimizer: nnx.Optimizer, wrt: Any) -> dict[str, nnx.State]:
+    """What a checkpoint holds: prefix -> the live state it is read from and restored into."""
+    return {
+        "params": nnx.state(model, wrt),
+        "opt": nnx.state(optimizer),
+        "rng": nnx.state(model, nnx.RngState),
+    }
+
+
+def _key_to_data(x: Any) -> Any:
+    if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        return jax.random.key_data(x)
+    return x
+
+
+def _flatten(parts: dict[str, nnx.State]) -> dict[str, jax.Array]:
+    return {
+        f"{prefix}/{k}": _key_to_data(v[...]) for prefix, st in parts.items() for k, v in flat_state(st).items()
+    }
+
+
+def check_resumable(saved_config: dict[str, Any], config: Any, directory: Any) -> None:
+    """Raise ValueError when ``config`` differs from the checkpoint's in a field that fixes the data order."""
+    changed = [f for f in RESUME_FIELDS if saved_config.get(f) != getattr(config, f)]
+    if changed:
+        raise ValueError(
+            f"cannot resume from {directory}: {', '.join(changed)} differ from the checkpoint's "
+            f"({', '.join(f'{f}={saved_config.get(f)}' for f in changed)}); use a new out_dir"
+        )
+
+
+class Checkpoints:
+    """The ``checkpoints/`` directory of a run: save and restore the state of `saved_parts`."""
+
+    def __init__(self, directory: str | os.PathLike, *, keep: int):
+        self.manager = ocp.CheckpointManager(
+            os.fspath(directory),
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True),
+        )
+
+    @property
+    def directory(self) -> Any:
+        return self.manager.directory
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, parts: dict[str, nnx.State], meta: dict[str, Any]) -> None:
+        """Checkpoint ``parts`` and ``meta`` as ``step`` (atomic; Orbax writes to a temp dir then renames)."""
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(_flatten(parts)), meta=ocp.args.JsonSave(meta)),
+            force=True,
+        )
+
+    def restore(self, parts: dict[str, nnx.State], config: Any) -> dict[str, Any] | None:
+        """Load the latest checkpoint into ``parts`` in place and return its meta (None if there is none).
+
+        Raises ValueError, before changing anything, when ``config`` cannot resume it (`RESUME_FIELDS`).
+        """
+        step = self.latest_step()
+        if step is None:
+            return None
+        abstract = {
+            k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=getattr(v, "sharding", None))
+            for k, v in _flatten(parts).items()
+        }
+        restored = self.manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
+        )
+        check_resumable(restored.meta["config"], config, self.directory)
+        for prefix, st in parts.items():
+            for k, var in flat_state(st).items():
+                v = restored.state[f"{prefix}/{k}"]
+                if jnp.issubdtype(var.dtype, jax.dtypes.prng_key):
+                    v = jax.random.wrap_key_data(v)
+                var.set_value(v)
+        return restored.meta
+
+    def wait_until_finished(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
