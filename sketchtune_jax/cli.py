@@ -37,7 +37,12 @@ def _load(args: argparse.Namespace):
     from sketchtune_jax.loading import load_any
 
     dtype = _dtype(args.dtype)
-    return load_any(args.model, dtype=dtype, param_dtype=dtype, codebooks=getattr(args, "codebooks", None))
+    return load_any(args.model, dtype=dtype, param_dtype=dtype, codebooks=getattr(args, "codebooks", None),
+                    adapter=getattr(args, "adapter", None))
+
+
+def _add_adapter_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adapter", help="LoRA/QLoRA adapter directory (PEFT format) to apply to a dense model")
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -177,20 +182,69 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     check_output_dir(args.out, overwrite=args.overwrite)
     loaded = _load(args)
-    export_hf(loaded.model, loaded.config, loaded.tokenizer, args.out, overwrite=args.overwrite)
+    model = loaded.model
+    if getattr(args, "adapter", None):
+        from sketchtune_jax.lora import merge_lora, read_adapter_settings
+
+        model = merge_lora(model, read_adapter_settings(args.adapter))
+    export_hf(model, loaded.config, loaded.tokenizer, args.out, overwrite=args.overwrite)
     print(f"wrote {args.out}")
     return 0
 
 
-def cmd_finetune(args: argparse.Namespace) -> int:
+def _finetune_method(args: argparse.Namespace):
+    """The `FinetuneMethod` the flags ask for, checked against the kind of model (sketched or dense),
+    and the LoRA rank asked for (an int, ``"auto"``, or None without adapters)."""
     from sketchtune_jax.checkpoint import is_sketched_dir
+    from sketchtune_jax.lora import PROJECTIONS, LoraSettings
+    from sketchtune_jax.methods import FinetuneMethod
+
+    sketched = is_sketched_dir(args.model)
+    name = args.method or ("sketch" if sketched else None)
+    if name is None:
+        raise ValueError(f"{args.model} is a dense model: choose --method lora, qlora or full "
+                         "(or sketch it first with `sketchtune sketch` for --method sketch)")
+    if name == "sketch" and not sketched:
+        raise ValueError(f"--method sketch needs a sketched model and {args.model} is dense; "
+                         "make one with `sketchtune sketch`, or choose --method lora, qlora or full")
+    if name != "sketch" and sketched:
+        raise ValueError(f"--method {name} trains a dense model and {args.model} is sketched; "
+                         "use --method sketch or give the dense model")
+    if name != "sketch" and args.codebooks:
+        raise ValueError("--codebooks applies to --method sketch only")
+    if name not in ("lora", "qlora"):
+        return FinetuneMethod(name), None
+    rank = args.lora_rank
+    if rank != "auto":
+        try:
+            rank = int(rank)
+        except ValueError:
+            raise ValueError(f"--lora-rank must be a positive integer or 'auto', got {rank!r}") from None
+        if rank <= 0:
+            raise ValueError(f"--lora-rank must be a positive integer or 'auto', got {rank}")
+    targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
+    unknown = [t for t in targets if t not in PROJECTIONS]
+    if unknown:
+        raise ValueError(f"--lora-targets {unknown} are not projections; choose from {','.join(PROJECTIONS)}")
+    settings = LoraSettings(
+        rank=1 if rank == "auto" else rank, alpha=1.0 if args.lora_alpha is None else args.lora_alpha,
+        dropout=args.lora_dropout, targets=targets, qtype=args.qlora_qtype if name == "qlora" else None,
+        tile_size=args.qlora_tile_size, seed=args.seed,
+    )
+    return FinetuneMethod(name, lora=settings), rank
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from sketchtune_jax.data import build_batches, load_instruction_data
     from sketchtune_jax.fileio import write_json_atomic
+    from sketchtune_jax.lora import auto_rank
+    from sketchtune_jax.methods import FinetuneMethod
     from sketchtune_jax.reporting import print_table
     from sketchtune_jax.train import TrainConfig, finetune, trainable_parameter_count
 
-    if not is_sketched_dir(args.model):
-        raise ValueError(f"{args.model} is not a sketched model; make one first with `sketchtune sketch`")
+    method, rank = _finetune_method(args)
     config = TrainConfig(
         lr=args.lr, schedule=args.schedule, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
         max_grad_norm=args.max_grad_norm, grad_accum=args.grad_accum, batch_size=args.batch_size,
@@ -200,20 +254,29 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     )
     records = load_instruction_data(args.data)
     loaded = _load(args)
+    if method.lora is not None:
+        rank = auto_rank(loaded.model, method.lora.targets) if rank == "auto" else rank
+        alpha = 2.0 * rank if args.lora_alpha is None else args.lora_alpha
+        method = FinetuneMethod(method.name, lora=dataclasses.replace(method.lora, rank=rank, alpha=alpha))
+    model = method.prepare(loaded.model)
     train, val = build_batches(records, loaded.tokenizer, batch_size=args.batch_size, seq_len=args.seq_len,
                                val_fraction=args.val_fraction, seed=args.seed, on_long_prompt="skip",
                                pad_multiple=args.pad_multiple)
-    result = finetune(loaded.model, train, config, args.out, val_batches=val)
+    writer = method.result_writer(config=loaded.config, tokenizer=loaded.tokenizer, base_model=args.model)
+    result = finetune(model, train, config, args.out, val_batches=val, wrt=method.wrt, save_result=writer)
     summary = {
+        "method": method.name,
         "step": result.step,
         "loss": result.loss,
         "val_loss": result.val_loss,
-        "trainable_params": trainable_parameter_count(loaded.model),
+        "trainable_params": trainable_parameter_count(model, method.wrt),
         "resumed_from": result.resumed_from,
-        "codebooks": result.codebooks_path,
+        "result": result.result_path,
         "log": result.log_path,
     }
-    print_table(f"fine-tuned {args.model} on {args.data}", summary)
+    if method.lora is not None:
+        summary.update(lora_rank=method.lora.rank, lora_alpha=method.lora.alpha, lora_qtype=method.lora.qtype)
+    print_table(f"fine-tuned {args.model} on {args.data} ({method.name})", summary)
     write_json_atomic(Path(args.out) / "summary.json", summary)
     return 0
 
@@ -266,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate text from one or more prompts")
     _add_model_args(p)
+    _add_adapter_arg(p)
     p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -300,8 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the report to this JSON file")
     p.set_defaults(func=cmd_sketch)
 
-    p = sub.add_parser("export", help="write a sketched model as a dense HF directory (W_hat)")
+    p = sub.add_parser("export", help="write a model as a dense HF directory (a sketch as W_hat, an adapter merged)")
     _add_model_args(p)
+    _add_adapter_arg(p)
     p.add_argument("--codebooks", help="fine-tuned codebook file to apply first")
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true")
@@ -310,6 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="evaluate a model").add_subparsers(dest="task", required=True)
     p = ev.add_parser("ppl", help="perplexity over non-overlapping windows of a text")
     _add_model_args(p)
+    _add_adapter_arg(p)
     p.add_argument("--text", required=True, help="a text file, or hf:NAME[:CONFIG]:SPLIT")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--max-windows", type=int, default=20)
@@ -319,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     for task in ("math", "commonsense"):
         p = ev.add_parser(task, help=f"{task} accuracy: generate, extract the answer, score")
         _add_model_args(p)
+        _add_adapter_arg(p)
         p.add_argument("--data", required=True, help="JSON records {instruction, input, answer}")
         p.add_argument("--codebooks", help="fine-tuned codebook file to apply first")
         p.add_argument("--limit", type=int, help="evaluate only the first N records")
@@ -331,8 +398,19 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--json", help="also write the summary to this JSON file")
         p.set_defaults(func=cmd_eval_task)
 
-    p = sub.add_parser("finetune", help="fine-tune the codebooks of a sketched model on instruction data")
+    p = sub.add_parser("finetune", help="fine-tune a sketch's codebooks, or a dense model by LoRA, QLoRA or fully")
     _add_model_args(p)
+    p.add_argument("--method", choices=("sketch", "lora", "qlora", "full"),
+                   help="what trains: sketch (codebooks; the default for a sketched model), lora, qlora "
+                        "(adapters on an NF4/INT4 base) or full (every weight) for a dense model")
+    p.add_argument("--lora-rank", default="auto",
+                   help="adapter rank, or 'auto': the rank whose trainable count is closest to an INT4 GPR4 sketch's")
+    p.add_argument("--lora-alpha", type=float, help="adapter scale numerator (default: 2 x rank)")
+    p.add_argument("--lora-dropout", type=float, default=0.0)
+    p.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                   help="comma-separated projections that get adapters")
+    p.add_argument("--qlora-qtype", choices=("nf4", "int4"), default="nf4", help="storage of QLoRA's frozen base")
+    p.add_argument("--qlora-tile-size", type=int, default=64, help="input columns per QLoRA quantization scale")
     p.add_argument("--data", required=True, help="JSON/JSONL records {instruction, input, output}")
     p.add_argument("--out", required=True, help="run directory (logs, checkpoints, codebooks); resumed if present")
     p.add_argument("--codebooks", help="start from these fine-tuned codebooks")

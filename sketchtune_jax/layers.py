@@ -25,8 +25,12 @@ from pallas_kernels import (
 )
 
 
-class Codebook(nnx.Param):
-    """Trainable sketched parameters, ``[out_features, groups, 2**bits]``."""
+class Codebook(nnx.LoRAParam):
+    """Trainable sketched parameters, ``[out_features, groups, 2**bits]``.
+
+    A `nnx.LoRAParam` (itself a `nnx.Param`), so NNX tools that train LoRA parameters
+    (e.g. Tunix's ``PeftTrainer``) train a sketch's codebooks as they are.
+    """
 
 
 class Codes(nnx.Variable):
@@ -52,6 +56,13 @@ class Linear(nnx.Module):
         init = nnx.initializers.normal(stddev=0.02)
         self.weight = nnx.Param(init(rngs.params(), (out_features, in_features), param_dtype))
         self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None
+
+    def __setattr__(self, name: str, value) -> None:
+        # qwix's LoRA records its einsum string on the module at every call; skipping the
+        # unchanged write keeps calls from nested traces (the decode loop) legal in NNX.
+        if name.endswith("_lora_einsum_str") and getattr(self, name, None) == value:
+            return
+        super().__setattr__(name, value)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dtype = self.dtype or x.dtype

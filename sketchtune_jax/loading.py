@@ -19,11 +19,19 @@ def load_any(
     dtype: jnp.dtype = jnp.float32,
     param_dtype: jnp.dtype = jnp.float32,
     codebooks: str | None = None,
+    adapter: str | None = None,
 ):
     """Load a sketched directory, an HF directory, a GGUF file or ``smollm2-135m`` as a `LoadedModel`.
 
     ``codebooks``: a fine-tuned codebook file applied on top of a sketched model.
+    ``adapter``: a LoRA/QLoRA adapter directory (PEFT format) applied, unmerged, on top of a dense model.
     """
+    if adapter and is_sketched_dir(source):
+        raise ValueError(f"--adapter applies to a dense model, and {source} is sketched (use --codebooks)")
+    if adapter:
+        from sketchtune_jax.lora import load_adapter, read_adapter_settings
+
+        read_adapter_settings(adapter)
     if is_sketched_dir(source):
         loaded = load_sketched(source, dtype=dtype, param_dtype=param_dtype)
         if codebooks:
@@ -35,7 +43,10 @@ def load_any(
         raise ValueError(f"--codebooks applies to a sketched model, and {source} is not one")
     from converters import load_model
 
-    return load_model(source, dtype=dtype, param_dtype=param_dtype)
+    loaded = load_model(source, dtype=dtype, param_dtype=param_dtype)
+    if adapter:
+        loaded.model, _ = load_adapter(loaded.model, adapter)
+    return loaded
 
 
 def _nbytes(variables) -> int:

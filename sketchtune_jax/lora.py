@@ -298,8 +298,9 @@ def load_adapter(model: LlamaForCausalLM, adapter_dir: str | os.PathLike, *,
         problems.append(f"not in the model: {', '.join(unexpected[:5])}" + (" ..." if len(unexpected) > 5 else ""))
     if missing := sorted(set(expected) - set(tensors)):
         problems.append(f"missing from the adapter: {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
-    problems += [f"{k}: shape {tuple(tensors[k].shape)} in the adapter, {v} in the model"
-                 for k, v in expected.items() if k in tensors and tuple(tensors[k].shape) != v]
+    shapes = [f"{k}: shape {tuple(tensors[k].shape)} in the adapter, {v} in the model"
+              for k, v in expected.items() if k in tensors and tuple(tensors[k].shape) != v]
+    problems += shapes[:3] + ([f"... {len(shapes) - 3} more shape mismatches"] if len(shapes) > 3 else [])
     if problems:
         raise AdapterMismatchError(f"{adapter_dir} does not fit the model (an adapter for another model?): "
                                    + "; ".join(problems))

@@ -58,3 +58,14 @@ def jax_logits(model, ids: np.ndarray, mask: np.ndarray | None = None) -> np.nda
 
 def random_ids(batch: int, length: int, vocab: int = 96, seed: int = 0) -> np.ndarray:
     return np.random.RandomState(seed).randint(3, vocab, size=(batch, length)).astype(np.int32)
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer for the tiny configs: ``w3`` ... ``w95`` are ids 3-95 (others map to pad)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 96)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")

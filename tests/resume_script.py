@@ -1,6 +1,9 @@
 """Train the tiny model for a few steps with checkpoints; run by test_train's kill-and-resume test.
 
-usage: python tests/resume_script.py OUT_DIR [--sleep SECONDS_PER_BATCH]
+usage: python tests/resume_script.py OUT_DIR [--sleep SECONDS_PER_BATCH] [--method sketch|lora]
+
+``lora`` trains rank-2 adapters with dropout (so the dropout RNG must resume too) on a
+tiny dense Llama and writes ``OUT_DIR/adapter``; ``sketch`` trains the tiny sketched model.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out_dir")
     parser.add_argument("--sleep", type=float, default=0.0)
+    parser.add_argument("--method", choices=("sketch", "lora"), default="sketch")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     examples = []
@@ -46,7 +50,21 @@ def main() -> None:
     batches.sleep = args.sleep
     config = TrainConfig(lr=3e-3, schedule="cosine", warmup_steps=2, epochs=2, grad_accum=2, batch_size=4,
                          seq_len=32, save_every=2, keep_checkpoints=2, seed=1)
-    result = finetune(TinyCausalLM(), batches, config, args.out_dir, progress=False)
+    if args.method == "sketch":
+        result = finetune(TinyCausalLM(), batches, config, args.out_dir, progress=False)
+    else:
+        from flax import nnx
+
+        from sketchtune_jax.lora import LoraSettings
+        from sketchtune_jax.methods import FinetuneMethod
+        from sketchtune_jax.models import LlamaForCausalLM, ModelConfig
+
+        dense = LlamaForCausalLM(ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, head_dim=8),
+                                 rngs=nnx.Rngs(0))
+        method = FinetuneMethod("lora", lora=LoraSettings(rank=2, alpha=4.0, dropout=0.1))
+        result = finetune(method.prepare(dense), batches, config, args.out_dir, progress=False, wrt=method.wrt,
+                          save_result=method.result_writer())
     print(f"resumed_from={result.resumed_from} step={result.step}", flush=True)
 
 

@@ -13,11 +13,11 @@ import pytest
 import torch
 from flax import nnx
 from safetensors.numpy import load_file, save_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import converters
 from converters import ConversionError, export_hf, from_state_dict, load_model
-from model_utils import hf_logits, jax_logits, random_ids, tiny_hf_model
+from model_utils import hf_logits, jax_logits, random_ids, tiny_hf_model, tiny_tokenizer
 from sketchtune_jax.models import ModelConfig
 
 ATOL = 1e-4
@@ -86,15 +86,6 @@ def test_bfloat16_checkpoint_and_param_dtype(tmp_path):
     np.testing.assert_array_equal(np.asarray(weight, np.float32), expected)
 
 
-def _tiny_tokenizer() -> PreTrainedTokenizerFast:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 96)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-
-
 @pytest.mark.parametrize("name, shard", [
     ("bias_untied", None), ("tied_mqa", "10KB"), ("mistral_window", None), ("llama3_rope", None)])
 def test_export_loads_in_transformers(tmp_path, name, shard):
@@ -102,7 +93,7 @@ def test_export_loads_in_transformers(tmp_path, name, shard):
     config = ModelConfig.from_hf(hf.config.to_dict())
     model = from_state_dict(config, hf.state_dict())
     kwargs = {"max_shard_size": shard} if shard else {}
-    out = export_hf(model, config, _tiny_tokenizer(), tmp_path / "export", **kwargs)
+    out = export_hf(model, config, tiny_tokenizer(), tmp_path / "export", **kwargs)
     assert (out / "model.safetensors.index.json").is_file() == bool(shard)
     if config.tie_word_embeddings:
         assert all("lm_head" not in k for f in out.glob("*.safetensors") for k in load_file(f))

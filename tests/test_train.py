@@ -267,16 +267,19 @@ def _finalized_steps(ckpt_dir):
     return [int(p) for p in os.listdir(ckpt_dir) if p.isdigit()]
 
 
-def test_kill_and_resume_matches_unbroken_run(tmp_path):
+@pytest.mark.parametrize("method, result", [("sketch", "codebooks.safetensors"),
+                                            ("lora", "adapter/adapter_model.safetensors")])
+def test_kill_and_resume_matches_unbroken_run(tmp_path, method, result):
     script = os.path.join(HERE, "resume_script.py")
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     unbroken = subprocess.run(
-        [sys.executable, script, str(tmp_path / "a")], env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, script, str(tmp_path / "a"), "--method", method], env=env, capture_output=True, text=True,
+        timeout=300
     )
     assert unbroken.returncode == 0, unbroken.stderr
     assert "resumed_from=None step=6" in unbroken.stdout
 
-    cmd = [sys.executable, script, str(tmp_path / "b")]
+    cmd = [sys.executable, script, str(tmp_path / "b"), "--method", method]
     proc = subprocess.Popen(cmd + ["--sleep", "0.4"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 240
     try:
@@ -291,15 +294,15 @@ def test_kill_and_resume_matches_unbroken_run(tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == -signal.SIGKILL
-    assert not os.path.exists(tmp_path / "b" / "codebooks.safetensors")
+    assert not os.path.exists(tmp_path / "b" / result)
 
     resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     first = int(resumed.stdout.split("resumed_from=")[1].split()[0])
     assert 2 <= first < 6 and "step=6" in resumed.stdout
 
-    a, _ = read_codebooks(tmp_path / "a" / "codebooks.safetensors")
-    b, _ = read_codebooks(tmp_path / "b" / "codebooks.safetensors")
+    a, _ = read_codebooks(tmp_path / "a" / result)
+    b, _ = read_codebooks(tmp_path / "b" / result)
     assert a.keys() == b.keys()
     for k in a:
         assert np.array_equal(a[k], b[k]), k

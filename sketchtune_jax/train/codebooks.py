@@ -39,9 +39,9 @@ def flat_state(state: nnx.State) -> dict[str, nnx.Variable]:
     return {path_key(p): v for p, v in nnx.to_flat_state(state)}
 
 
-def trainable_parameter_count(model: nnx.Module) -> int:
-    """Number of scalars in the model's `Codebook` variables (rows x groups x 2**bits summed)."""
-    return int(sum(int(np.prod(v.shape)) for v in flat_state(nnx.state(model, Codebook)).values()))
+def trainable_parameter_count(model: nnx.Module, wrt: Any = Codebook) -> int:
+    """Number of scalars in the model's ``wrt`` variables (default `Codebook`: rows x groups x 2**bits summed)."""
+    return int(sum(int(np.prod(v.shape)) for v in flat_state(nnx.state(model, wrt)).values()))
 
 
 def codebook_state(model: nnx.Module) -> dict[str, np.ndarray]:

@@ -59,7 +59,7 @@ class TrainResult:
     loss: float | None
     val_loss: float | None
     out_dir: str
-    codebooks_path: str
+    result_path: str
     log_path: str
     resumed_from: int | None
 
@@ -74,8 +74,10 @@ class Trainer:
         out_dir: where logs, checkpoints and outputs go; a run found there is resumed.
         val_batches: optional held-out batches; evaluated every ``config.eval_every`` steps and at the end.
         progress: show a tqdm progress bar with ETA.
-        wrt: which variables train (an NNX filter); `Codebook` by default. The final
-            ``codebooks.safetensors`` holds codebooks only; checkpoints hold all of ``wrt``.
+        wrt: which variables train (an NNX filter); `Codebook` by default (see
+            `sketchtune_jax.methods` for LoRA, QLoRA and full fine-tuning). Checkpoints hold all of ``wrt``.
+        save_result: ``(model, out_dir) -> path`` writing what the finished run keeps; by
+            default ``codebooks.safetensors`` (codebooks only).
         put_batch: numpy batch -> device arrays; the default puts them on the default
             device. Pass e.g. ``lambda b: jax.device_put(b, sharding)`` for data parallelism
             (batches are ``[B, T]``, or ``[A, B, T]`` with ``grad_accum = A > 1``).
@@ -92,9 +94,11 @@ class Trainer:
         progress: bool = True,
         wrt: Any = Codebook,
         put_batch: Callable[[dict[str, np.ndarray]], dict[str, jax.Array]] | None = None,
+        save_result: Callable[[nnx.Module, str], str] | None = None,
     ):
         self.model = model
         self.wrt = wrt
+        self.save_result = save_result or _save_codebooks
         self.put_batch = put_batch or (lambda b: {k: jnp.asarray(v) for k, v in b.items()})
         self.config = config
         self.out_dir = os.path.abspath(os.fspath(out_dir))
@@ -110,7 +114,6 @@ class Trainer:
         os.makedirs(self.out_dir, exist_ok=True)
         self.log_path = os.path.join(self.out_dir, "train_log.jsonl")
         self.log = MetricsLog(self.log_path)
-        self.codebooks_path = os.path.join(self.out_dir, "codebooks.safetensors")
         self.total_steps = self._total_steps()
         self._prepare_model()
         self.schedule = make_schedule(config, self.total_steps)
@@ -145,8 +148,8 @@ class Trainer:
             if not any(hasattr(m, "dtype") for m in modules):
                 warnings.warn("config.compute_dtype is set but no module of the model has a `dtype` attribute")
             self.model.set_attributes(dtype=compute, raise_if_not_found=False)
-        if not flat_state(nnx.state(self.model, Codebook)):
-            raise ValueError("the model has no Codebook variables: nothing to fine-tune")
+        if not flat_state(nnx.state(self.model, self.wrt)):
+            raise ValueError(f"the model has no variables matching {self.wrt!r}: nothing to fine-tune")
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -308,7 +311,7 @@ class Trainer:
             if self.last_good_step != self.step:
                 self.save()
             self.checkpoints.wait_until_finished()
-            save_codebooks(self.model, self.codebooks_path, metadata={"step": self.step})
+            result_path = self.save_result(self.model, self.out_dir)
             plot_loss_curve(self.log_path, os.path.join(self.out_dir, "loss_curve.png"))
         finally:
             sync()
@@ -319,7 +322,7 @@ class Trainer:
             loss=last_loss,
             val_loss=val_loss,
             out_dir=self.out_dir,
-            codebooks_path=self.codebooks_path,
+            result_path=result_path,
             log_path=self.log_path,
             resumed_from=resumed_from,
         )
@@ -335,15 +338,23 @@ def finetune(
     progress: bool = True,
     wrt: Any = Codebook,
     put_batch: Callable[[dict[str, np.ndarray]], dict[str, jax.Array]] | None = None,
+    save_result: Callable[[nnx.Module, str], str] | None = None,
 ) -> TrainResult:
-    """Fine-tune ``model``'s codebooks in place; resumes from ``out_dir`` when a checkpoint is there.
+    """Fine-tune ``model``'s ``wrt`` variables (codebooks by default) in place; resumes from
+    ``out_dir`` when a checkpoint is there. See `Trainer` for the arguments.
 
     Raises:
         NonFiniteLossError: the loss became NaN/Inf (names the step and batch; the
             NaN state is not saved).
     """
     return Trainer(model, train_batches, config, out_dir, val_batches=val_batches, progress=progress, wrt=wrt,
-                   put_batch=put_batch).run()
+                   put_batch=put_batch, save_result=save_result).run()
+
+
+def _save_codebooks(model: nnx.Module, out_dir: str) -> str:
+    path = os.path.join(out_dir, "codebooks.safetensors")
+    save_codebooks(model, path)
+    return path
 
 
 __all__ = ["NonFiniteLossError", "TrainResult", "Trainer", "finetune"]

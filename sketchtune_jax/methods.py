@@ -1,0 +1,104 @@
+"""Fine-tuning methods in one trainer: sketch (codebooks), LoRA, QLoRA and full fine-tuning.
+
+A `FinetuneMethod` says which variables train, how the model is prepared for it and what
+a finished run writes::
+
+    method = FinetuneMethod("lora", lora=LoraSettings(rank=33, alpha=66.0))
+    model = method.prepare(loaded.model)                   # adapters added (qwix)
+    finetune(model, batches, config, "runs/lora", wrt=method.wrt,
+             save_result=method.result_writer(config=loaded.config, tokenizer=loaded.tokenizer))
+
+==========  ==================  ==================  ==========================================
+method      model it takes      trains              a finished run writes
+==========  ==================  ==================  ==========================================
+sketch      a sketched model    `Codebook`          ``codebooks.safetensors``
+lora        a dense model       `nnx.LoRAParam`     ``adapter/`` (PEFT format)
+qlora       a dense model       `nnx.LoRAParam`     ``adapter/``; the base is held in NF4/INT4
+full        a dense model       every `nnx.Param`   ``model/`` (an HF directory)
+==========  ==================  ==================  ==========================================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from typing import Any
+
+from flax import nnx
+
+from sketchtune_jax.layers import Codebook
+from sketchtune_jax.lora import LoraSettings, apply_lora
+
+METHODS = ("sketch", "lora", "qlora", "full")
+RESULT_NAMES = {"sketch": "codebooks.safetensors", "lora": "adapter", "qlora": "adapter", "full": "model"}
+
+
+def has_codebooks(model: nnx.Module) -> bool:
+    """Whether ``model`` holds any `Codebook` (i.e. is sketched)."""
+    return bool(nnx.to_flat_state(nnx.state(model, Codebook)))
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneMethod:
+    """One of `METHODS`; ``lora`` holds the adapter settings of ``lora``/``qlora`` (``qtype`` set for QLoRA)."""
+
+    name: str = "sketch"
+    lora: LoraSettings | None = None
+
+    def __post_init__(self):
+        if self.name not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.name!r}")
+        if self.name in ("lora", "qlora"):
+            if self.lora is None:
+                raise ValueError(f"method {self.name} needs LoraSettings")
+            if (self.lora.qtype is not None) != (self.name == "qlora"):
+                raise ValueError("qlora needs LoraSettings.qtype ('nf4' or 'int4'); lora needs qtype=None")
+        elif self.lora is not None:
+            raise ValueError(f"method {self.name} takes no LoraSettings")
+
+    @property
+    def wrt(self) -> Any:
+        """The NNX filter of the variables this method trains."""
+        return {"sketch": Codebook, "lora": nnx.LoRAParam, "qlora": nnx.LoRAParam, "full": nnx.Param}[self.name]
+
+    def check_model(self, model: nnx.Module) -> None:
+        """Raise ValueError when ``model`` is not the kind this method trains (sketched vs dense)."""
+        sketched = has_codebooks(model)
+        if self.name == "sketch" and not sketched:
+            raise ValueError("method sketch trains a sketched model's codebooks and this model is dense; "
+                             "sketch it first (`sketchtune sketch`) or choose lora, qlora or full")
+        if self.name != "sketch" and sketched:
+            raise ValueError(f"method {self.name} trains a dense model and this one is sketched; "
+                             "use method sketch, or give the dense model")
+
+    def prepare(self, model: nnx.Module) -> nnx.Module:
+        """The model to train: adapters added for lora/qlora (a new model), else ``model`` itself."""
+        self.check_model(model)
+        if self.lora is not None:
+            return apply_lora(model, self.lora)
+        return model
+
+    def result_writer(self, *, config: Any = None, tokenizer: Any = None,
+                      base_model: str | None = None) -> Callable[[nnx.Module, str], str]:
+        """``(trained model, out_dir) -> path`` writing what a finished run keeps (see the table above)."""
+
+        def write(model: nnx.Module, out_dir: str) -> str:
+            path = os.path.join(out_dir, RESULT_NAMES[self.name])
+            if self.name == "sketch":
+                from sketchtune_jax.train.codebooks import save_codebooks
+
+                save_codebooks(model, path)
+            elif self.lora is not None:
+                from sketchtune_jax.lora import save_adapter
+
+                save_adapter(model, self.lora, path, base_model=base_model, overwrite=True)
+            else:
+                if config is None:
+                    raise ValueError("full fine-tuning writes an HF directory and needs the model's config")
+                from converters import export_hf
+
+                export_hf(model, config, tokenizer, path, overwrite=True)
+            return path
+
+        return write
