@@ -7,6 +7,7 @@ to ``--out``. Figures only; nothing here passes or fails on time.
 
     python bench/kernels.py --out bench/results/kernels-h100.json
     python bench/kernels.py --small --out /tmp/kernels.json          # CPU smoke test
+    python bench/kernels.py --layers 576x576,1536x576,576x1536 --out k.json  # SmolLM2 shapes
 """
 
 from __future__ import annotations
@@ -116,6 +117,13 @@ def run(config: dict, *, groups: int, dtype, backend: str | None, iters: int,
     return results
 
 
+def _layers(text: str) -> list[tuple[int, int]]:
+    try:
+        return [tuple(int(d) for d in shape.split("x", 1)) for shape in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"layers must look like 576x576,1536x576; got {text!r}") from None
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", help="write the JSON report here")
@@ -124,16 +132,21 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--backend", choices=["pallas", "interpret", "reference"], default=None,
                    help="force a sketched_matmul backend (default: by platform)")
+    p.add_argument("--layers", type=_layers,
+                   help="comma-separated OUTxIN layer shapes (default: Llama-3-8B's)")
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--warmup", type=int, default=2)
     args = p.parse_args(argv)
     iters = args.iters or (3 if args.small else 20)
+    config = dict(SMALL if args.small else FULL)
+    if args.layers:
+        config["layers"] = args.layers
     device = jax.devices()[0]
     report = dict(
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         device=device.device_kind, platform=device.platform, jax=jax.__version__,
         dtype=args.dtype, backend=args.backend or "auto", iters=iters,
-        results=run(SMALL if args.small else FULL, groups=args.groups, dtype=jnp.dtype(args.dtype),
+        results=run(config, groups=args.groups, dtype=jnp.dtype(args.dtype),
                     backend=args.backend, iters=iters, warmup=args.warmup),
     )
     text = json.dumps(report, indent=1)

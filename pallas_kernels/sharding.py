@@ -118,7 +118,7 @@ class _Plan:
     y_spec: PartitionSpec
     bits: int
     backend: Backend | None
-    block_sizes: BlockSizes | None
+    block_sizes: BlockSizes
 
     def shard_map(self, f, in_specs, out_specs):
         # check_vma=False: a pallas_call inside a vma-checked shard_map must declare how
@@ -182,7 +182,7 @@ def sharded_sketched_matmul(
     sharding: SketchSharding,
     *,
     backend: Backend | None = None,
-    block_sizes: BlockSizes | None = None,
+    block_sizes: BlockSizes | tuple[int, int, int] | None = None,
 ) -> jax.Array:
     """`sketched_matmul` run per shard of ``sharding.mesh`` (layout in the module docstring).
 
@@ -205,8 +205,7 @@ def sharded_sketched_matmul(
     x_spec = sharding.batch_spec(x.shape)
     rows_spec = sharding.rows_spec(codebook.shape)
     y_spec = PartitionSpec(*x_spec[:-1], rows_spec[0])
-    plan = _Plan(sharding, x_spec, rows_spec, y_spec, bits, backend,
-                 None if block_sizes is None else tuple(int(b) for b in block_sizes))
+    plan = _Plan(sharding, x_spec, rows_spec, y_spec, bits, backend, BlockSizes.of(block_sizes))
     mesh = sharding.mesh
     return _sharded(
         _reshard(x, mesh, x_spec),

@@ -6,7 +6,10 @@ A sketched weight is ``W_hat[r, j] = codebook[r, j // cols_per_group, code[r, j]
 
 Every public function takes ``backend``:
 
-* ``None``: Pallas (Triton) on GPU, the ``jnp`` reference elsewhere;
+* ``None``: picked by the platform the computation is *lowered for* (not the host), with
+  `jax.lax.platform_dependent`: the Pallas kernel for ``cuda`` (a jit on an NVIDIA GPU,
+  or ``jax.export(..., platforms=["cuda"])`` from a CPU-only host), the ``jnp`` reference
+  for every other platform. Only the chosen branch is lowered;
 * ``"pallas"``: the compiled Pallas kernel;
 * ``"interpret"``: the same Pallas kernel run by the Pallas interpreter (any platform);
 * ``"reference"``: the ``jnp`` twin.
@@ -17,10 +20,15 @@ loads that hit L1/L2: each code word serves ``32 // bits`` columns and a row's c
 is at most 16 entries). Shapes that are not multiples of the tiles are handled by
 clamping code/codebook indices into range and zero-padding only the activations, so the
 large operands are never copied.
+
+Tiles are set per kernel by `ForwardBlockSizes`, `DxBlockSizes`, `DcodebookBlockSizes`
+(gathered in `BlockSizes`) and `DequantizeBlockSizes`. Shapes are checked once per public
+call, before any kernel is built.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Literal
 
@@ -33,8 +41,165 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.packing import SUPPORTED_BITS, decode_codes, packed_words, unpack_codes
 
 Backend = Literal["pallas", "interpret", "reference"]
-BlockSizes = tuple[int, int, int]
 _BACKENDS = ("pallas", "interpret", "reference")
+_AUTO = "auto"
+
+
+# ---------------------------------------------------------------------- tile sizes
+
+
+def _check_tile(owner: str, name: str, value: int | None) -> None:
+    if value is None:
+        return
+    if not isinstance(value, int) or value < 16 or value & (value - 1):
+        raise ValueError(
+            f"block_sizes: {owner}.{name}={value!r} must be a power of two >= 16 "
+            "(Triton tiles are powers of two and tl.dot needs every side >= 16)"
+        )
+
+
+class _Tiles:
+    """Validation shared by the per-kernel block-size dataclasses."""
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            _check_tile(type(self).__name__, field.name, getattr(self, field.name))
+
+
+def _tile(dim: int, want: int) -> int:
+    """``want`` shrunk to the next power of two >= ``dim`` (never below 16)."""
+    return max(16, min(want, 1 << max(0, (dim - 1).bit_length())))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ForwardBlockSizes(_Tiles):
+    """Tiles of the forward kernel ``y[m, n] = x[m, k] @ W_hat[n, k].T``.
+
+    Each field is an upper bound: a tile never exceeds the next power of two of its
+    dimension. ``None`` picks by the number of rows ``m`` of ``x``:
+
+    * decode, ``m <= 16``: ``block_m=16, block_n=64, block_k=128``, and K is split across
+      programs (about 512 in all) so every SM streams its share of the codes;
+    * ``16 < m <= 64``: ``64, 64, 64``, K split likewise;
+    * prefill, ``m > 64``: ``128, 128, 32``; a tall M tile amortises each rebuilt weight
+      tile over 128 rows, no K split.
+
+    Attributes:
+      block_m: rows of ``x`` per program.
+      block_n: output features (rows of ``W_hat``) per program.
+      block_k: input features per step of the K loop.
+    """
+
+    block_m: int | None = None
+    block_n: int | None = None
+    block_k: int | None = None
+
+    def resolve(self, m: int, n: int, k: int) -> tuple[int, int, int]:
+        if m <= 16:
+            default = (16, 64, 128)
+        elif m <= 64:
+            default = (64, 64, 64)
+        else:
+            default = (128, 128, 32)
+        given = (self.block_m, self.block_n, self.block_k)
+        bm, bn, bk = (d if g is None else g for g, d in zip(given, default))
+        return _tile(m, bm), _tile(n, bn), _tile(k, bk)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DxBlockSizes(_Tiles):
+    """Tiles of the input-gradient kernel ``dx[m, k] = dy[m, n] @ W_hat[n, k]``
+    (upper bounds, as in `ForwardBlockSizes`).
+
+    Attributes:
+      block_m: rows of ``dy`` per program (default 64).
+      block_n: output features per step of the N loop (default 32).
+      block_k: input features (columns of ``dx``) per program (default 128).
+    """
+
+    block_m: int = 64
+    block_n: int = 32
+    block_k: int = 128
+
+    def resolve(self, m: int, n: int, k: int) -> tuple[int, int, int]:
+        return _tile(m, self.block_m), _tile(n, self.block_n), _tile(k, self.block_k)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DcodebookBlockSizes(_Tiles):
+    """Tiles of the codebook-gradient kernel (bucket sums of ``dy^T x`` per row-group;
+    upper bounds, as in `ForwardBlockSizes`).
+
+    Attributes:
+      block_m: rows of ``x``/``dy`` per step of the M loop (default 64).
+      block_n: output features per program (default 64).
+      block_k: columns of a group per step of the K loop (default 64).
+    """
+
+    block_m: int = 64
+    block_n: int = 64
+    block_k: int = 64
+
+    def resolve(self, m: int, n: int, cols_per_group: int) -> tuple[int, int, int]:
+        return (_tile(m, self.block_m), _tile(n, self.block_n),
+                _tile(cols_per_group, self.block_k))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DequantizeBlockSizes(_Tiles):
+    """Tiles of the dequantize kernel, which writes ``W_hat [out, in]`` (upper bounds).
+
+    Attributes:
+      block_n: rows per program (default 64).
+      block_k: columns per program (default 64).
+    """
+
+    block_n: int = 64
+    block_k: int = 64
+
+    def resolve(self, n: int, k: int) -> tuple[int, int]:
+        return _tile(n, self.block_n), _tile(k, self.block_k)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BlockSizes:
+    """The tiles of the three kernels behind `sketched_matmul` and its VJP.
+
+    Static and hashable (a jit/custom_vjp static argument). ``BlockSizes()`` is the
+    default everywhere; `BlockSizes.uniform` sets one ``(m, n, k)`` for all three.
+
+    Attributes:
+      forward: `ForwardBlockSizes` (default: chosen by the rows of ``x``).
+      dx: `DxBlockSizes` (default ``64, 32, 128``).
+      dcodebook: `DcodebookBlockSizes` (default ``64, 64, 64``).
+    """
+
+    forward: ForwardBlockSizes = ForwardBlockSizes()
+    dx: DxBlockSizes = DxBlockSizes()
+    dcodebook: DcodebookBlockSizes = DcodebookBlockSizes()
+
+    @classmethod
+    def uniform(cls, block_m: int, block_n: int, block_k: int) -> BlockSizes:
+        """The same tiles for the forward, dx and dcodebook kernels."""
+        return cls(ForwardBlockSizes(block_m, block_n, block_k),
+                   DxBlockSizes(block_m, block_n, block_k),
+                   DcodebookBlockSizes(block_m, block_n, block_k))
+
+    @classmethod
+    def of(cls, value: BlockSizes | tuple[int, int, int] | None) -> BlockSizes:
+        """``value`` as `BlockSizes`: ``None`` is the default, a ``(block_m, block_n,
+        block_k)`` tuple is `uniform`."""
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        try:
+            bm, bn, bk = (int(b) for b in value)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"block_sizes must be BlockSizes or (block_m, block_n, block_k), got {value!r}"
+            ) from None
+        return cls.uniform(bm, bn, bk)
 
 
 # --------------------------------------------------------------------------- checks
@@ -42,21 +207,23 @@ _BACKENDS = ("pallas", "interpret", "reference")
 
 def _resolve_backend(backend: str | None) -> str:
     if backend is None:
-        return "pallas" if jax.default_backend() == "gpu" else "reference"
+        return _AUTO
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be None or one of {_BACKENDS}, got {backend!r}")
     return backend
 
 
 def _check_sketch(codebook: jax.Array, codes: jax.Array, bits: int, in_features: int) -> int:
-    """Validates shapes at trace time; returns ``cols_per_group``."""
+    """Validates shapes at trace time (once per public call); returns ``cols_per_group``."""
     if bits not in SUPPORTED_BITS:
-        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}")
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits=}")
     if codebook.ndim != 3 or codebook.shape[-1] != 2**bits:
         raise ValueError(
             f"codebook must be [out, groups, {2**bits}] for {bits}-bit codes, "
             f"got shape {codebook.shape}"
         )
+    if not jnp.issubdtype(codebook.dtype, jnp.floating):
+        raise ValueError(f"codebook must be a float array, got {codebook.dtype}")
     if codes.ndim != 3 or codes.shape[:2] != codebook.shape[:2]:
         raise ValueError(
             f"codes must be packed [out, groups, words] with out, groups = "
@@ -68,7 +235,7 @@ def _check_sketch(codebook: jax.Array, codes: jax.Array, bits: int, in_features:
         )
     groups = codebook.shape[1]
     if in_features <= 0 or in_features % groups:
-        raise ValueError(f"groups={groups} must divide in_features={in_features}")
+        raise ValueError(f"groups={groups} must divide {in_features=}")
     cols = in_features // groups
     if codes.shape[2] != packed_words(cols, bits):
         raise ValueError(
@@ -81,20 +248,18 @@ def _check_sketch(codebook: jax.Array, codes: jax.Array, bits: int, in_features:
 def _in_features(x: jax.Array) -> int:
     if x.ndim < 1:
         raise ValueError("x must be [..., in_features], got a scalar")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"x must be a float array, got {x.dtype}")
     return x.shape[-1]
 
 
 # ------------------------------------------------------------------- jnp reference
 
 
-def dequantize_reference(
-    codebook: jax.Array, codes: jax.Array, bits: int, in_features: int
-) -> jax.Array:
-    """``jnp`` twin of `dequantize`: ``W_hat [out, in_features]`` in ``codebook.dtype``."""
-    cols = _check_sketch(codebook, codes, bits, in_features)
+def _dequantize_ref(codebook, codes, bits, cols):
     idx = unpack_codes(codes, bits, cols).astype(jnp.int32)
     w = jnp.take_along_axis(codebook, idx, axis=2)
-    return w.reshape(codebook.shape[0], in_features)
+    return w.reshape(codebook.shape[0], codebook.shape[1] * cols)
 
 
 def _dot_precision(dtype) -> lax.Precision:
@@ -102,17 +267,46 @@ def _dot_precision(dtype) -> lax.Precision:
     return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else lax.Precision.DEFAULT
 
 
+def _forward_ref(x2, codebook, codes, bits, cols):
+    w = _dequantize_ref(codebook, codes, bits, cols).astype(x2.dtype)
+    y = jnp.einsum(
+        "mi,oi->mo", x2, w,
+        preferred_element_type=jnp.float32, precision=_dot_precision(x2.dtype),
+    )
+    return y.astype(x2.dtype)
+
+
+def _grads_ref(x2, codebook, codes, bits, cols, dy2):
+    out, groups, nc = codebook.shape
+    w = _dequantize_ref(codebook, codes, bits, cols).astype(dy2.dtype)
+    prec = _dot_precision(x2.dtype)
+    dx = jnp.einsum("mo,oi->mi", dy2, w, preferred_element_type=jnp.float32, precision=prec)
+    dw = jnp.einsum("mo,mi->oi", dy2, x2, preferred_element_type=jnp.float32, precision=prec)
+    code = unpack_codes(codes, bits, cols).astype(jnp.int32)
+    row_group = jnp.arange(out * groups, dtype=jnp.int32).reshape(out, groups, 1)
+    seg = (row_group * nc + code).reshape(-1)
+    dcb = jax.ops.segment_sum(
+        dw.reshape(-1), seg, num_segments=out * groups * nc, indices_are_sorted=False
+    )
+    return dx.astype(x2.dtype), dcb.reshape(out, groups, nc).astype(codebook.dtype)
+
+
+def dequantize_reference(
+    codebook: jax.Array, codes: jax.Array, bits: int, in_features: int
+) -> jax.Array:
+    """``jnp`` twin of `dequantize`: ``W_hat [out, in_features]`` in ``codebook.dtype``."""
+    cols = _check_sketch(codebook, codes, bits, in_features)
+    return _dequantize_ref(codebook, codes, bits, cols)
+
+
 def sketched_matmul_reference(
     x: jax.Array, codebook: jax.Array, codes: jax.Array, bits: int
 ) -> jax.Array:
     """``jnp`` twin of `sketched_matmul`: ``x [..., in] @ W_hat.T -> [..., out]`` in ``x.dtype``."""
     in_features = _in_features(x)
-    w = dequantize_reference(codebook, codes, bits, in_features).astype(x.dtype)
-    y = jnp.einsum(
-        "...i,oi->...o", x, w,
-        preferred_element_type=jnp.float32, precision=_dot_precision(x.dtype),
-    )
-    return y.astype(x.dtype)
+    cols = _check_sketch(codebook, codes, bits, in_features)
+    y2 = _forward_ref(x.reshape(-1, in_features), codebook, codes, bits, cols)
+    return y2.reshape(*x.shape[:-1], codebook.shape[0])
 
 
 def sketched_matmul_grads_reference(
@@ -126,32 +320,19 @@ def sketched_matmul_grads_reference(
     """
     in_features = _in_features(x)
     cols = _check_sketch(codebook, codes, bits, in_features)
-    out, groups, nc = codebook.shape
-    w = dequantize_reference(codebook, codes, bits, in_features).astype(dy.dtype)
-    prec = _dot_precision(x.dtype)
-    dx = jnp.einsum("...o,oi->...i", dy, w, preferred_element_type=jnp.float32, precision=prec)
-    x2 = x.reshape(-1, in_features)
-    dy2 = dy.reshape(-1, out)
-    dw = jnp.einsum("mo,mi->oi", dy2, x2, preferred_element_type=jnp.float32, precision=prec)
-    code = unpack_codes(codes, bits, cols).astype(jnp.int32)
-    row_group = jnp.arange(out * groups, dtype=jnp.int32).reshape(out, groups, 1)
-    seg = (row_group * nc + code).reshape(-1)
-    dcb = jax.ops.segment_sum(
-        dw.reshape(-1), seg, num_segments=out * groups * nc, indices_are_sorted=False
-    )
-    return dx.astype(x.dtype), dcb.reshape(out, groups, nc).astype(codebook.dtype)
+    _check_dy(dy, x, codebook)
+    dx, dcb = _grads_ref(x.reshape(-1, in_features), codebook, codes, bits, cols,
+                         dy.reshape(-1, codebook.shape[0]).astype(x.dtype))
+    return dx.reshape(x.shape), dcb
+
+
+def _check_dy(dy: jax.Array, x: jax.Array, codebook: jax.Array) -> None:
+    want = (*x.shape[:-1], codebook.shape[0])
+    if dy.shape != want:
+        raise ValueError(f"dy must be {want} (x's batch shape, out features), got {dy.shape}")
 
 
 # ---------------------------------------------------------------- Pallas (Triton)
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
-def _block(dim: int, want: int) -> int:
-    # Triton tiles are powers of two and tl.dot needs every side >= 16.
-    return max(16, min(want, _next_pow2(dim)))
 
 
 def _round_up(n: int, m: int) -> int:
@@ -217,9 +398,13 @@ def _dequantize_kernel(codebook_ref, codes_ref, o_ref, *, bn, bk, bits, out_feat
     o_ref[...] = w.astype(o_ref.dtype)
 
 
-def _dequantize_pallas(codebook, codes, bits, in_features, cols, backend):
+# jit with static settings: a model calls each kernel once per layer with the same shapes,
+# and the cached trace keeps the automatic backend (which traces both branches) cheap.
+@functools.partial(jax.jit, static_argnames=("bits", "cols", "backend", "blocks"))
+def _dequantize_pallas(codebook, codes, bits, cols, backend, blocks: DequantizeBlockSizes):
     out = codebook.shape[0]
-    bn, bk = _block(out, 64), _block(in_features, 64)
+    in_features = codebook.shape[1] * cols
+    bn, bk = blocks.resolve(out, in_features)
     np_, kp = _round_up(out, bn), _round_up(in_features, bk)
     kernel = functools.partial(
         _dequantize_kernel, bn=bn, bk=bk, bits=bits, out_features=out,
@@ -254,19 +439,6 @@ def _forward_kernel(x_ref, codebook_ref, codes_ref, o_ref, *, bm, bn, bk, tiles_
     o_ref[...] = acc.astype(o_ref.dtype)
 
 
-def _forward_blocks(m: int, n: int, k: int, block_sizes: BlockSizes | None) -> BlockSizes:
-    if block_sizes is not None:
-        return block_sizes
-    if m <= 16:
-        # Decode is bound by reading the codes; K is split across programs too (below)
-        # so that every SM streams its share.
-        return _block(m, 16), _block(n, 64), _block(k, 128)
-    if m <= 64:
-        return _block(m, 64), _block(n, 64), _block(k, 64)
-    # Prefill: a tall M tile amortises each rebuilt weight tile over 128 rows.
-    return _block(m, 128), _block(n, 128), _block(k, 32)
-
-
 def _k_splits(programs: int, k_tiles: int, target: int = 512) -> tuple[int, int]:
     """(splits, tiles_per_split) giving about ``target`` programs in all."""
     splits = max(1, min(k_tiles, -(-target // programs)))
@@ -274,12 +446,14 @@ def _k_splits(programs: int, k_tiles: int, target: int = 512) -> tuple[int, int]
     return -(-k_tiles // tiles_per_split), tiles_per_split
 
 
-def _forward_pallas(x2, codebook, codes, bits, cols, backend, block_sizes):
+@functools.partial(jax.jit, static_argnames=("bits", "cols", "backend", "blocks"))
+def _forward_pallas(x2, codebook, codes, bits, cols, backend, blocks: ForwardBlockSizes):
     m, k = x2.shape
     n = codebook.shape[0]
-    bm, bn, bk = _forward_blocks(m, n, k, block_sizes)
+    bm, bn, bk = blocks.resolve(m, n, k)
     mp, np_ = _round_up(m, bm), _round_up(n, bn)
-    # Split K only for short x: the fp32 partial sums are then a few rows each.
+    # Split K only for short x (decode is bound by reading the codes, and splitting lets
+    # every SM stream its share); the fp32 partial sums are then a few rows each.
     programs = (mp // bm) * (np_ // bn)
     splits, tiles_per_split = _k_splits(programs, -(-k // bk)) if m <= 64 else (1, -(-k // bk))
     kp = splits * tiles_per_split * bk
@@ -321,9 +495,11 @@ def _dx_kernel(dy_ref, codebook_ref, codes_ref, o_ref, *, bm, bn, bk, nn, bits,
     o_ref[...] = acc.astype(o_ref.dtype)
 
 
-def _dx_pallas(dy2, codebook, codes, bits, in_features, cols, backend, block_sizes):
+@functools.partial(jax.jit, static_argnames=("bits", "cols", "backend", "blocks"))
+def _dx_pallas(dy2, codebook, codes, bits, cols, backend, blocks: DxBlockSizes):
     m, n = dy2.shape
-    bm, bn, bk = block_sizes or (_block(m, 64), _block(n, 32), _block(in_features, 128))
+    in_features = codebook.shape[1] * cols
+    bm, bn, bk = blocks.resolve(m, n, in_features)
     mp, np_, kp = _round_up(m, bm), _round_up(n, bn), _round_up(in_features, bk)
     dyp = _pad2(dy2, mp, np_)
     kernel = functools.partial(
@@ -383,10 +559,12 @@ def _dcodebook_kernel(dy_ref, x_ref, codes_ref, o_ref, *, bm, bn, bk, nm, tiles_
     o_ref[...] = acc
 
 
-def _dcodebook_pallas(x2, dy2, codebook, codes, bits, cols, backend, block_sizes):
+@functools.partial(jax.jit, static_argnames=("bits", "cols", "backend", "blocks"))
+def _dcodebook_pallas(x2, dy2, codebook, codes, bits, cols, backend,
+                      blocks: DcodebookBlockSizes):
     m, k = x2.shape
     n, groups, nc = codebook.shape
-    bm, bn, bk = block_sizes or (_block(m, 64), _block(n, 64), _block(cols, 64))
+    bm, bn, bk = blocks.resolve(m, n, cols)
     mp, np_ = _round_up(m, bm), _round_up(n, bn)
     tiles = -(-cols // bk)
     # Split each group's K tiles across programs when rows x groups alone would leave
@@ -417,6 +595,26 @@ def _dcodebook_pallas(x2, dy2, codebook, codes, bits, cols, backend, block_sizes
 # -------------------------------------------------------------------- public API
 
 
+def _by_platform(pallas_fn, reference_fn, *args):
+    """``pallas_fn(*args)`` when lowering for CUDA, ``reference_fn(*args)`` otherwise.
+
+    Decided per lowering platform, so ``jax.export(..., platforms=["cuda"])`` on a
+    CPU-only host gets the Pallas kernels, and a jit on the CPU never lowers them.
+    """
+    return lax.platform_dependent(*args, cuda=pallas_fn, default=reference_fn)
+
+
+def _dequantize(codebook, codes, bits, cols, backend, blocks: DequantizeBlockSizes):
+    reference = functools.partial(_dequantize_ref, bits=bits, cols=cols)
+    if backend == "reference":
+        return reference(codebook, codes)
+    pallas = functools.partial(_dequantize_pallas, bits=bits, cols=cols, blocks=blocks)
+    if backend == _AUTO:
+        return _by_platform(functools.partial(pallas, backend="pallas"), reference,
+                            codebook, codes)
+    return pallas(codebook, codes, backend=backend)
+
+
 def dequantize(
     codebook: jax.Array,
     codes: jax.Array,
@@ -424,44 +622,61 @@ def dequantize(
     in_features: int,
     *,
     backend: Backend | None = None,
+    block_sizes: DequantizeBlockSizes | None = None,
 ) -> jax.Array:
     """Rebuild ``W_hat [out, in_features]`` (``codebook.dtype``) from ``codebook
     [out, groups, 2**bits]`` and packed ``codes uint32 [out, groups, words]``."""
     cols = _check_sketch(codebook, codes, bits, in_features)
     backend = _resolve_backend(backend)
+    if block_sizes is not None and not isinstance(block_sizes, DequantizeBlockSizes):
+        raise ValueError(f"block_sizes must be DequantizeBlockSizes, got {block_sizes!r}")
+    return _dequantize(codebook, codes, bits, cols, backend,
+                       block_sizes or DequantizeBlockSizes())
+
+
+def _forward(x2, codebook, codes, bits, cols, backend, blocks: BlockSizes):
+    def reference(x2, codebook, codes):
+        return _forward_ref(x2, codebook, codes, bits, cols)
+
+    def pallas(x2, codebook, codes, backend="pallas"):
+        return _forward_pallas(x2, codebook, codes, bits, cols, backend, blocks.forward)
+
     if backend == "reference":
-        return dequantize_reference(codebook, codes, bits, in_features)
-    return _dequantize_pallas(codebook, codes, bits, in_features, cols, backend)
+        return reference(x2, codebook, codes)
+    if backend == _AUTO:
+        return _by_platform(pallas, reference, x2, codebook, codes)
+    return pallas(x2, codebook, codes, backend)
 
 
-def _forward(x2, codebook, codes, bits, backend, block_sizes):
-    cols = _check_sketch(codebook, codes, bits, x2.shape[1])
+def _grads(x2, codebook, codes, bits, cols, dy2, backend, blocks: BlockSizes):
+    def reference(x2, codebook, codes, dy2):
+        return _grads_ref(x2, codebook, codes, bits, cols, dy2)
+
+    def pallas(x2, codebook, codes, dy2, backend="pallas"):
+        # Both kernels rebuild W_hat tiles on chip: neither W_hat nor dW reaches HBM.
+        dx = _dx_pallas(dy2, codebook, codes, bits, cols, backend, blocks.dx)
+        dcb = _dcodebook_pallas(x2, dy2, codebook, codes, bits, cols, backend, blocks.dcodebook)
+        return dx.astype(x2.dtype), dcb
+
     if backend == "reference":
-        return sketched_matmul_reference(x2, codebook, codes, bits)
-    return _forward_pallas(x2, codebook, codes, bits, cols, backend, block_sizes)
+        return reference(x2, codebook, codes, dy2)
+    if backend == _AUTO:
+        return _by_platform(pallas, reference, x2, codebook, codes, dy2)
+    return pallas(x2, codebook, codes, dy2, backend)
 
 
-def _grads(x2, codebook, codes, bits, dy2, backend, block_sizes):
-    cols = _check_sketch(codebook, codes, bits, x2.shape[1])
-    if backend == "reference":
-        return sketched_matmul_grads_reference(x2, codebook, codes, bits, dy2)
-    dx = _dx_pallas(dy2, codebook, codes, bits, x2.shape[1], cols, backend, block_sizes)
-    dcb = _dcodebook_pallas(x2, dy2, codebook, codes, bits, cols, backend, block_sizes)
-    return dx.astype(x2.dtype), dcb
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _sketched_matmul_2d(x2, codebook, codes, bits, cols, backend, blocks):
+    return _forward(x2, codebook, codes, bits, cols, backend, blocks)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _sketched_matmul_2d(x2, codebook, codes, bits, backend, block_sizes):
-    return _forward(x2, codebook, codes, bits, backend, block_sizes)
+def _sketched_matmul_2d_fwd(x2, codebook, codes, bits, cols, backend, blocks):
+    return _forward(x2, codebook, codes, bits, cols, backend, blocks), (x2, codebook, codes)
 
 
-def _sketched_matmul_2d_fwd(x2, codebook, codes, bits, backend, block_sizes):
-    return _forward(x2, codebook, codes, bits, backend, block_sizes), (x2, codebook, codes)
-
-
-def _sketched_matmul_2d_bwd(bits, backend, block_sizes, residuals, dy2):
+def _sketched_matmul_2d_bwd(bits, cols, backend, blocks, residuals, dy2):
     x2, codebook, codes = residuals
-    dx, dcb = _grads(x2, codebook, codes, bits, dy2.astype(x2.dtype), backend, block_sizes)
+    dx, dcb = _grads(x2, codebook, codes, bits, cols, dy2.astype(x2.dtype), backend, blocks)
     # Codes are integers: their cotangent is symbolically zero.
     return dx, dcb, None
 
@@ -476,7 +691,7 @@ def sketched_matmul(
     bits: int,
     *,
     backend: Backend | None = None,
-    block_sizes: BlockSizes | None = None,
+    block_sizes: BlockSizes | tuple[int, int, int] | None = None,
 ) -> jax.Array:
     """``y = x @ W_hat.T`` without materialising ``W_hat``.
 
@@ -487,24 +702,21 @@ def sketched_matmul(
       codes: packed ``uint32 [out, groups, words]``; not differentiable.
       bits: 2, 3 or 4 (static).
       backend: see the module docstring.
-      block_sizes: ``(block_m, block_n, block_k)`` powers of two >= 16 for the Pallas
-        kernels (forward and both gradients); ``None`` picks them from the shapes.
+      block_sizes: tiles of the Pallas kernels (forward and both gradients): a
+        `BlockSizes`, or ``(block_m, block_n, block_k)`` powers of two >= 16 for all three
+        (`BlockSizes.uniform`); ``None`` is ``BlockSizes()``.
 
     Returns:
       ``[..., out]``. Differentiable in ``x`` and ``codebook`` via a custom VJP
       (``dx = dy @ W_hat``; ``dcodebook`` = bucket sums of ``dy^T x``).
     """
     in_features = _in_features(x)
-    _check_sketch(codebook, codes, bits, in_features)
+    cols = _check_sketch(codebook, codes, bits, in_features)
     backend = _resolve_backend(backend)
-    if block_sizes is not None:
-        block_sizes = tuple(int(b) for b in block_sizes)
-        if len(block_sizes) != 3 or any(b < 16 or b & (b - 1) for b in block_sizes):
-            raise ValueError(f"block_sizes must be three powers of two >= 16, got {block_sizes}")
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, in_features)
-    y2 = _sketched_matmul_2d(x2, codebook, codes, bits, backend, block_sizes)
-    return y2.reshape(*lead, codebook.shape[0])
+    blocks = BlockSizes.of(block_sizes)
+    y2 = _sketched_matmul_2d(x.reshape(-1, in_features), codebook, codes, bits, cols,
+                             backend, blocks)
+    return y2.reshape(*x.shape[:-1], codebook.shape[0])
 
 
 def sketched_matmul_grads(
@@ -515,18 +727,16 @@ def sketched_matmul_grads(
     dy: jax.Array,
     *,
     backend: Backend | None = None,
-    block_sizes: BlockSizes | None = None,
+    block_sizes: BlockSizes | tuple[int, int, int] | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """The backward pass of `sketched_matmul` for cotangent ``dy [..., out]``:
     ``(dx [..., in] in x.dtype, dcodebook [out, groups, 2**bits] in codebook.dtype)``."""
     in_features = _in_features(x)
-    _check_sketch(codebook, codes, bits, in_features)
-    out = codebook.shape[0]
-    if dy.shape != (*x.shape[:-1], out):
-        raise ValueError(f"dy must be {(*x.shape[:-1], out)}, got {dy.shape}")
+    cols = _check_sketch(codebook, codes, bits, in_features)
+    _check_dy(dy, x, codebook)
     backend = _resolve_backend(backend)
     dx, dcb = _grads(
-        x.reshape(-1, in_features), codebook, codes, bits,
-        dy.reshape(-1, out).astype(x.dtype), backend, block_sizes,
+        x.reshape(-1, in_features), codebook, codes, bits, cols,
+        dy.reshape(-1, codebook.shape[0]).astype(x.dtype), backend, BlockSizes.of(block_sizes),
     )
     return dx.reshape(x.shape), dcb

@@ -1,8 +1,11 @@
 """Kernels against their jnp twins and against jax.grad of the naive formula.
 
 Interpret-mode (Pallas on CPU) cases are few and small: each one runs the real kernel
-code through the Pallas interpreter, which is slow.
+code through the Pallas interpreter, which is slow. On a GPU,
+``SKETCHTUNE_KERNEL_BACKEND=pallas`` runs the same cases compiled (`bench/gpu_check.sh`).
 """
+
+import os
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +13,9 @@ import numpy as np
 import pytest
 
 from pallas_kernels import (
+    BlockSizes,
+    DxBlockSizes,
+    ForwardBlockSizes,
     dequantize,
     dequantize_reference,
     pack_codes,
@@ -42,6 +48,12 @@ def naive_matmul(x, codebook, codes_unpacked):
 def rel_err(a, b):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return np.abs(a - b).max() / max(np.abs(b).max(), 1e-30)
+
+
+# The Pallas backend of the kernel cases: the interpreter on CPU, "pallas" on a GPU.
+KERNEL_BACKEND = os.environ.get("SKETCHTUNE_KERNEL_BACKEND", "interpret")
+if KERNEL_BACKEND not in ("interpret", "pallas"):
+    raise ValueError(f"SKETCHTUNE_KERNEL_BACKEND must be interpret or pallas, got {KERNEL_BACKEND!r}")
 
 
 # (batch shape of x, out, in, groups, bits): odd sizes that are not tile multiples.
@@ -97,15 +109,15 @@ def test_interpret_matches_reference(batch, out, k, groups, bits, dtype):
     blocks = (16, 16, 16)
     tol = 1e-5 if dtype == jnp.float32 else 2e-2
 
-    w = dequantize(codebook, codes, bits, k, backend="interpret")
+    w = dequantize(codebook, codes, bits, k, backend=KERNEL_BACKEND)
     assert w.dtype == dtype
     np.testing.assert_array_equal(np.asarray(w), np.asarray(dequantize_reference(codebook, codes, bits, k)))
 
-    y = sketched_matmul(x, codebook, codes, bits, backend="interpret", block_sizes=blocks)
+    y = sketched_matmul(x, codebook, codes, bits, backend=KERNEL_BACKEND, block_sizes=blocks)
     assert y.dtype == dtype and y.shape == (*batch, out)
     assert rel_err(y, sketched_matmul_reference(x, codebook, codes, bits)) < tol
 
-    dx, dcb = sketched_matmul_grads(x, codebook, codes, bits, dy, backend="interpret",
+    dx, dcb = sketched_matmul_grads(x, codebook, codes, bits, dy, backend=KERNEL_BACKEND,
                                     block_sizes=blocks)
     f32 = lambda a: a.astype(jnp.float32)
     ndx, ndcb = jax.grad(lambda x, cb: jnp.sum(naive_matmul(x, cb, raw) * f32(dy)), (0, 1))(
@@ -123,7 +135,7 @@ def test_interpret_default_tiles_and_custom_vjp_under_jit():
     @jax.jit
     def grads(x, cb):
         return jax.grad(lambda x, cb: jnp.sum(
-            jnp.sin(sketched_matmul(x, cb, codes, 4, backend="interpret"))), (0, 1))(x, cb)
+            jnp.sin(sketched_matmul(x, cb, codes, 4, backend=KERNEL_BACKEND))), (0, 1))(x, cb)
 
     dx, dcb = grads(x, codebook)
     ndx, ndcb = jax.grad(lambda x, cb: jnp.sum(jnp.sin(naive_matmul(x, cb, raw))), (0, 1))(x, codebook)
@@ -131,7 +143,7 @@ def test_interpret_default_tiles_and_custom_vjp_under_jit():
     assert rel_err(dcb, ndcb) < 1e-5
     # More than 64 rows takes the prefill tiling (no split K).
     x_long = jnp.asarray(np.random.default_rng(4).normal(size=(70, 36)), jnp.float32)
-    y = sketched_matmul(x_long, codebook, codes, 4, backend="interpret")
+    y = sketched_matmul(x_long, codebook, codes, 4, backend=KERNEL_BACKEND)
     assert rel_err(y, naive_matmul(x_long, codebook, raw)) < 1e-5
 
 
@@ -165,7 +177,7 @@ def test_vmap_and_remat():
 def test_vmap_interpret():
     codebook, codes, _ = make_sketch(16, 32, 2, 4)
     xs = jnp.asarray(np.random.default_rng(6).normal(size=(2, 3, 32)), jnp.float32)
-    f = lambda x: sketched_matmul(x, codebook, codes, 4, backend="interpret")
+    f = lambda x: sketched_matmul(x, codebook, codes, 4, backend=KERNEL_BACKEND)
     assert rel_err(jax.vmap(f)(xs), sketched_matmul_reference(xs, codebook, codes, 4)) < 1e-5
 
 
@@ -194,5 +206,34 @@ def test_bad_inputs():
         sketched_matmul(x, codebook, codes, 4, backend="cuda")
     with pytest.raises(ValueError, match="block_sizes"):
         sketched_matmul(x, codebook, codes, 4, backend="interpret", block_sizes=(16, 24, 16))
+    with pytest.raises(ValueError, match=r"DxBlockSizes.block_k=8"):
+        DxBlockSizes(block_k=8)
+    with pytest.raises(ValueError, match="float"):
+        sketched_matmul(jnp.ones((2, 32), jnp.int32), codebook, codes, 4)
     with pytest.raises(ValueError, match="dy must be"):
         sketched_matmul_grads(x, codebook, codes, 4, jnp.ones((2, 9)))
+
+
+def test_block_sizes_are_upper_bounds_per_kernel():
+    # Defaults by rows of x (decode, mid, prefill), shrunk to the dimension's next power of two.
+    assert ForwardBlockSizes().resolve(1, 4096, 4096) == (16, 64, 128)
+    assert ForwardBlockSizes().resolve(40, 4096, 4096) == (64, 64, 64)
+    assert ForwardBlockSizes().resolve(512, 4096, 4096) == (128, 128, 32)
+    assert ForwardBlockSizes(block_n=256).resolve(512, 100, 20) == (128, 128, 32)
+    assert DxBlockSizes().resolve(3, 20, 1000) == (16, 32, 128)
+    assert BlockSizes.of((16, 32, 64)) == BlockSizes.uniform(16, 32, 64)
+    assert BlockSizes.of(None) == BlockSizes()
+    assert hash(BlockSizes()) == hash(BlockSizes())
+
+
+def test_explicit_block_sizes_per_kernel():
+    codebook, codes, raw = make_sketch(40, 48, 2, 4)
+    x = jnp.asarray(np.random.default_rng(7).normal(size=(20, 48)), jnp.float32)
+    blocks = BlockSizes(forward=ForwardBlockSizes(16, 32, 16), dx=DxBlockSizes(16, 16, 32))
+    y, vjp = jax.vjp(lambda x, cb: sketched_matmul(x, cb, codes, 4, backend=KERNEL_BACKEND,
+                                                   block_sizes=blocks), x, codebook)
+    dy = jnp.ones_like(y)
+    dx, dcb = vjp(dy)
+    ny, nvjp = jax.vjp(lambda x, cb: naive_matmul(x, cb, raw), x, codebook)
+    ndx, ndcb = nvjp(dy)
+    assert rel_err(y, ny) < 1e-5 and rel_err(dx, ndx) < 1e-5 and rel_err(dcb, ndcb) < 1e-5
