@@ -1,0 +1,228 @@
+"""Sketch tuning side by side with LoRA, QLoRA and full fine-tuning on the same model and data.
+
+One run, one table: every method trains on the same mixture of ARC-Easy, ARC-Challenge,
+OpenBookQA and BoolQ train records (same batches, seed, steps, batch and sequence length),
+its learning rate chosen on held-out train records (validation loss) from a small grid,
+then is scored on the four test sets by generation and by log-likelihood, plus a held-out
+set whose answer words no training record uses (ARC-Easy test rewritten with
+``ending1..4``). Also: weight bytes as held for training, trainable parameters, train
+tokens/s, compiled train-step memory, and serving speed of the result (sketch as is;
+LoRA/QLoRA unmerged and merged).
+
+    python bench/compare.py --sketch-int4 SKETCH4 --sketch-int3 SKETCH3 --out bench/results/compare.json
+
+Every stage is cached under ``--work`` (fine-tuning runs resume; finished methods are read
+back), so an interrupted run continues where it stopped. Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import random
+import re
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+DATA = ROOT.parent / "shared" / "data" / "commonsense"
+TASKS = ("ARC-Easy", "ARC-Challenge", "openbookqa", "boolq")
+METHODS = ("sketch4", "sketch3", "lora", "qlora", "full")
+DEFAULT_LRS = {"sketch4": "1e-4,3e-4", "sketch3": "1e-4,3e-4", "lora": "3e-4,1e-3", "qlora": "3e-4,1e-3",
+               "full": "1e-5,3e-5"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="smollm2-135m", help="the dense model (LoRA, QLoRA and full start from it)")
+    p.add_argument("--sketch-int4", required=True, help="INT4 GPR4 sketched directory of --model")
+    p.add_argument("--sketch-int3", required=True, help="INT3 GPR4 sketched directory of --model")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--train-per-task", type=int, default=400, help="train records drawn from each task")
+    p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    for m in METHODS:
+        p.add_argument(f"--lrs-{m}", default=DEFAULT_LRS[m], help=f"learning rates tried for {m}")
+    p.add_argument("--eval-limit", type=int, default=100, help="test items per task")
+    p.add_argument("--gen-limit", type=int, default=50, help="test items per task scored by generation")
+    p.add_argument("--work", default="runs/compare/work")
+    p.add_argument("--out", required=True)
+    return p.parse_args(argv)
+
+
+def train_records(per_task: int, seed: int) -> list[dict]:
+    """``per_task`` train records of every task, shuffled together with ``seed``."""
+    from sketchtune_jax.data import read_json_records
+
+    rng = random.Random(seed)
+    records = []
+    for task in TASKS:
+        rows = read_json_records(str(DATA / f"{task}.train.json"))
+        records += rng.sample(rows, min(per_task, len(rows)))
+    rng.shuffle(records)
+    return records
+
+
+def unseen_words_set(limit: int) -> list[dict]:
+    """ARC-Easy test items with four options, their answer words rewritten ``answerK`` -> ``endingK``
+    (no training record uses ``ending``): does the tuned model still follow the prompt's format?"""
+    from sketchtune_jax.data import read_json_records
+
+    out = []
+    for r in read_json_records(str(DATA / "ARC-Easy.test.json")):
+        if "answer4" not in r["instruction"] or "answer5" in r["instruction"]:
+            continue
+        instruction = re.sub(r"Answer(\d):", r"Ending\1:", r["instruction"]).replace("answer", "ending")
+        out.append({**r, "instruction": instruction, "answer": r["answer"].replace("answer", "ending"),
+                    "output": r["output"].replace("answer", "ending")})
+        if len(out) == limit:
+            break
+    return out
+
+
+def load_method(args: argparse.Namespace, name: str, loaded_dense=None):
+    """``(loaded, method)`` ready to train for method ``name``."""
+    from sketchtune_jax import load_any
+    from sketchtune_jax.lora import LoraSettings, auto_rank
+    from sketchtune_jax.methods import FinetuneMethod
+
+    if name.startswith("sketch"):
+        return load_any(args.sketch_int4 if name == "sketch4" else args.sketch_int3), FinetuneMethod("sketch")
+    loaded = load_any(args.model)
+    if name == "full":
+        return loaded, FinetuneMethod("full")
+    rank = auto_rank(loaded.model)
+    settings = LoraSettings(rank=rank, alpha=2.0 * rank, qtype="nf4" if name == "qlora" else None, seed=args.seed)
+    return loaded, FinetuneMethod(name, lora=settings)
+
+
+def run_method(args: argparse.Namespace, name: str, train, val) -> dict:
+    """Train ``name`` at each learning rate of its grid, keep the best on validation, measure it."""
+    import numpy as np
+    from flax import nnx
+
+    from sketchtune_jax.lora import merge_lora
+    from sketchtune_jax.profiling import serving_speed, state_bytes, train_step_memory
+    from sketchtune_jax.train import TrainConfig, finetune, make_optimizer, read_log, trainable_parameter_count
+
+    work = Path(args.work) / name
+    lrs = [float(x) for x in getattr(args, f"lrs_{name}").split(",")]
+    sweep, best = {}, None
+    for lr in lrs:
+        loaded, method = load_method(args, name)
+        model = method.prepare(loaded.model)
+        config = TrainConfig(lr=lr, schedule="cosine", warmup_steps=max(1, args.steps // 10), max_steps=args.steps,
+                             batch_size=args.batch, seq_len=args.seq, save_every=max(10, args.steps // 2),
+                             keep_checkpoints=1, seed=args.seed)
+        run_dir = work / f"lr{lr:g}"
+        result = finetune(model, train, config, run_dir, val_batches=val, wrt=method.wrt,
+                          save_result=lambda m, d: d)
+        log = [r for r in read_log(run_dir / "train_log.jsonl") if "loss" in r]
+        sweep[f"{lr:g}"] = {"val_loss": result.val_loss, "final_train_loss": float(np.mean([r["loss"] for r in log[-10:]])),
+                            "tokens_per_s": float(np.median([r["tokens_per_s"] for r in log[2:]] or [0.0]))}
+        if best is None or result.val_loss < sweep[best[0]]["val_loss"]:
+            best = (f"{lr:g}", loaded, method, model, config)
+    lr, loaded, method, model, config = best
+    out = {"method": name, "lr": float(lr), "lr_sweep": sweep, **sweep[lr]}
+    out["trainable_params"] = trainable_parameter_count(model, method.wrt)
+    out["weight_bytes"] = state_bytes(model, nnx.Param)
+    if method.lora is not None:
+        out.update(lora_rank=method.lora.rank, lora_alpha=method.lora.alpha, lora_qtype=method.lora.qtype)
+
+    batch = next(iter(train.iterate()))[1]
+    optimizer = nnx.Optimizer(model, make_optimizer(config, config.max_steps), wrt=method.wrt)
+    out["train_step"] = train_step_memory(model, optimizer, {k: np.asarray(v) for k, v in batch.items()})
+    del optimizer
+
+    served = {"as_trained": model}
+    if method.lora is not None:
+        served["merged"] = merge_lora(model, method.lora)
+    out["serving"] = {k: serving_speed(m) for k, m in served.items()}
+    eval_model = served.get("merged", model)
+    out["accuracy"] = evaluate(args, eval_model, loaded.tokenizer, work)
+    return out
+
+
+def evaluate(args: argparse.Namespace, model, tokenizer, work: Path) -> dict:
+    """Generation and log-likelihood accuracy on every test set and on the unseen-words set."""
+    from sketchtune_jax.evaluation import evaluate_task
+    from sketchtune_jax.generate import generate_text
+    from sketchtune_jax.multiple_choice import evaluate_multiple_choice
+
+    def generate_fn(prompts):
+        return generate_text(model, tokenizer, prompts, max_new_tokens=12)
+
+    sets = {t: str(DATA / f"{t}.test.json") for t in TASKS}
+    unseen = unseen_words_set(args.eval_limit)
+    results = {}
+    for name, records in [*sets.items(), ("ARC-Easy-unseen-words", unseen)]:
+        task = "ending" if name.endswith("unseen-words") else name.lower()
+        gen = evaluate_task(generate_fn, records, tokenizer, task=task, limit=args.gen_limit, batch_size=16)
+        ll = evaluate_multiple_choice(model, tokenizer, records, limit=args.eval_limit, batch_size=16)
+        results[name] = {"generate": gen["accuracy"], "generate_no_answer": gen["no_answer"], "n_generate": gen["n"],
+                         "loglik_acc": ll["acc"], "loglik_acc_norm": ll["acc_norm"], "n_loglik": ll["n"],
+                         "chance": ll["chance"]}
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    import jax
+
+    from sketchtune_jax import load_any
+    from sketchtune_jax.data import build_batches
+    from sketchtune_jax.fileio import write_json_atomic
+    from sketchtune_jax.reporting import print_table
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if unknown := set(methods) - set(METHODS):
+        raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {METHODS}")
+    for path in (args.sketch_int4, args.sketch_int3):
+        if not (Path(path) / "sketch_config.json").is_file():
+            raise SystemExit(f"{path} is not a sketched directory; make it with `sketchtune sketch`")
+    tokenizer = load_any(args.sketch_int4).tokenizer
+    train, val = build_batches(train_records(args.train_per_task, args.seed), tokenizer, batch_size=args.batch,
+                               seq_len=args.seq, val_fraction=args.val_fraction, seed=args.seed,
+                               on_long_prompt="skip", pad_multiple=args.seq)
+    results = {}
+    t0 = time.perf_counter()
+    for name in methods:
+        cached = Path(args.work) / name / "result.json"
+        if cached.is_file():
+            results[name] = json.loads(cached.read_text())
+            continue
+        print(f"== {name}", flush=True)
+        results[name] = run_method(args, name, train, val)
+        write_json_atomic(cached, results[name])
+    out = {
+        "bench": "compare",
+        "command": "python bench/compare.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "device": str(jax.devices()[0].device_kind),
+        "platform": jax.devices()[0].platform,
+        "config": {k: v for k, v in vars(args).items()},
+        "train_records": train.num_batches * args.batch,
+        "seconds": time.perf_counter() - t0,
+        "methods": results,
+    }
+    write_json_atomic(args.out, out)
+    rows = []
+    for name, r in results.items():
+        row = {"method": name, "lr": r["lr"], "trainable": r["trainable_params"], "weight MB": r["weight_bytes"] / 1e6,
+               "tok/s": r["tokens_per_s"], "step MB": (r["train_step"].get("argument_bytes", 0)
+                                                      + r["train_step"].get("temp_bytes", 0)) / 1e6,
+               "ttft ms": 1e3 * r["serving"]["as_trained"]["ttft_s"], "val loss": r["val_loss"]}
+        for task, acc in r["accuracy"].items():
+            row[f"{task} gen/ll"] = f"{acc['generate']:.2f}/{acc['loglik_acc']:.2f}"
+        rows.append(row)
+    print_table("fine-tuning methods side by side", rows)
+
+
+if __name__ == "__main__":
+    main()
