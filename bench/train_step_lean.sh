@@ -17,13 +17,13 @@ args=(--hidden 576 --intermediate 1536 --layers 4 --heads 9 --kv-heads 3 --vocab
 
 run() {  # run NAME CODE_DIR REV
   PYTHONPATH="$2" JAX_PLATFORMS=cpu "$python" "$2/bench/train_step.py" "${args[@]}" > "$tmp/$1.json"
-  "$python" - "$tmp/$1.json" "$3" "$*" > "$out/train-step-lean-$1-cpu.json" <<'PY'
+  "$python" - "$tmp/$1.json" "$3" "${args[@]}" > "$out/train-step-lean-$1-cpu.json" <<'PY'
 import json, sys
 result = json.load(open(sys.argv[1]))
 result["code_rev"] = sys.argv[2]
-result["command"] = "bench/train_step_lean.sh (bench/train_step.py " + " ".join(sys.argv[4:]) + ")"
+result["command"] = "bench/train_step_lean.sh, running bench/train_step.py " + " ".join(sys.argv[3:])
 print(json.dumps(result, indent=2))
 PY
 }
-run before "$tmp" "$(git -C "$root" rev-parse "$before")" "${args[@]}"
-run after "$root" "$(git -C "$root" rev-parse HEAD)$(git -C "$root" diff --quiet HEAD -- sketchtune_jax || echo -dirty)" "${args[@]}"
+run before "$tmp" "$(git -C "$root" rev-parse "$before")"
+run after "$root" "$(git -C "$root" rev-parse HEAD)$(git -C "$root" diff --quiet HEAD -- sketchtune_jax || echo -dirty)"
