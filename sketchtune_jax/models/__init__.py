@@ -13,6 +13,7 @@ from sketchtune_jax.models.llama import (
     attention_mask_for,
     positions_from_mask,
 )
+from sketchtune_jax.models.remat import REMAT_POLICIES, remat_name, with_remat
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
@@ -23,10 +24,13 @@ __all__ = [
     "LlamaForCausalLM",
     "LlamaModel",
     "MLP",
+    "REMAT_POLICIES",
     "ModelConfig",
     "RMSNorm",
     "RopeScaling",
     "attention_mask_for",
     "init_cache",
     "positions_from_mask",
+    "remat_name",
+    "with_remat",
 ]

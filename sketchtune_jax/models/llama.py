@@ -27,6 +27,7 @@ from flax import nnx
 from sketchtune_jax.layers import Linear
 from sketchtune_jax.models.config import ModelConfig
 from sketchtune_jax.models.kv_cache import KVCache
+from sketchtune_jax.models.remat import remat_name, with_remat
 from sketchtune_jax.models.rope import apply_rope, inverse_frequencies, rope_angles
 
 Rope = tuple[jax.Array, jax.Array]
@@ -105,17 +106,13 @@ class Attention(nnx.Module):
 
 
 def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """``q [B,T,H,Dh]``, ``k, v [B,S,KH,Dh]``, bool ``mask [B,T,S]`` -> ``[B,T,H,Dh]``."""
-    b, t, h, dh = q.shape
-    kh = k.shape[2]
-    # Group query heads by the kv head they share instead of repeating k and v.
-    qg = q.reshape(b, t, kh, h // kh, dh)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * (dh ** -0.5)
-    # A finite fill keeps fully masked rows (pad queries) NaN-free.
-    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(b, t, h, dh)
+    """``q [B,T,H,Dh]``, ``k, v [B,S,KH,Dh]``, bool ``mask [B,T,S]`` -> ``[B,T,H,Dh]``.
+
+    `jax.nn.dot_product_attention` takes the grouped kv heads as they are and lets JAX
+    pick the kernel for the platform. Its masked fill is finite, so fully masked rows
+    (left-pad queries) come out as a uniform average, never NaN.
+    """
+    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, :, :])
 
 
 class MLP(nnx.Module):
@@ -171,9 +168,15 @@ class DecoderLayer(nnx.Module):
 
 
 class LlamaModel(nnx.Module):
-    """Embeddings, decoder layers and final norm (HF's `model.` prefix)."""
+    """Embeddings, decoder layers and final norm (HF's `model.` prefix).
 
-    def __init__(self, config: ModelConfig, *, dtype: jnp.dtype, param_dtype: jnp.dtype, rngs: nnx.Rngs):
+    ``remat`` names the rematerialisation policy of each decoder layer in a cache-free
+    forward (training); see `sketchtune_jax.models.remat.REMAT_POLICIES`.
+    """
+
+    def __init__(self, config: ModelConfig, *, dtype: jnp.dtype, param_dtype: jnp.dtype, rngs: nnx.Rngs,
+                 remat: str | bool = "none"):
+        remat = remat_name(remat)  # an unknown name fails before anything is built
         self.config = config
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=param_dtype,
                                       rngs=rngs)
@@ -182,8 +185,7 @@ class LlamaModel(nnx.Module):
             for _ in range(config.num_hidden_layers)
         ])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
-        # Training sets this (TrainConfig.remat) to recompute each layer's activations in the backward pass.
-        self.remat = False
+        self.remat = remat
 
     def __call__(self, input_ids: jax.Array, positions: jax.Array | None, attention_mask: jax.Array | None,
                  cache: KVCache | None) -> tuple[jax.Array, KVCache | None]:
@@ -198,9 +200,7 @@ class LlamaModel(nnx.Module):
             slots = jnp.arange(t)
             mask = attention_mask_for(slots, slots, token_mask, window)
             rope = rope_for(self.config, positions)
-            run = lambda layer, h: layer.forward(h, rope, mask)[0]  # noqa: E731
-            if self.remat:
-                run = nnx.remat(run)
+            run = with_remat(lambda layer, h: layer.forward(h, rope, mask)[0], self.remat)
             for layer in self.layers:
                 hidden = run(layer, hidden)
             return self.norm(hidden), None
@@ -230,38 +230,61 @@ class LlamaForCausalLM(nnx.Module):
       config: the architecture.
       dtype: compute dtype of activations (norms and softmax always run in float32).
       param_dtype: storage dtype of parameters.
+      remat: rematerialisation policy of the decoder layers in training, a name from
+        `sketchtune_jax.models.REMAT_POLICIES` ("none", "full", "dots_saveable", ...).
       rngs: initialisation randomness (use `nnx.eval_shape` to build without allocating).
     """
 
     def __init__(self, config: ModelConfig, *, dtype: jnp.dtype = jnp.float32,
-                 param_dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+                 param_dtype: jnp.dtype = jnp.float32, remat: str | bool = "none", rngs: nnx.Rngs):
         self.config = config
         self.dtype = dtype
-        self.model = LlamaModel(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.model = LlamaModel(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs, remat=remat)
         if not config.tie_word_embeddings:
             self.lm_head = Linear(config.hidden_size, config.vocab_size, dtype=dtype, param_dtype=param_dtype,
                                   rngs=rngs)
 
-    def __call__(self, input_ids: jax.Array, *, positions: jax.Array | None = None,
-                 attention_mask: jax.Array | None = None, cache: KVCache | None = None
-                 ) -> tuple[jax.Array, KVCache | None]:
-        """Logits for ``input_ids [B, T]`` (int32).
+    def __call__(self, inputs: jax.Array, *, positions: jax.Array | None = None,
+                 attention_mask: jax.Array | None = None, cache: KVCache | None = None,
+                 stage: str = "all") -> tuple[jax.Array, KVCache | None]:
+        """Logits for ``input_ids [B, T]`` (int32), or one half of that computation.
 
         Args:
+          inputs: ``input_ids [B, T]`` int32; for ``stage="head"``, hidden states ``[..., D]``.
           positions: ``[B, T]`` RoPE positions; by default counted over the real tokens
             of each row (continuing from the cache when one is given).
           attention_mask: ``[B, T]``, 1 for real tokens and 0 for (left) padding.
           cache: a `KVCache`; this call's tokens go into its next ``T`` slots.
+          stage: ``"all"``; ``"trunk"`` stops before the head and returns the final-normed
+            hidden states ``[B, T, D]``; ``"head"`` applies only the head. Both halves
+            go through ``__call__`` so that wrappers which intercept it (qwix LoRA and
+            QLoRA) see every matmul; the loss uses them to run the head chunk by chunk.
 
         Returns:
-          float32 logits ``[B, T, vocab]`` and the updated cache (None without one).
+          float32 logits ``[B, T, vocab]`` (hidden states for ``"trunk"``) and the
+          updated cache (None without one, and always for ``"head"``).
         """
-        hidden, cache = self.model(input_ids, positions, attention_mask, cache)
-        if self.config.tie_word_embeddings:
-            logits = self.model.embed_tokens.attend(hidden)
-        else:
-            logits = self.lm_head(hidden)
-        return logits.astype(jnp.float32), cache
+        if stage == "head":
+            if self.config.tie_word_embeddings:
+                logits = self.model.embed_tokens.attend(inputs)
+            else:
+                logits = self.lm_head(inputs)
+            return logits.astype(jnp.float32), None
+        if stage not in ("all", "trunk"):
+            raise ValueError(f"stage must be 'all', 'trunk' or 'head', got {stage!r}")
+        hidden, cache = self.model(inputs, positions, attention_mask, cache)
+        if stage == "trunk":
+            return hidden, cache
+        return self(hidden, stage="head")[0], cache
+
+    def hidden_states(self, input_ids: jax.Array, *, positions: jax.Array | None = None,
+                      attention_mask: jax.Array | None = None) -> jax.Array:
+        """Final-normed hidden states ``[B, T, D]`` (compute dtype) for ``input_ids [B, T]``, no cache."""
+        return self(input_ids, positions=positions, attention_mask=attention_mask, stage="trunk")[0]
+
+    def logits_from_hidden(self, hidden: jax.Array) -> jax.Array:
+        """The head: ``hidden [..., D]`` -> float32 logits ``[..., vocab]``."""
+        return self(hidden, stage="head")[0]
 
 
 def _token_mask(attention_mask: jax.Array | None, batch: int, length: int) -> jax.Array:

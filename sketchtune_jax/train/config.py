@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 import jax.numpy as jnp
 
+from sketchtune_jax.models.remat import remat_name
+
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -25,8 +27,9 @@ class TrainConfig:
     - ``compute_dtype``: set on every module with a ``dtype`` attribute (None: leave).
     - ``codebook_dtype``: storage dtype of the trained codebooks (float32 keeps an
       exact master copy when the model computes in bfloat16; None: leave).
-    - ``remat``: switch on every module's ``remat`` attribute (the model's decoder
-      layers must offer one).
+    - ``remat``: the rematerialisation policy set on every module's ``remat`` attribute
+      (the model's decoder layers must offer one), a name from
+      `sketchtune_jax.models.REMAT_POLICIES`; True/False mean "full"/"none".
     - ``seed``: the data order's seed; build the batches with it
       (``build_batches(..., seed=config.seed)``); the Trainer warns when they differ.
     - ``batch_size``, ``grad_accum``, ``seed``, ``seq_len`` must match to resume a run.
@@ -52,9 +55,10 @@ class TrainConfig:
     seed: int = 0
     compute_dtype: str | None = None
     codebook_dtype: str | None = "float32"
-    remat: bool = False
+    remat: str | bool = "none"
 
     def __post_init__(self):
+        object.__setattr__(self, "remat", remat_name(self.remat))
         if self.schedule not in ("linear", "cosine", "constant"):
             raise ValueError(f"schedule must be linear, cosine or constant, got {self.schedule!r}")
         for name in ("grad_accum", "batch_size", "seq_len", "log_every"):

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import math
+
 import optax
 
 from sketchtune_jax.train.config import TrainConfig
 
 
+def _phases(config: TrainConfig, total_steps: int) -> tuple[int, int]:
+    """(warmup steps, decay steps): warmup leaves at least one step to decay."""
+    warmup = min(config.warmup_steps, max(total_steps - 1, 0))
+    return warmup, max(total_steps - warmup, 1)
+
+
 def make_schedule(config: TrainConfig, total_steps: int) -> optax.Schedule:
     """Linear warmup to ``config.lr`` over ``warmup_steps``, then linear/cosine decay to 0 or constant."""
-    warmup = min(config.warmup_steps, max(total_steps - 1, 0))
-    decay_steps = max(total_steps - warmup, 1)
+    warmup, decay_steps = _phases(config, total_steps)
     if config.schedule == "linear":
         after = optax.linear_schedule(config.lr, 0.0, decay_steps)
     elif config.schedule == "cosine":
@@ -21,6 +28,23 @@ def make_schedule(config: TrainConfig, total_steps: int) -> optax.Schedule:
         return after
     ramp = optax.linear_schedule(0.0, config.lr, warmup)
     return optax.join_schedules([ramp, after], [warmup])
+
+
+def host_learning_rate(config: TrainConfig, total_steps: int, step: int) -> float:
+    """`make_schedule`'s value at ``step``, computed in Python on the host.
+
+    The training loop logs the learning rate of every step; evaluating the optax
+    schedule would run a device computation and wait for it each step.
+    """
+    warmup, decay_steps = _phases(config, total_steps)
+    if step < warmup:
+        return config.lr * max(step, 0) / warmup
+    progress = min(step - warmup, decay_steps) / decay_steps
+    if config.schedule == "linear":
+        return config.lr * (1.0 - progress)
+    if config.schedule == "cosine":
+        return config.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return config.lr
 
 
 def make_optimizer(config: TrainConfig, total_steps: int) -> optax.GradientTransformation:

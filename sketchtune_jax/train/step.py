@@ -18,6 +18,7 @@ Use them in your own loop::
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -28,6 +29,19 @@ from flax import nnx
 from sketchtune_jax.layers import Codebook
 
 Batch = dict[str, jax.Array]
+
+
+# Sequence positions per chunk of the chunked loss: the head's float32 logits exist
+# for one chunk at a time, ``[B, LOSS_CHUNK, vocab]``, in the forward and the backward.
+LOSS_CHUNK = 128
+
+
+def _nll_and_weights(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> jax.Array:
+    """Weighted NLL sum of ``targets [..., T]`` under ``logits [..., T, V]`` (softmax in float32)."""
+    logits = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return jnp.sum((lse - target_logit) * weights)
 
 
 def token_nll_sum(logits: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array]:
@@ -41,16 +55,58 @@ def token_nll_sum(logits: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array
     Returns:
         ``(nll_sum, count)``, float32 scalars.
     """
-    logits = logits[:, :-1].astype(jnp.float32)
-    targets = batch["input_ids"][:, 1:]
     weights = batch["loss_mask"][:, 1:].astype(jnp.float32)
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    target_logit = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    return jnp.sum((lse - target_logit) * weights), jnp.sum(weights)
+    return _nll_and_weights(logits[:, :-1], batch["input_ids"][:, 1:], weights), jnp.sum(weights)
+
+
+def chunked_token_nll_sum(
+    hidden: jax.Array, head: Callable[[jax.Array], jax.Array], batch: Batch, chunk: int = LOSS_CHUNK
+) -> tuple[jax.Array, jax.Array]:
+    """`token_nll_sum` of ``head(hidden)``, computed ``chunk`` positions at a time.
+
+    The head runs inside a loop over sequence chunks and is recomputed in the backward
+    pass, so float32 logits never exist for the whole ``[B, T, V]``: peak memory for
+    the loss is one chunk's logits, whatever the sequence length.
+
+    Args:
+        hidden: ``[B, T, D]`` final hidden states.
+        head: ``[B, c, D] -> [B, c, V]`` logits (e.g. ``model.logits_from_hidden``).
+        batch: ``input_ids`` and ``loss_mask``, ``[B, T]`` int, as for `token_nll_sum`.
+        chunk: sequence positions per chunk; ``T`` is padded up to a multiple.
+
+    Returns:
+        ``(nll_sum, count)``, float32 scalars.
+    """
+    b, t, _ = hidden.shape
+    # Position t predicts token t + 1; the last position predicts nothing (weight 0).
+    targets = jnp.pad(batch["input_ids"][:, 1:], ((0, 0), (0, 1)))
+    weights = jnp.pad(batch["loss_mask"][:, 1:].astype(jnp.float32), ((0, 0), (0, 1)))
+    chunk = max(1, min(chunk, t))
+    n = -(-t // chunk)
+    pad = n * chunk - t
+
+    def chunks(x: jax.Array) -> jax.Array:
+        # [B, T, ...] -> [n, B, chunk, ...]
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        return jnp.moveaxis(x.reshape(b, n, chunk, *x.shape[2:]), 1, 0)
+
+    @jax.checkpoint
+    def chunk_nll(xs: tuple[jax.Array, jax.Array, jax.Array]) -> jax.Array:
+        h, tgt, w = xs
+        return _nll_and_weights(head(h), tgt, w)
+
+    nll = jnp.sum(jax.lax.map(chunk_nll, (chunks(hidden), chunks(targets), chunks(weights))))
+    return nll, jnp.sum(weights)
 
 
 def _forward_nll(model: nnx.Module, batch: Batch) -> tuple[jax.Array, jax.Array]:
-    logits, _ = model(batch["input_ids"], attention_mask=batch.get("attention_mask"))
+    # Models that expose their trunk and head separately (LlamaForCausalLM) get the
+    # chunked loss; any other ``model(ids) -> (logits, cache)`` gets the plain one.
+    mask = batch.get("attention_mask")
+    if hasattr(model, "hidden_states") and hasattr(model, "logits_from_hidden"):
+        hidden = model.hidden_states(batch["input_ids"], attention_mask=mask)
+        return chunked_token_nll_sum(hidden, model.logits_from_hidden, batch)
+    logits, _ = model(batch["input_ids"], attention_mask=mask)
     return token_nll_sum(logits, batch)
 
 
@@ -92,7 +148,8 @@ def apply_train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: Batch) 
     return {"loss": loss, "grad_norm": grad_norm, "tokens": tokens}
 
 
-def _split_for_step(model: nnx.Module, optimizer: nnx.Optimizer):
+def split_for_step(model: nnx.Module, optimizer: nnx.Optimizer):
+    """``(graphdef, mutable, frozen)`` of model and optimizer for `pure_train_step`."""
     # Only what a step changes goes in and out of the jitted function: the trained
     # variables, the optimizer state and RNG counters. Everything else (codes,
     # embeddings, norms, head) is an input only, so XLA never copies the frozen
@@ -101,11 +158,15 @@ def _split_for_step(model: nnx.Module, optimizer: nnx.Optimizer):
     return nnx.split((model, optimizer), mutable, ...)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _pure_train_step(graphdef, mutable, frozen, batch):
+# ``mutable`` is donated: XLA writes the new trained variables and optimizer moments
+# into the old buffers instead of holding both. A caller must not touch the arrays it
+# passed in after the call (they are deleted); it keeps only what is returned.
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
+def pure_train_step(graphdef, mutable, frozen, batch):
+    """`train_step` on split state (see `split_for_step`): returns the new ``mutable`` and the metrics."""
     model, optimizer = nnx.merge(graphdef, mutable, frozen)
     metrics = apply_train_step(model, optimizer, batch)
-    return _split_for_step(model, optimizer)[1], metrics
+    return split_for_step(model, optimizer)[1], metrics
 
 
 def train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: Batch) -> dict[str, jax.Array]:
@@ -120,17 +181,25 @@ def train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: Batch) -> dic
     Returns:
         ``loss`` (mean NLL per loss token, float32), ``grad_norm`` (global norm before
         clipping), ``tokens`` (loss tokens in the step, float32).
+
+    The trained variables' and optimizer state's arrays are donated to the step and
+    replaced by new ones: arrays read from them before the call are deleted after it
+    (copy them, e.g. ``np.asarray``, to keep a value).
     """
-    graphdef, mutable, frozen = _split_for_step(model, optimizer)
-    new_mutable, metrics = _pure_train_step(graphdef, mutable, frozen, batch)
+    graphdef, mutable, frozen = split_for_step(model, optimizer)
+    new_mutable, metrics = pure_train_step(graphdef, mutable, frozen, batch)
     nnx.update((model, optimizer), new_mutable)
     return metrics
 
 
 def compile_train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: Batch) -> jax.stages.Compiled:
-    """The compiled executable `train_step` runs for these shapes (for ``memory_analysis()``, HLO)."""
-    graphdef, mutable, frozen = _split_for_step(model, optimizer)
-    return _pure_train_step.lower(graphdef, mutable, frozen, batch).compile()
+    """The compiled executable `train_step` runs for these shapes (for ``memory_analysis()``, HLO).
+
+    Its second argument (trained variables, optimizer state) is donated: calling it
+    deletes those input arrays.
+    """
+    graphdef, mutable, frozen = split_for_step(model, optimizer)
+    return pure_train_step.lower(graphdef, mutable, frozen, batch).compile()
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -158,5 +227,3 @@ def loss_and_grads(model: nnx.Module, batch: Batch, wrt: Any = Codebook) -> tupl
 
 
 # The trainer's loop carries the split state itself (see `Trainer.run`).
-split_for_step = _split_for_step
-pure_train_step = _pure_train_step

@@ -38,7 +38,7 @@ from sketchtune_jax.train.checkpointing import Checkpoints, saved_parts
 from sketchtune_jax.train.codebooks import flat_state, save_codebooks
 from sketchtune_jax.train.config import TrainConfig
 from sketchtune_jax.train.metrics_log import MetricsLog, plot_loss_curve
-from sketchtune_jax.train.optim import make_optimizer, make_schedule
+from sketchtune_jax.train.optim import host_learning_rate, make_optimizer
 from sketchtune_jax.train.step import eval_step, pure_train_step, split_for_step
 
 
@@ -116,7 +116,6 @@ class Trainer:
         self.log = MetricsLog(self.log_path)
         self.total_steps = self._total_steps()
         self._prepare_model()
-        self.schedule = make_schedule(config, self.total_steps)
         self.optimizer = nnx.Optimizer(model, make_optimizer(config, self.total_steps), wrt=wrt)
         self.step = 0
         self.position = DataPosition()
@@ -138,12 +137,12 @@ class Trainer:
                 if var.dtype != trainable:
                     var.set_value(var[...].astype(trainable))
         modules = [m for _, m in nnx.iter_graph(self.model) if isinstance(m, nnx.Module)]
-        if cfg.remat:
+        if cfg.remat != "none":
             if not any(hasattr(m, "remat") for m in modules):
                 raise ValueError(
-                    "config.remat=True but no module of the model has a `remat` attribute to switch on"
+                    f"config.remat={cfg.remat!r} but no module of the model has a `remat` attribute to set"
                 )
-            self.model.set_attributes(remat=True, raise_if_not_found=False)
+            self.model.set_attributes(remat=cfg.remat, raise_if_not_found=False)
         if compute := cfg.dtype("compute_dtype"):
             if not any(hasattr(m, "dtype") for m in modules):
                 warnings.warn("config.compute_dtype is set but no module of the model has a `dtype` attribute")
@@ -269,6 +268,7 @@ class Trainer:
 
         # Split once and carry the mutable state through the loop; the model is
         # brought up to date only when something reads it (eval, save, the end).
+        # The step donates ``mutable``: only the latest one is ever read.
         graphdef, mutable, frozen = split_for_step(self.model, self.optimizer)
 
         def sync():
@@ -281,7 +281,7 @@ class Trainer:
                     first, nxt, batch, real = next(groups)
                 except StopIteration:
                     break
-                lr = float(self.schedule(self.step))
+                lr = host_learning_rate(self.config, self.total_steps, self.step)
                 mutable, metrics = pure_train_step(graphdef, mutable, frozen, self.put_batch(batch))
                 self.step += 1
                 self.position = nxt
