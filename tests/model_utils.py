@@ -58,3 +58,19 @@ def jax_logits(model, ids: np.ndarray, mask: np.ndarray | None = None) -> np.nda
 
 def random_ids(batch: int, length: int, vocab: int = 96, seed: int = 0) -> np.ndarray:
     return np.random.RandomState(seed).randint(3, vocab, size=(batch, length)).astype(np.int32)
+
+
+def save_tiny_model_with_tokenizer(path, texts: list[str], vocab_size: int = 1000) -> None:
+    """A tiny Llama with a byte-level BPE tokenizer trained on ``texts``, saved as an HF directory."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    tiny_hf_model("llama_gqa", vocab_size=len(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)

@@ -107,11 +107,12 @@ class Trainer:
             )
         self.val_batches = None if val_batches is None else as_batch_source(val_batches)
         self.progress = progress
+        self.total_steps = self._total_steps()
+        config.check_warmup(self.total_steps)
         os.makedirs(self.out_dir, exist_ok=True)
         self.log_path = os.path.join(self.out_dir, "train_log.jsonl")
         self.log = MetricsLog(self.log_path)
         self.codebooks_path = os.path.join(self.out_dir, "codebooks.safetensors")
-        self.total_steps = self._total_steps()
         self._prepare_model()
         self.schedule = make_schedule(config, self.total_steps)
         self.optimizer = nnx.Optimizer(model, make_optimizer(config, self.total_steps), wrt=wrt)
