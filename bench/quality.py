@@ -25,7 +25,7 @@ DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 CONFIGS: dict[str, dict] = {
     **{f"int{b}-g{g}": dict(bits=b, groups_per_row=g) for b in (4, 3, 2) for g in (1, 2, 4, 8)},
     "int4-g4-nofb": dict(bits=4, groups_per_row=4, error_feedback=False),
-    "int4-g4-s0": dict(bits=4, groups_per_row=4, s=0.0),
+    "int4-g4-s0": dict(bits=4, groups_per_row=4, hessian_exponent=0.0),
     "int4-g4-refit": dict(bits=4, groups_per_row=4, refit_codebook=True),
     "int4-g4-restarts4": dict(bits=4, groups_per_row=4, kmeans_restarts=4),
     "int4-g4-refit-restarts4": dict(bits=4, groups_per_row=4, refit_codebook=True, kmeans_restarts=4),

@@ -16,33 +16,37 @@ built-in name ``smollm2-135m``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import logging
 import sys
 from pathlib import Path
+from typing import Any
 
-DTYPES = ("float32", "bfloat16")
-
-
-def _dtype(name: str):
-    import jax.numpy as jnp
-
-    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+DTYPE_CHOICES = ("float32", "bfloat16")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="HF directory, GGUF file, sketched directory, or 'smollm2-135m'")
-    p.add_argument("--dtype", choices=DTYPES, default="float32", help="compute and parameter dtype")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32", help="compute and parameter dtype")
 
 
 def _load(args: argparse.Namespace):
     from sketchtune_jax.loading import load_any
+    from sketchtune_jax.settings import dtype_from_name
 
-    dtype = _dtype(args.dtype)
+    dtype = dtype_from_name(args.dtype)
     return load_any(args.model, dtype=dtype, param_dtype=dtype, codebooks=getattr(args, "codebooks", None),
                     adapter=getattr(args, "adapter", None))
 
 
 def _add_adapter_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", help="LoRA/QLoRA adapter directory (PEFT format) to apply to a dense model")
+
+
+def _settings_from_args(cls: type, args: argparse.Namespace, **values: Any) -> Any:
+    """``cls`` built from the parsed flags named like its fields, plus ``values``."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{**{k: v for k, v in vars(args).items() if k in fields}, **values})
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -83,8 +87,14 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
     from sketchtune_jax.fileio import write_json_atomic
     from sketchtune_jax.reporting import print_table
 
+    from sketchtune_jax.workflows import calibration_overlap
+
     text = read_text(args.text)
     loaded = _load(args)
+    overlap = calibration_overlap(args.model, args.text, text, loaded.tokenizer, seq_len=args.seq_len,
+                                  max_windows=args.max_windows)
+    if overlap:
+        print(f"warning: {overlap}", file=sys.stderr)
     result = perplexity(
         loaded.model,
         loaded.tokenizer,
@@ -105,62 +115,21 @@ def _fraction_range(text: str) -> tuple[float, float]:
         lo, hi = (float(x) for x in text.split(":"))
     except ValueError:
         raise ValueError(f"--calib-range must be START:END fractions like 0.5:1, got {text!r}") from None
-    if not 0 <= lo < hi <= 1:
-        raise ValueError(f"--calib-range needs 0 <= START < END <= 1, got {text!r}")
     return lo, hi
 
 
 def cmd_sketch(args: argparse.Namespace) -> int:
-    import dataclasses
-
-    from sketchtune_jax.calibration import calibration_windows
-    from sketchtune_jax.checkpoint import save_sketched
     from sketchtune_jax.fileio import write_json_atomic
     from sketchtune_jax.reporting import print_table
-    from sketchtune_jax.sketcher import SketchSettings, partial_dir_for, prepare_sketch_output, sketch_model
+    from sketchtune_jax.sketcher import SketchSettings
+    from sketchtune_jax.workflows import sketch_to_dir
 
-    settings = SketchSettings(
-        bits=args.bits,
-        groups_per_row=args.groups_per_row,
-        s=args.s,
-        percdamp=args.percdamp,
-        block_size=args.block_size,
-        kmeans_iters=args.kmeans_iters,
-        kmeans_restarts=args.kmeans_restarts,
-        refit_codebook=args.refit_codebook,
-        error_feedback=not args.no_error_feedback,
-        true_sequential=args.true_sequential,
-        seed=args.seed,
-        calib=args.calib,
-        nsamples=args.nsamples,
-        seq_len=args.seq_len,
-        calib_range=_fraction_range(args.calib_range),
-    )
-    if args.bits not in (2, 3, 4):
-        raise ValueError(f"--bits must be 2, 3 or 4, got {args.bits}")
-    if args.calib != "self" and not args.calib.startswith("hf:") and not Path(args.calib).is_file():
-        raise FileNotFoundError(f"calibration file not found: {args.calib}")
-    partial = prepare_sketch_output(args.out, overwrite=args.overwrite)
-    if partial.exists():
-        print(f"resuming the unfinished sketch in {partial}")
-    loaded = _load(args)
-    settings.validate(loaded.config)
-    calib = calibration_windows(
-        args.calib, loaded.tokenizer, nsamples=args.nsamples, seq_len=args.seq_len, seed=args.seed, model=loaded.model,
-        text_range=settings.calib_range,
-    )
-    report = sketch_model(loaded.model, calib, settings, work_dir=partial, batch_size=args.batch_size)
-    report["source"] = args.model
-    save_sketched(
-        loaded.model, loaded.config, loaded.tokenizer, args.out,
-        settings=dataclasses.asdict(settings), report=report, overwrite=True,
-    )
-    write_json_atomic(Path(args.out) / "sketch_report.json", report)
+    settings = _settings_from_args(SketchSettings, args, error_feedback=not args.no_error_feedback,
+                                   calib_range=_fraction_range(args.calib_range))
+    report = sketch_to_dir(args.model, args.out, settings, dtype=args.dtype, batch_size=args.batch_size,
+                           overwrite=args.overwrite)
     if args.json:
         write_json_atomic(args.json, report)
-    import shutil
-
-    shutil.rmtree(partial_dir_for(args.out), ignore_errors=True)
     worst = sorted(report["modules"], key=lambda r: -r["rel_output_error"])[:5]
     print_table("largest relative output errors", [
         {"layer": r["layer"], "module": r["module"], "error": r["rel_output_error"], "s": r["seconds"]} for r in worst
@@ -235,49 +204,18 @@ def _finetune_method(args: argparse.Namespace):
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    import dataclasses
-
-    from sketchtune_jax.data import build_batches, load_instruction_data
-    from sketchtune_jax.fileio import write_json_atomic
-    from sketchtune_jax.lora import auto_rank
-    from sketchtune_jax.methods import FinetuneMethod
     from sketchtune_jax.reporting import print_table
-    from sketchtune_jax.train import TrainConfig, finetune, trainable_parameter_count
+    from sketchtune_jax.train import TrainConfig
+    from sketchtune_jax.workflows import finetune_to_dir
 
     method, rank = _finetune_method(args)
-    config = TrainConfig(
-        lr=args.lr, schedule=args.schedule, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
-        max_grad_norm=args.max_grad_norm, grad_accum=args.grad_accum, batch_size=args.batch_size,
-        epochs=args.epochs, max_steps=args.max_steps, seq_len=args.seq_len, save_every=args.save_every,
-        eval_every=args.eval_every, seed=args.seed, remat=args.remat,
-        compute_dtype=None if args.dtype == "float32" else args.dtype,
+    config = _settings_from_args(TrainConfig, args, compute_dtype=None if args.dtype == "float32" else args.dtype)
+    summary = finetune_to_dir(
+        args.model, args.data, args.out, config=config, method=method, auto_lora_rank=rank == "auto",
+        lora_alpha=args.lora_alpha, codebooks=args.codebooks, dtype=args.dtype, val_fraction=args.val_fraction,
+        pad_multiple=args.pad_multiple, resume=args.resume, overwrite=args.overwrite,
     )
-    records = load_instruction_data(args.data)
-    loaded = _load(args)
-    if method.lora is not None:
-        rank = auto_rank(loaded.model, method.lora.targets) if rank == "auto" else rank
-        alpha = 2.0 * rank if args.lora_alpha is None else args.lora_alpha
-        method = FinetuneMethod(method.name, lora=dataclasses.replace(method.lora, rank=rank, alpha=alpha))
-    model = method.prepare(loaded.model)
-    train, val = build_batches(records, loaded.tokenizer, batch_size=args.batch_size, seq_len=args.seq_len,
-                               val_fraction=args.val_fraction, seed=args.seed, on_long_prompt="skip",
-                               pad_multiple=args.pad_multiple)
-    writer = method.result_writer(config=loaded.config, tokenizer=loaded.tokenizer, base_model=args.model)
-    result = finetune(model, train, config, args.out, val_batches=val, wrt=method.wrt, save_result=writer)
-    summary = {
-        "method": method.name,
-        "step": result.step,
-        "loss": result.loss,
-        "val_loss": result.val_loss,
-        "trainable_params": trainable_parameter_count(model, method.wrt),
-        "resumed_from": result.resumed_from,
-        "result": result.result_path,
-        "log": result.log_path,
-    }
-    if method.lora is not None:
-        summary.update(lora_rank=method.lora.rank, lora_alpha=method.lora.alpha, lora_qtype=method.lora.qtype)
     print_table(f"fine-tuned {args.model} on {args.data} ({method.name})", summary)
-    write_json_atomic(Path(args.out) / "summary.json", summary)
     return 0
 
 
@@ -347,7 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-range", default="0:1",
                    help="use only this fraction of a calibration text, e.g. 0.5:1 to hold out the first half")
     p.add_argument("--seq-len", type=int, default=2048, help="tokens per calibration window")
-    p.add_argument("--s", type=float, default=3.0, help="exponent of the Hessian weights in k-means")
+    p.add_argument("--hessian-exponent", "--s", type=float, default=3.0,
+                   help="exponent s of the Hessian weights diag(H^-1)^-s in k-means")
     p.add_argument("--percdamp", type=float, default=0.01, help="damping as a fraction of mean(diag H)")
     p.add_argument("--block-size", type=int, default=128, help="columns per error-feedback block")
     p.add_argument("--kmeans-iters", type=int, default=100)
@@ -359,7 +298,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward pass")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--resume", action="store_true", help="continue an unfinished sketch (also automatic)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output and any unfinished sketch")
     p.add_argument("--json", help="also write the report to this JSON file")
     p.set_defaults(func=cmd_sketch)
@@ -412,7 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--qlora-qtype", choices=("nf4", "int4"), default="nf4", help="storage of QLoRA's frozen base")
     p.add_argument("--qlora-tile-size", type=int, default=64, help="input columns per QLoRA quantization scale")
     p.add_argument("--data", required=True, help="JSON/JSONL records {instruction, input, output}")
-    p.add_argument("--out", required=True, help="run directory (logs, checkpoints, codebooks); resumed if present")
+    p.add_argument("--out", required=True,
+                   help="run directory (logs, checkpoints, codebooks); must be empty unless --resume or --overwrite")
     p.add_argument("--codebooks", help="start from these fine-tuned codebooks")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (overrides --epochs)")
@@ -431,16 +370,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--remat", action="store_true", help="recompute layer activations in the backward pass")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out (also automatic)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its latest checkpoint (same batch size, seed, seq len)")
+    p.add_argument("--overwrite", action="store_true", help="delete the run in --out and start over")
     p.set_defaults(func=cmd_finetune)
     return parser
 
 
+def _show_library_info() -> None:
+    # The library reports through logging; the command line prints its info lines.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root = logging.getLogger("sketchtune_jax")
+    if not root.handlers:
+        root.addHandler(handler)
+    root.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from sketchtune_jax.settings import SettingError
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    _show_library_info()
     try:
         return args.func(args)
+    except SettingError as e:
+        # Flags are named after the settings fields they fill (argparse's dest convention).
+        flag = f"--{e.field.replace('_', '-')}" if e.field in vars(args) else None
+        print(f"sketchtune {args.command}: error: {flag + ' ' + e.problem if flag else e}", file=sys.stderr)
+        return 2
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as e:
         print(f"sketchtune {args.command}: error: {e}", file=sys.stderr)
         return 2

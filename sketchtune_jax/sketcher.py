@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 import shutil
 import time
@@ -27,10 +28,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pallas_kernels import SUPPORTED_BITS
 from sketchtune_jax.fileio import atomic_write_bytes, check_output_dir, write_json_atomic
 from sketchtune_jax.layers import Linear, SketchedLinear
 from sketchtune_jax.module_paths import get_submodule, set_submodule
 from sketchtune_jax.reporting import progress
+from sketchtune_jax.settings import SettingError, require, require_positive
 from sketchtune_jax.sketch import (
     accumulate_hessian,
     init_hessian,
@@ -49,11 +52,15 @@ STAGES: tuple[tuple[str, ...], ...] = (
 
 @dataclass(frozen=True)
 class SketchSettings:
-    """Everything that decides the result of a sketch; a resumed run must have the same."""
+    """Everything that decides the result of a sketch; a resumed run must have the same.
+
+    ``hessian_exponent`` is the paper's ``s``: k-means weighs each column by ``diag(H⁻¹)^-s``.
+    ``calib`` and ``calib_range`` record which text (and which fraction of it) calibrated the sketch.
+    """
 
     bits: int = 4
     groups_per_row: int = 4
-    s: float = 3.0
+    hessian_exponent: float = 3.0
     percdamp: float = 0.01
     block_size: int = 128
     kmeans_iters: int = 100
@@ -67,18 +74,36 @@ class SketchSettings:
     seq_len: int = 2048
     calib_range: tuple[float, float] = (0.0, 1.0)
 
+    def __post_init__(self):
+        require(self.bits in SUPPORTED_BITS, "bits", f"must be one of {', '.join(map(str, SUPPORTED_BITS))}, got {self.bits}")
+        require_positive(self, "groups_per_row", "block_size", "kmeans_iters", "kmeans_restarts", "nsamples")
+        require_positive(self, "percdamp", finite=True)
+        require(self.seq_len >= 2, "seq_len", f"must be >= 2, got {self.seq_len}")
+        require(math.isfinite(self.hessian_exponent) and self.hessian_exponent >= 0, "hessian_exponent",
+                f"must be a finite number >= 0, got {self.hessian_exponent}")
+        lo, hi = self.calib_range
+        require(0 <= lo < hi <= 1, "calib_range", f"must be fractions 0 <= START < END <= 1, got {lo}:{hi}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SketchSettings:
+        """Settings as saved in ``sketch_config.json`` (older files name ``hessian_exponent`` ``s``)."""
+        d = dict(d)
+        if "s" in d:
+            d.setdefault("hessian_exponent", d.pop("s"))
+        if "calib_range" in d:
+            d["calib_range"] = tuple(d["calib_range"])
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
     def validate(self, config) -> None:
         """Reject settings that cannot work for ``config`` before any work is done."""
-        if self.bits not in (2, 3, 4):
-            raise ValueError(f"bits must be 2, 3 or 4, got {self.bits}")
-        if self.groups_per_row < 1:
-            raise ValueError(f"groups per row must be positive, got {self.groups_per_row}")
         widths = {config.hidden_size, config.intermediate_size, config.num_attention_heads * config.head_dim}
         bad = sorted(w for w in widths if w % self.groups_per_row)
         if bad:
-            raise ValueError(
-                f"groups per row {self.groups_per_row} does not divide the input width(s) {bad} of this model; "
-                f"pick a divisor of {sorted(widths)}"
+            raise SettingError(
+                "groups_per_row",
+                f"{self.groups_per_row} does not divide the input width(s) {bad} of this model; "
+                f"pick a divisor of {sorted(widths)}",
             )
 
 
@@ -163,7 +188,7 @@ def _sketch_stage(layer: nnx.Module, stage: tuple[str, ...], hessian: jax.Array,
             hinv_upper,
             bits=settings.bits,
             groups=settings.groups_per_row,
-            s=settings.s,
+            s=settings.hessian_exponent,
             block_size=settings.block_size,
             kmeans_iters=settings.kmeans_iters,
             kmeans_restarts=settings.kmeans_restarts,

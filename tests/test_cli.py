@@ -30,7 +30,7 @@ def _fails(argv: list[str], capsys, match: str) -> str:
 
 def test_sketch_rejects_bad_bits_before_loading(tmp_path, capsys):
     _fails(["sketch", "no/such/model", "--bits", "5", "--calib", str(WIKI), "--out", str(tmp_path / "o")],
-           capsys, "--bits must be 2, 3 or 4")
+           capsys, "--bits must be one of 2, 3, 4")
     assert not (tmp_path / "o").exists()
 
 

@@ -99,17 +99,29 @@ def test_load_refuses_a_checkpoint_with_a_wrong_tensor(sketched, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "settings, match",
+    "fields, match",
     [
-        (SketchSettings(bits=5), "bits must be 2, 3 or 4"),
-        (SketchSettings(groups_per_row=7), "does not divide"),
+        (dict(bits=5), "bits must be one of 2, 3, 4"),
+        (dict(hessian_exponent=-1.0), "hessian_exponent must be a finite number >= 0"),
+        (dict(percdamp=0.0), "percdamp must be a finite number > 0"),
+        (dict(calib_range=(0.5, 0.5)), "calib_range must be fractions"),
     ],
 )
-def test_bad_settings_are_refused_before_any_work(settings, match):
-    _, model = _tiny()
+def test_impossible_settings_are_refused_when_made(fields, match):
     with pytest.raises(ValueError, match=match):
-        sketch_model(model, random_ids(2, 8), settings, show_progress=False)
+        SketchSettings(**fields)
+
+
+def test_settings_that_do_not_fit_the_model_are_refused_before_any_work():
+    _, model = _tiny()
+    with pytest.raises(ValueError, match="does not divide"):
+        sketch_model(model, random_ids(2, 8), SketchSettings(groups_per_row=7), show_progress=False)
     assert not list(iter_modules(model, SketchedLinear))
+
+
+def test_settings_saved_with_the_old_name_s_still_read():
+    old = {"bits": 3, "s": 2.0, "calib_range": [0.5, 1.0], "unknown_later_field": 1}
+    assert SketchSettings.from_dict(old) == SketchSettings(bits=3, hessian_exponent=2.0, calib_range=(0.5, 1.0))
 
 
 def test_nan_weights_are_refused_with_the_module_named():

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Literal
 
-import jax.numpy as jnp
-
 from sketchtune_jax.models.remat import remat_name
-
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+from sketchtune_jax.settings import DTYPES, SettingError, require, require_non_negative, require_positive
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,25 +57,34 @@ class TrainConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "remat", remat_name(self.remat))
-        if self.schedule not in ("linear", "cosine", "constant"):
-            raise ValueError(f"schedule must be linear, cosine or constant, got {self.schedule!r}")
-        for name in ("grad_accum", "batch_size", "seq_len", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "max_steps", "save_every", "eval_every", "epochs"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        require(self.schedule in ("linear", "cosine", "constant"), "schedule",
+                f"must be linear, cosine or constant, got {self.schedule!r}")
+        require_positive(self, "lr", "adam_eps", finite=True)
+        require_positive(self, "grad_accum", "batch_size", "seq_len", "log_every", "keep_checkpoints")
+        require_non_negative(self, "warmup_steps", "max_steps", "save_every", "eval_every", "epochs", "weight_decay")
+        for name in ("adam_b1", "adam_b2"):
+            value = getattr(self, name)
+            require(0 <= value < 1, name, f"must be in [0, 1), got {value}")
+        if self.max_grad_norm is not None:
+            require(self.max_grad_norm >= 0 and math.isfinite(self.max_grad_norm), "max_grad_norm",
+                    f"must be >= 0 (0 or None: no clipping), got {self.max_grad_norm}")
         for name in ("compute_dtype", "codebook_dtype"):
             value = getattr(self, name)
-            if value is not None and value not in _DTYPES:
-                raise ValueError(f"{name} must be one of {sorted(_DTYPES)} or None, got {value!r}")
+            require(value is None or value in DTYPES, name, f"must be one of {sorted(DTYPES)} or None, got {value!r}")
         if self.max_steps == 0 and self.epochs == 0:
-            raise ValueError("set epochs > 0 or max_steps > 0")
+            raise SettingError("epochs", "or max_steps must be > 0")
+        if self.max_steps > 0:
+            self.check_warmup(self.max_steps)
+
+    def check_warmup(self, total_steps: int) -> None:
+        """Raise `SettingError` unless the warmup is shorter than a run of ``total_steps``."""
+        require(self.warmup_steps < total_steps, "warmup_steps",
+                f"must be shorter than the run ({total_steps} steps), got {self.warmup_steps}")
 
     def dtype(self, name: str) -> Any:
         """The jnp dtype of field ``name`` (``compute_dtype`` or ``codebook_dtype``), or None."""
         value = getattr(self, name)
-        return None if value is None else _DTYPES[value]
+        return None if value is None else DTYPES[value]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -224,6 +224,3 @@ def loss_and_grads(model: nnx.Module, batch: Batch, wrt: Any = Codebook) -> tupl
     """Mean loss and gradients of the ``wrt`` variables (default `Codebook`) without an update."""
     graphdef, state = nnx.split(model)
     return _pure_grads(graphdef, state, batch, wrt)
-
-
-# The trainer's loop carries the split state itself (see `Trainer.run`).

@@ -111,6 +111,8 @@ class Trainer:
             )
         self.val_batches = None if val_batches is None else as_batch_source(val_batches)
         self.progress = progress
+        self.total_steps = self._total_steps()
+        config.check_warmup(self.total_steps)
         os.makedirs(self.out_dir, exist_ok=True)
         self.log_path = os.path.join(self.out_dir, "train_log.jsonl")
         self.log = MetricsLog(self.log_path)

@@ -1,0 +1,130 @@
+"""Sketch and fine-tune a tiny model through the command line, as a new user would:
+with the core install only, run directories that refuse to be clobbered, calibration text
+that is not silently evaluated on."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from model_utils import save_tiny_model_with_tokenizer
+
+from sketchtune_jax.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = "the cat sat on a mat while two dogs ran past the red barn and a bird sang in the old tree".split()
+
+
+def _text(n: int, seed: int) -> str:
+    return " ".join(WORDS[(i * 7 + seed) % len(WORDS)] for i in range(n))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny sketched model (2 bits), its calibration text and a few instruction records."""
+    root = tmp_path_factory.mktemp("tiny")
+    calib = root / "calib.txt"
+    calib.write_text("\n".join(_text(60, s) for s in range(40)))
+    from sketchtune_jax.data import format_prompt
+
+    save_tiny_model_with_tokenizer(root / "hf", [calib.read_text(), format_prompt("x", "") * 20])
+    data = root / "data.json"
+    data.write_text(json.dumps([{"instruction": _text(6, s), "input": "", "output": _text(4, s + 1)}
+                                for s in range(8)]))
+    sketch = root / "sketch"
+    assert main(["sketch", str(root / "hf"), "--bits", "2", "--groups-per-row", "2", "--calib", str(calib),
+                 "--nsamples", "4", "--seq-len", "32", "--kmeans-iters", "5", "--out", str(sketch)]) == 0
+    return {"root": root, "calib": calib, "data": data, "sketch": sketch}
+
+
+def _finetune_argv(tiny, out) -> list[str]:
+    return ["finetune", str(tiny["sketch"]), "--data", str(tiny["data"]), "--out", str(out), "--max-steps", "2",
+            "--batch-size", "4", "--seq-len", "128", "--warmup-steps", "0", "--pad-multiple", "128"]
+
+
+def test_sketch_records_its_calibration(tiny):
+    settings = json.loads((tiny["sketch"] / "sketch_config.json").read_text())["settings"]
+    assert settings["calib"] == str(tiny["calib"].resolve())
+    assert tuple(settings["calib_range"]) == (0.0, 1.0) and settings["hessian_exponent"] == 3.0
+    assert not (tiny["root"] / "sketch.partial").exists()
+
+
+def test_finetune_without_matplotlib_finishes(tiny, tmp_path):
+    blocker = (
+        "import sys, runpy\n"
+        "class NoMatplotlib:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'matplotlib':\n"
+        "            raise ModuleNotFoundError(\"No module named 'matplotlib'\")\n"
+        "sys.meta_path.insert(0, NoMatplotlib())\n"
+        "sys.argv = ['sketchtune'] + sys.argv[1:]\n"
+        "runpy.run_module('sketchtune_jax.cli', run_name='__main__')\n"
+    )
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", blocker, *_finetune_argv(tiny, run)], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "loss plot skipped: matplotlib not installed" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert (run / "codebooks.safetensors").is_file() and not (run / "loss_curve.png").exists()
+    assert json.loads((run / "summary.json").read_text())["step"] == 2
+
+
+def test_finetune_resumes_only_when_asked(tiny, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(_finetune_argv(tiny, run)) == 0
+    capsys.readouterr()
+    assert main(_finetune_argv(tiny, run)) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--resume" in err and "--overwrite" in err and len(err.splitlines()) == 1
+    assert main([*_finetune_argv(tiny, run), "--resume"]) == 0
+    assert json.loads((run / "summary.json").read_text())["resumed_from"] == 2
+    assert main([*_finetune_argv(tiny, run), "--overwrite"]) == 0
+    assert json.loads((run / "summary.json").read_text())["resumed_from"] is None
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--lr", "-1", "--lr must be a finite number > 0"),
+    ("--lr", "nan", "--lr must be a finite number > 0"),
+    ("--max-steps", "-3", "--max-steps must be >= 0"),
+    ("--batch-size", "0", "--batch-size must be > 0"),
+    ("--seq-len", "0", "--seq-len must be > 0"),
+    ("--warmup-steps", "5", "--warmup-steps must be shorter than the run (2 steps)"),
+    ("--weight-decay", "-0.1", "--weight-decay must be >= 0"),
+    ("--max-grad-norm", "-1", "--max-grad-norm must be >= 0"),
+])
+def test_finetune_rejects_bad_settings_before_any_work(tiny, tmp_path, capsys, flag, value, message):
+    argv = _finetune_argv(tiny, tmp_path / "run")
+    if flag in argv:
+        argv[argv.index(flag) + 1] = value
+    else:
+        argv += [flag, value]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_warmup_longer_than_an_epoch_is_refused(tiny, tmp_path, capsys):
+    argv = _finetune_argv(tiny, tmp_path / "run")
+    argv[argv.index("--max-steps") + 1] = "0"
+    argv[argv.index("--warmup-steps") + 1] = "50"
+    assert main(argv) == 2
+    assert "--warmup-steps must be shorter than the run (2 steps), got 50" in capsys.readouterr().err
+
+
+def test_eval_ppl_warns_when_the_text_calibrated_the_sketch(tiny, capsys):
+    argv = ["eval", "ppl", str(tiny["sketch"]), "--text", str(tiny["calib"]), "--seq-len", "32", "--max-windows", "2"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "also calibrated this sketch" in err and "not on held-out text" in err
+    other = tiny["root"] / "other.txt"
+    other.write_text(tiny["calib"].read_text())
+    assert main([*argv[:4], str(other), *argv[5:]]) == 0
+    assert "calibrated" not in capsys.readouterr().err
