@@ -31,7 +31,7 @@ def _eval(model: str, args: argparse.Namespace, name: str, extra: list[str]) -> 
         if sketchtune(argv) != 0:
             raise SystemExit(f"failed: sketchtune {' '.join(argv)}")
     summary = json.loads(out.read_text())
-    return {k: summary[k] for k in ("correct", "total", "accuracy", "no_answer") if k in summary}
+    return {k: summary[k] for k in ("n", "correct", "accuracy", "no_answer") if k in summary}
 
 
 def main() -> None:
