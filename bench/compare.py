@@ -18,9 +18,7 @@ back), so an interrupted run continues where it stopped. Prints a table and writ
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import os
 import random
 import re
 import sys

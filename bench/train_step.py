@@ -1,14 +1,16 @@
-"""Training-step throughput and memory: sketched (codebooks train) vs dense (all weights train).
+"""Training-step memory and throughput per fine-tuning method: sketch, LoRA, QLoRA, full.
 
-Both variants are the project's `LlamaForCausalLM` with the same random config; in
-the sketched one every projection of the decoder is a `SketchedLinear` with random
-codebooks and codes (the LM head and embeddings stay dense and frozen), in the dense
-one every parameter trains. Each variant runs in its own process so that the
-device's peak-memory counter belongs to it alone. Prints one JSON object.
+Every method trains the project's `LlamaForCausalLM` with the same random config:
+``sketch`` has every decoder projection as a `SketchedLinear` (random codebooks and
+codes; codebooks train), ``lora``/``qlora`` add adapters through qwix to the dense model
+(QLoRA's base in NF4), ``full`` trains every weight. Each method runs in its own process
+so the device's peak-memory counter is its own. Prints one JSON object:
+``{"methods": {"sketch": {"argument_bytes", "temp_bytes", "output_bytes", "compile_s",
+"tokens_per_s", "trainable_params", ...}, "lora": ..., "qlora": ..., "full": ...}}``.
 
-    python bench/train_step.py                       # small CPU default
-    python bench/train_step.py --hidden 4096 --intermediate 14336 --layers 2 \\
-        --heads 32 --kv-heads 8 --vocab 32000 --batch 4 --seq 1024 --dtype bfloat16
+    python bench/train_step.py --model smollm2-135m --methods sketch,lora,qlora,full \\
+        --batch 4 --seq 512 --out FILE.json
+    python bench/train_step.py --model llama3-8b-layer --seq 2048 --no-run     # memory only (compile)
 """
 
 from __future__ import annotations
@@ -20,11 +22,18 @@ import subprocess
 import sys
 import time
 
-MODES = ("sketched", "dense")
+METHODS = ("sketch", "lora", "qlora", "full")
+LEGACY_NAMES = {"sketched": "sketch", "dense": "full"}
+# Architectures by name: SmolLM2-135M (all 30 layers) and one Llama-3-8B decoder layer.
+PRESETS = {
+    "smollm2-135m": dict(hidden=576, intermediate=1536, layers=30, heads=9, kv_heads=3, vocab=49152),
+    "llama3-8b-layer": dict(hidden=4096, intermediate=14336, layers=1, heads=32, kv_heads=8, vocab=32000),
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=sorted(PRESETS), help="an architecture preset (overrides the sizes below)")
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--intermediate", type=int, default=704)
     p.add_argument("--layers", type=int, default=2)
@@ -36,77 +45,99 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--bits", type=int, default=4, choices=(2, 3, 4))
     p.add_argument("--groups", type=int, default=4, help="codebook groups per row")
+    p.add_argument("--lora-rank", default="auto", help="adapter rank, or 'auto' (trainable count of the sketch)")
+    p.add_argument("--qlora-tile-size", type=int, default=64)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
+    p.add_argument("--remat", default="none", help="remat policy of the decoder layers")
     p.add_argument("--steps", type=int, default=5, help="timed steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
-    p.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of sketched,dense")
-    p.add_argument("--single", choices=MODES, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    p.add_argument("--no-run", action="store_true", help="compile only: memory figures, no timing")
+    p.add_argument("--methods", "--modes", default=",".join(METHODS),
+                   help="comma-separated subset of sketch,lora,qlora,full")
+    p.add_argument("--out", help="also write the JSON here")
+    p.add_argument("--single", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.model:
+        for k, v in PRESETS[args.model].items():
+            setattr(args, k, v)
+    return args
 
 
-def run_one(args: argparse.Namespace, mode: str) -> dict:
-    """Build, compile and time one variant in this process."""
+def build(args: argparse.Namespace, method: str):
+    """``(model, wrt)`` for ``method`` at the configured shape, with random weights."""
     import jax
     import jax.numpy as jnp
     import numpy as np
     from flax import nnx
 
     from sketchtune_jax.layers import Codebook, Linear, SketchedLinear
+    from sketchtune_jax.lora import LoraSettings, auto_rank
+    from sketchtune_jax.methods import FinetuneMethod
     from sketchtune_jax.models import LlamaForCausalLM, ModelConfig
     from sketchtune_jax.module_paths import iter_modules, set_submodule
-    from sketchtune_jax.train import TrainConfig, compile_train_step, make_optimizer, train_step
 
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-    config = ModelConfig(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads,
-        head_dim=args.hidden // args.heads,
-    )
+    config = ModelConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                         num_key_value_heads=args.kv_heads, head_dim=args.hidden // args.heads)
     rng = np.random.default_rng(0)
-    t0 = time.perf_counter()
-    if mode == "sketched":
-        # Build abstractly so the dense weights we replace are never allocated.
-        model = nnx.eval_shape(lambda: LlamaForCausalLM(config, dtype=dtype, rngs=nnx.Rngs(0)))
+    # Built abstractly, then filled from numpy: no dense weight a sketch replaces is allocated.
+    model = nnx.eval_shape(lambda: LlamaForCausalLM(config, dtype=dtype, remat=args.remat, rngs=nnx.Rngs(0)))
+    if method == "sketch":
         for name, lin in list(iter_modules(model.model, Linear)):
             g, k = args.groups, 2**args.bits
             codebook = jnp.asarray(0.02 * rng.standard_normal((lin.out_features, g, k)), jnp.float32)
             codes = jnp.asarray(rng.integers(0, k, (lin.out_features, g, lin.in_features // g)), jnp.uint8)
-            sketched = SketchedLinear(
-                lin.in_features, lin.out_features, bits=args.bits, groups=g, codebook=codebook, codes=codes,
-                dtype=dtype,
-            )
-            set_submodule(model.model, name, sketched)
-        # Materialise the remaining (frozen) dense leaves: embeddings, norms, head.
-        for _, var in nnx.to_flat_state(nnx.state(model)):
-            value = var.get_value()
-            if isinstance(value, jax.ShapeDtypeStruct):
-                var.set_value(jnp.asarray(0.02 * rng.standard_normal(value.shape), value.dtype))
-        wrt = Codebook
-    else:
-        model = LlamaForCausalLM(config, dtype=dtype, rngs=nnx.Rngs(0))
-        wrt = nnx.Param
-    build_s = time.perf_counter() - t0
+            set_submodule(model.model, name, SketchedLinear(lin.in_features, lin.out_features, bits=args.bits,
+                                                            groups=g, codebook=codebook, codes=codes, dtype=dtype))
+    for _, var in nnx.to_flat_state(nnx.state(model)):
+        value = var.get_value()
+        if isinstance(value, jax.ShapeDtypeStruct):
+            var.set_value(jnp.asarray(0.02 * rng.standard_normal(value.shape), value.dtype))
+    if method == "sketch":
+        return model, Codebook
+    if method == "full":
+        return model, nnx.Param
+    rank = auto_rank(model, bits=args.bits, groups_per_row=args.groups) if args.lora_rank == "auto" \
+        else int(args.lora_rank)
+    settings = LoraSettings(rank=rank, alpha=2.0 * rank, qtype="nf4" if method == "qlora" else None,
+                            tile_size=args.qlora_tile_size)
+    fm = FinetuneMethod(method, lora=settings)
+    return fm.prepare(model), fm.wrt
 
+
+def run_one(args: argparse.Namespace, method: str) -> dict:
+    """Build, compile and (unless --no-run) time one method in this process."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from sketchtune_jax.profiling import state_bytes, train_step_memory
+    from sketchtune_jax.train import TrainConfig, make_optimizer, train_step, trainable_parameter_count
+
+    t0 = time.perf_counter()
+    model, wrt = build(args, method)
+    build_s = time.perf_counter() - t0
     total_steps = args.warmup + args.steps + 1
     optimizer = nnx.Optimizer(model, make_optimizer(TrainConfig(lr=1e-5, max_steps=total_steps), total_steps), wrt=wrt)
     shape = (args.accum, args.batch, args.seq) if args.accum > 1 else (args.batch, args.seq)
-    ids = jnp.asarray(rng.integers(0, args.vocab, shape), jnp.int32)
+    ids = jnp.asarray(np.random.default_rng(1).integers(0, args.vocab, shape), jnp.int32)
     batch = {"input_ids": ids, "attention_mask": jnp.ones_like(ids), "loss_mask": jnp.ones_like(ids)}
-
-    def leaves(filter_):
-        return [v.get_value() for _, v in nnx.to_flat_state(nnx.state(model, filter_))]
-
-    t0 = time.perf_counter()
-    compiled = compile_train_step(model, optimizer, batch)
-    compile_s = time.perf_counter() - t0
-    analysis = compiled.memory_analysis()
+    result = {
+        "method": method,
+        "trainable_params": trainable_parameter_count(model, wrt),
+        "weight_bytes": state_bytes(model, nnx.Param),
+        "build_s": build_s,
+        **train_step_memory(model, optimizer, batch),
+    }
+    if method in ("lora", "qlora"):
+        result["lora_rank"] = int(next(v for _, v in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam))).shape[-1])
+    if args.no_run:
+        return result
     t0 = time.perf_counter()
     jax.block_until_ready(train_step(model, optimizer, batch))
-    first_step_s = time.perf_counter() - t0
+    result["first_step_s"] = time.perf_counter() - t0
     for _ in range(args.warmup):
         jax.block_until_ready(train_step(model, optimizer, batch))
     t0 = time.perf_counter()
@@ -114,27 +145,9 @@ def run_one(args: argparse.Namespace, mode: str) -> dict:
         metrics = train_step(model, optimizer, batch)
     jax.block_until_ready(metrics)
     elapsed = time.perf_counter() - t0
-
-    tokens_per_step = int(np.prod(shape))
     stats = jax.devices()[0].memory_stats() or {}
-    result = {
-        "mode": mode,
-        "state_bytes": int(sum(x.nbytes for x in leaves(...))),
-        "trainable_params": int(sum(x.size for x in leaves(wrt))),
-        "step_ms": 1e3 * elapsed / args.steps,
-        "tokens_per_s": tokens_per_step * args.steps / elapsed,
-        "build_s": build_s,
-        "compile_s": compile_s,
-        "first_step_s": first_step_s,
-        "loss": float(metrics["loss"]),
-        "peak_bytes_in_use": stats.get("peak_bytes_in_use"),
-    }
-    if analysis is not None:
-        # XLA's static accounting of the step: buffers it allocates (temp) plus its
-        # arguments and outputs; available on every backend, CPU included.
-        result["xla_temp_bytes"] = int(analysis.temp_size_in_bytes)
-        result["xla_argument_bytes"] = int(analysis.argument_size_in_bytes)
-        result["xla_output_bytes"] = int(analysis.output_size_in_bytes)
+    result.update(step_ms=1e3 * elapsed / args.steps, tokens_per_s=int(np.prod(shape)) * args.steps / elapsed,
+                  loss=float(metrics["loss"]), peak_bytes_in_use=stats.get("peak_bytes_in_use"))
     return result
 
 
@@ -145,36 +158,45 @@ def main(argv: list[str] | None = None) -> None:
         return
     import jax
 
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    unknown = set(modes) - set(MODES)
-    if unknown:
-        raise SystemExit(f"unknown modes {sorted(unknown)}; choose from {MODES}")
+    methods = [LEGACY_NAMES.get(m.strip(), m.strip()) for m in args.methods.split(",") if m.strip()]
+    if unknown := set(methods) - set(METHODS):
+        raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {METHODS}")
     results = {}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
-    for mode in modes:
-        argv_child = [sys.executable, os.path.abspath(__file__), *(argv if argv is not None else sys.argv[1:])]
-        proc = subprocess.run(argv_child + ["--single", mode], capture_output=True, text=True, env=env)
+    child_argv = [a for a in (argv if argv is not None else sys.argv[1:])]
+    if "--out" in child_argv:
+        i = child_argv.index("--out")
+        del child_argv[i:i + 2]
+    for method in methods:
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__), *child_argv, "--single", method],
+                              capture_output=True, text=True, env=env)
         if proc.returncode != 0:
-            raise SystemExit(f"{mode} run failed:\n{proc.stderr[-4000:]}")
-        results[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+            raise SystemExit(f"{method} run failed:\n{proc.stderr[-4000:]}")
+        results[method] = json.loads(proc.stdout.strip().splitlines()[-1])
     out = {
         "bench": "train_step",
+        "command": "python bench/train_step.py " + " ".join(child_argv),
         "device": str(jax.devices()[0].device_kind),
         "platform": jax.devices()[0].platform,
-        "config": {k: v for k, v in vars(args).items() if k != "single"},
-        "results": results,
+        "config": {k: v for k, v in vars(args).items() if k not in ("single", "out")},
+        "methods": results,
     }
-    if {"sketched", "dense"} <= results.keys():
-        s, d = results["sketched"], results["dense"]
-        out["sketched_over_dense"] = {
-            "tokens_per_s": s["tokens_per_s"] / d["tokens_per_s"],
-            "trainable_params": s["trainable_params"] / d["trainable_params"],
-        }
-        for key in ("peak_bytes_in_use", "state_bytes", "xla_temp_bytes", "xla_argument_bytes"):
-            if s.get(key) and d.get(key):
-                out["sketched_over_dense"][key] = s[key] / d[key]
-    print(json.dumps(out, indent=2))
+    for base in ("lora", "qlora", "full"):
+        if "sketch" in results and base in results:
+            s, b = results["sketch"], results[base]
+            ratios = {k: s[k] / b[k] for k in ("argument_bytes", "temp_bytes", "tokens_per_s", "trainable_params")
+                      if s.get(k) and b.get(k)}
+            if s.get("argument_bytes") and b.get("argument_bytes"):
+                ratios["argument_plus_temp_bytes"] = ((s["argument_bytes"] + s["temp_bytes"])
+                                                      / (b["argument_bytes"] + b["temp_bytes"]))
+            out[f"sketch_over_{base}"] = ratios
+    text = json.dumps(out, indent=2)
+    if args.out:
+        from sketchtune_jax.fileio import write_json_atomic
+
+        write_json_atomic(args.out, out)
+    print(text)
 
 
 if __name__ == "__main__":
