@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import re
 import sys
 import time
@@ -37,8 +36,8 @@ DEFAULT_LRS = {"sketch4": "1e-4,3e-4", "sketch3": "1e-4,3e-4", "lora": "3e-4,1e-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m", help="the dense model (LoRA, QLoRA and full start from it)")
-    p.add_argument("--sketch-int4", required=True, help="INT4 GPR4 sketched directory of --model")
-    p.add_argument("--sketch-int3", required=True, help="INT3 GPR4 sketched directory of --model")
+    p.add_argument("--sketch-int4", help="INT4 GPR4 sketched directory of --model (for method sketch4)")
+    p.add_argument("--sketch-int3", help="INT3 GPR4 sketched directory of --model (for method sketch3)")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--train-per-task", type=int, default=400, help="train records drawn from each task")
     p.add_argument("--val-fraction", type=float, default=0.05)
@@ -57,15 +56,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def train_records(per_task: int, seed: int) -> list[dict]:
     """``per_task`` train records of every task, shuffled together with ``seed``."""
-    from sketchtune_jax.data import read_json_records
+    from sketchtune_jax.data import sample_mixture
 
-    rng = random.Random(seed)
-    records = []
-    for task in TASKS:
-        rows = read_json_records(str(DATA / f"{task}.train.json"))
-        records += rng.sample(rows, min(per_task, len(rows)))
-    rng.shuffle(records)
-    return records
+    return sample_mixture([DATA / f"{task}.train.json" for task in TASKS], per_task, seed=seed)
 
 
 def unseen_words_set(limit: int) -> list[dict]:
@@ -182,10 +175,11 @@ def main(argv: list[str] | None = None) -> None:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if unknown := set(methods) - set(METHODS):
         raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {METHODS}")
-    for path in (args.sketch_int4, args.sketch_int3):
-        if not (Path(path) / "sketch_config.json").is_file():
-            raise SystemExit(f"{path} is not a sketched directory; make it with `sketchtune sketch`")
-    tokenizer = load_any(args.sketch_int4).tokenizer
+    for name, path in (("sketch4", args.sketch_int4), ("sketch3", args.sketch_int3)):
+        if name in methods and not (path and (Path(path) / "sketch_config.json").is_file()):
+            raise SystemExit(f"method {name} needs --sketch-int{name[-1]}: a sketched directory of --model "
+                             "(make it with `sketchtune sketch`)")
+    tokenizer = load_any(args.model).tokenizer
     train, val = build_batches(train_records(args.train_per_task, args.seed), tokenizer, batch_size=args.batch,
                                seq_len=args.seq, val_fraction=args.val_fraction, seed=args.seed,
                                on_long_prompt="skip", pad_multiple=args.seq)

