@@ -7,10 +7,8 @@
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 from pathlib import Path
-from typing import Any
 
 import jax.numpy as jnp
 
@@ -18,19 +16,9 @@ from converters._common import ConversionError
 from converters.export import export_hf
 from converters.gguf import load_gguf
 from converters.hf import from_state_dict, load_hf
-from sketchtune_jax.models import LlamaForCausalLM, ModelConfig
+from sketchtune_jax.models import LoadedModel
 
 BUILTIN_MODELS = ("smollm2-135m",)
-
-
-@dataclasses.dataclass
-class LoadedModel:
-    """A model with what is needed to use and re-export it."""
-
-    model: LlamaForCausalLM
-    config: ModelConfig
-    tokenizer: Any
-    source: str
 
 
 def smollm2_path() -> Path:

@@ -15,6 +15,7 @@ from flax import nnx
 
 from sketchtune_jax.fileio import atomic_directory
 from sketchtune_jax.layers import SketchedLinear
+from sketchtune_jax.models import LoadedModel
 from sketchtune_jax.module_paths import iter_modules, set_submodule
 
 SKETCH_CONFIG = "sketch_config.json"
@@ -80,7 +81,7 @@ def load_sketched(
     param_dtype: jnp.dtype = jnp.float32,
     codebook_dtype: jnp.dtype | None = None,
 ):
-    """Load a sketched checkpoint directory as a `converters.LoadedModel`.
+    """Load a sketched checkpoint directory as a `sketchtune_jax.models.LoadedModel`.
 
     Dense tensors are cast to ``param_dtype``, codebooks to ``codebook_dtype``
     (default ``param_dtype``); codes keep their packed integer type.
@@ -88,7 +89,6 @@ def load_sketched(
     import safetensors
     from transformers import AutoTokenizer
 
-    from converters import LoadedModel
     from sketchtune_jax.models import LlamaForCausalLM, ModelConfig
 
     path = Path(path)

@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from sketchtune_jax.data import format_prompt
+from sketchtune_jax.fileio import atomic_write_bytes
 
 # Task name (lower case, as in the LLM-Adapters file names) -> answer kind.
 TASK_KINDS: dict[str, str] = {
@@ -239,13 +240,7 @@ def evaluate_task(
             items.append(item)
 
     if out_jsonl is not None:
-        out_jsonl = os.fspath(out_jsonl)
-        os.makedirs(os.path.dirname(os.path.abspath(out_jsonl)), exist_ok=True)
-        tmp = out_jsonl + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            for item in items:
-                f.write(json.dumps(item) + "\n")
-        os.replace(tmp, out_jsonl)
+        atomic_write_bytes(out_jsonl, "".join(json.dumps(item) + "\n" for item in items).encode())
     correct = sum(i["correct"] for i in items)
     summary: dict[str, Any] = {
         "task": task,

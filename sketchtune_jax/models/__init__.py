@@ -13,6 +13,7 @@ from sketchtune_jax.models.llama import (
     attention_mask_for,
     positions_from_mask,
 )
+from sketchtune_jax.models.loaded import LoadedModel
 from sketchtune_jax.models.remat import REMAT_POLICIES, remat_name, with_remat
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "KVCache",
     "LlamaForCausalLM",
     "LlamaModel",
+    "LoadedModel",
     "MLP",
     "REMAT_POLICIES",
     "ModelConfig",

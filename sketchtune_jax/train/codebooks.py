@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Any
 
 import jax
@@ -17,8 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from safetensors import safe_open
-from safetensors.numpy import save_file
+import safetensors.numpy
 
+from sketchtune_jax.fileio import atomic_write_bytes
 from sketchtune_jax.layers import Codebook
 
 FORMAT_NAME = "sketchtune-codebooks"
@@ -74,18 +74,7 @@ def save_codebooks(model: nnx.Module, path: str | os.PathLike, *, metadata: dict
     }
     if metadata:
         meta["user"] = json.dumps(metadata)
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".codebooks-", suffix=".tmp", dir=directory)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_bytes(path, safetensors.numpy.save(tensors, metadata=meta))
 
 
 def read_codebooks(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
