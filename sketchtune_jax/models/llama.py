@@ -189,35 +189,38 @@ class LlamaModel(nnx.Module):
 
     def __call__(self, input_ids: jax.Array, positions: jax.Array | None, attention_mask: jax.Array | None,
                  cache: KVCache | None) -> tuple[jax.Array, KVCache | None]:
-        """``input_ids [B, T]`` -> final-normed hidden ``[B, T, D]`` and the updated cache."""
+        """``input_ids [B, T]`` -> final-normed hidden ``[B, T, D]`` and the updated cache.
+
+        Without a cache the keys are the ``T`` new tokens; with one they are its ``max_len``
+        slots, the new tokens written at ``[index, index + T)``. One loop serves both.
+        """
         b, t = input_ids.shape
         token_mask = _token_mask(attention_mask, b, t)
-        window = self.config.sliding_window
-        hidden = self.embed_tokens(input_ids)
         if cache is None:
-            if positions is None:
-                positions = positions_from_mask(token_mask)
-            slots = jnp.arange(t)
-            mask = attention_mask_for(slots, slots, token_mask, window)
-            rope = rope_for(self.config, positions)
-            run = with_remat(lambda layer, h: layer.forward(h, rope, mask)[0], self.remat)
-            for layer in self.layers:
-                hidden = run(layer, hidden)
-            return self.norm(hidden), None
-
-        index = cache.index
+            start, index = jnp.zeros((b,), jnp.int32), 0
+            key_valid, key_slots = token_mask, jnp.arange(t)
+            pasts = [None] * len(self.layers)
+        else:
+            start, index = cache.lengths, cache.index
+            key_valid = jax.lax.dynamic_update_slice(cache.mask, token_mask, (0, index))
+            key_slots = jnp.arange(cache.max_len)
+            pasts = [(k, v, index) for k, v in zip(cache.k, cache.v)]
         if positions is None:
-            positions = cache.lengths[:, None] + positions_from_mask(token_mask)
-        kv_mask = jax.lax.dynamic_update_slice(cache.mask, token_mask, (0, index))
-        mask = attention_mask_for(index + jnp.arange(t), jnp.arange(cache.max_len), kv_mask, window)
+            positions = start[:, None] + positions_from_mask(token_mask)
+        mask = attention_mask_for(index + jnp.arange(t), key_slots, key_valid, self.config.sliding_window)
         rope = rope_for(self.config, positions)
-        keys, values = [], []
-        for layer, k_layer, v_layer in zip(self.layers, cache.k, cache.v):
-            hidden, (k_layer, v_layer) = layer.forward(hidden, rope, mask, (k_layer, v_layer, index))
-            keys.append(k_layer)
-            values.append(v_layer)
+        # Training (no cache) recomputes layers by the remat policy and needs no keys back.
+        run = (with_remat(lambda layer, h, past: (layer.forward(h, rope, mask, past)[0], None), self.remat)
+               if cache is None else (lambda layer, h, past: layer.forward(h, rope, mask, past)))
+        hidden = self.embed_tokens(input_ids)
+        kv = []
+        for layer, past in zip(self.layers, pasts):
+            hidden, layer_kv = run(layer, hidden, past)
+            kv.append(layer_kv)
+        if cache is None:
+            return self.norm(hidden), None
         new_cache = KVCache(
-            k=tuple(keys), v=tuple(values), mask=kv_mask, index=index + t,
+            k=tuple(k for k, _ in kv), v=tuple(v for _, v in kv), mask=key_valid, index=index + t,
             lengths=cache.lengths + token_mask.sum(axis=-1, dtype=jnp.int32),
         )
         return self.norm(hidden), new_cache
