@@ -22,6 +22,7 @@ from sketchtune_jax.evaluation import evaluate_task, extract_answer
 from sketchtune_jax.fileio import write_json_atomic
 from sketchtune_jax.generate import generate, generate_text
 from sketchtune_jax.loading import load_any, model_info
+from sketchtune_jax.multiple_choice import evaluate_multiple_choice, parse_choices
 from sketchtune_jax.perplexity import PerplexityResult, perplexity, read_text
 from sketchtune_jax.sharding import shard_batch, shard_model
 from sketchtune_jax.sketcher import SketchSettings, partial_dir_for, sketch_model
@@ -50,6 +51,7 @@ __all__ = [
     "TrainConfig",
     "build_batches",
     "calibration_windows",
+    "evaluate_multiple_choice",
     "evaluate_task",
     "extract_answer",
     "finetune",
@@ -64,6 +66,7 @@ __all__ = [
     "load_sketched",
     "make_optimizer",
     "model_info",
+    "parse_choices",
     "partial_dir_for",
     "perplexity",
     "read_text",
