@@ -7,7 +7,7 @@
     sketchtune sketch MODEL --bits 4 --groups-per-row 4 --calib FILE|hf:NAME|self --nsamples N --seq-len L --out DIR
     sketchtune finetune SKETCH --data FILE --out RUN [--epochs --lr --batch-size ... --resume]
     sketchtune eval math|commonsense MODEL --data FILE [--limit N] [--codebooks FILE]
-    sketchtune eval commonsense MODEL --data FILE --scoring loglik [--continuation response|option]
+    sketchtune eval commonsense MODEL --data FILE --scoring loglik [--continuation response|option|question]
     sketchtune export SKETCH [--codebooks FILE] --out DIR
 
 MODEL is a Hugging Face directory, a GGUF file, a sketched directory, or the
@@ -354,8 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
         if task == "commonsense":
             p.add_argument("--scoring", choices=("generate", "loglik"), default="generate",
                            help="generate and extract the answer, or pick the choice of highest log-likelihood")
-            p.add_argument("--continuation", choices=("response", "option"), default="response",
-                           help="loglik: score 'the correct answer is answerK' or the option's own text")
+            p.add_argument("--continuation", choices=("response", "option", "question"), default="response",
+                           help="loglik: score 'the correct answer is answerK', the option's text, or the option's "
+                                "text after 'Question: ...\\nAnswer:' (lm-evaluation-harness's ARC format)")
         p.set_defaults(func=cmd_eval_task)
 
     p = sub.add_parser("finetune", help="fine-tune the codebooks of a sketched model on instruction data")

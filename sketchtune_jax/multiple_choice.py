@@ -13,8 +13,11 @@ What the continuation is (``continuation=``):
   exactly the ``output`` field of every train record. Choices differ only in the answer
   word, so this measures a fine-tuned model's preference between the words it was taught.
 - ``"option"``: the option's own text (``"a bacterial population in the bloodstream"``;
-  ``true`` / ``false`` for BoolQ), as the harness scores ARC and OpenBookQA. It has signal
-  on a model that never learned the answer words, e.g. a base model.
+  ``true`` / ``false`` for BoolQ) after the same Alpaca prompt, which lists all options.
+- ``"question"``: lm-evaluation-harness's ARC / OpenBookQA format: the prompt is only
+  ``"Question: {question}\nAnswer:"`` (the question parsed from the instruction, no option
+  list) and the continuation ``" {option text}"``. It has signal on a model that never
+  learned the answer words or the Alpaca format, e.g. a small base or chat model.
 
 The EOS token is not scored. Rows are right-padded: ``batch_size`` rows a forward pass
 (short batches filled with copies of their first row) and widths up to a multiple of 64,
@@ -40,8 +43,8 @@ from sketchtune_jax.data import TokenizerLike, read_json_records, tokenize_examp
 from sketchtune_jax.fileio import atomic_write_bytes
 from sketchtune_jax.train.step import token_nll_sum
 
-Continuation = Literal["response", "option"]
-CONTINUATIONS = ("response", "option")
+Continuation = Literal["response", "option", "question"]
+CONTINUATIONS = ("response", "option", "question")
 RESPONSE_TEMPLATE = "the correct answer is {}"
 _WIDTH_BUCKET = 64
 _ANSWER_FORMAT = re.compile(r"Answer format:\s*([A-Za-z0-9_]+(?:\s*/\s*[A-Za-z0-9_]+)+)\s*$")
@@ -114,6 +117,8 @@ def continuation_for(choices: Choices, index: int, continuation: Continuation) -
         return RESPONSE_TEMPLATE.format(choices.words[index])
     if continuation == "option":
         return choices.texts[index]
+    if continuation == "question":
+        return " " + choices.texts[index]
     raise ValueError(f"continuation must be one of {CONTINUATIONS}, got {continuation!r}")
 
 
@@ -126,10 +131,35 @@ def choice_rows(
     rows, lengths = [], []
     for i in range(len(choices.words)):
         text = continuation_for(choices, i, continuation)
-        ex = tokenize_example({**record, "output": text}, tokenizer, seq_len=1 << 30)
-        rows.append((ex.input_ids[:-1], ex.loss_mask[:-1]))
+        if continuation == "question":
+            rows.append(_plain_row(f"Question: {question_of(record['instruction'])}\nAnswer:", text, tokenizer))
+        else:
+            ex = tokenize_example({**record, "output": text}, tokenizer, seq_len=1 << 30)
+            rows.append((ex.input_ids[:-1], ex.loss_mask[:-1]))
         lengths.append(len(text))
     return choices, rows, lengths
+
+
+def question_of(instruction: str) -> str:
+    """The question of an LLM-Adapters instruction: the text after ``question:`` up to the next blank line."""
+    m = re.search(r"question:\s*(.+?)\s*(?:\n\n|$)", instruction, re.IGNORECASE | re.DOTALL)
+    if not m:
+        raise ValueError(f"cannot find 'question: ...' in the instruction: {instruction[:80]!r}")
+    return m.group(1)
+
+
+def _plain_row(prompt: str, continuation: str, tokenizer: TokenizerLike) -> tuple[np.ndarray, np.ndarray]:
+    # The same boundary rule as data.tokenize_example, for a prompt that is not the Alpaca template.
+    prompt_ids = list(tokenizer.encode(prompt, add_special_tokens=False))
+    full_ids = list(tokenizer.encode(prompt + continuation, add_special_tokens=False))
+    if full_ids[: len(prompt_ids)] == prompt_ids and len(full_ids) > len(prompt_ids):
+        cont_ids = full_ids[len(prompt_ids) :]
+    else:
+        cont_ids = list(tokenizer.encode(continuation, add_special_tokens=False))
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    ids = bos + prompt_ids + cont_ids
+    mask = [0] * (len(bos) + len(prompt_ids)) + [1] * len(cont_ids)
+    return np.asarray(ids, np.int32), np.asarray(mask, np.int32)
 
 
 @functools.partial(jax.jit, static_argnums=0)

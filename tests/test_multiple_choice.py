@@ -19,6 +19,7 @@ from sketchtune_jax.multiple_choice import (
     RESPONSE_TEMPLATE,
     evaluate_multiple_choice,
     parse_choices,
+    question_of,
     sequence_logliks,
 )
 
@@ -68,6 +69,9 @@ def test_parse_choices_real_records():
             choices = parse_choices(r["instruction"])
             assert r["answer"] in choices.words and all(choices.texts)
             assert r["output"] == RESPONSE_TEMPLATE.format(r["answer"])
+    assert question_of(load("ARC-Easy.train.json")[0]["instruction"]) == \
+        "Which factor will most likely cause a person to develop a fever?"
+    assert question_of(load("boolq.test.json")[0]["instruction"]) == "does ethanol take more energy make that produces?"
     piqa = parse_choices("Pick one: x\n\nSolution1: heat it\n\nSolution2: cool it\n\nAnswer format: solution1/solution2")
     assert piqa.texts == ("heat it", "cool it")
 
@@ -96,7 +100,7 @@ def brute_force_loglik(hf, prompt: str, continuation: str) -> float:
     return float(sum(logp[len(p) + j - 1, t] for j, t in enumerate(c)))
 
 
-@pytest.mark.parametrize("continuation", ["response", "option"])
+@pytest.mark.parametrize("continuation", ["response", "option", "question"])
 def test_batched_choice_equals_brute_force(tiny_pair, continuation, tmp_path):
     hf, tiny = tiny_pair
     records = short_records()
@@ -109,8 +113,10 @@ def test_batched_choice_equals_brute_force(tiny_pair, continuation, tmp_path):
     for r, item in zip(records, items):
         choices = parse_choices(r["instruction"])
         prompt = format_prompt(r["instruction"], r["input"])
-        texts = [RESPONSE_TEMPLATE.format(w) if continuation == "response" else t
-                 for w, t in zip(choices.words, choices.texts)]
+        texts = [RESPONSE_TEMPLATE.format(w) for w in choices.words] if continuation == "response" else list(choices.texts)
+        if continuation == "question":
+            prompt = f"Question: {question_of(r['instruction'])}\nAnswer:"
+            texts = [" " + t for t in texts]
         ref = np.asarray([brute_force_loglik(hf, prompt, t) for t in texts])
         np.testing.assert_allclose(item["logliks"], ref, rtol=1e-4, atol=1e-3)
         assert item["lengths"] == [len(t) for t in texts]
