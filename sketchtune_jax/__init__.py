@@ -24,6 +24,7 @@ from sketchtune_jax.generate import generate, generate_text
 from sketchtune_jax.loading import load_any, model_info
 from sketchtune_jax.lora import LoraSettings, apply_lora, auto_rank, load_adapter, merge_lora, save_adapter
 from sketchtune_jax.methods import FinetuneMethod
+from sketchtune_jax.multiple_choice import evaluate_multiple_choice, parse_choices
 from sketchtune_jax.perplexity import PerplexityResult, perplexity, read_text
 from sketchtune_jax.sharding import shard_batch, shard_model
 from sketchtune_jax.sketcher import SketchSettings, partial_dir_for, sketch_model
@@ -56,6 +57,7 @@ __all__ = [
     "auto_rank",
     "build_batches",
     "calibration_windows",
+    "evaluate_multiple_choice",
     "evaluate_task",
     "extract_answer",
     "finetune",
@@ -72,6 +74,7 @@ __all__ = [
     "make_optimizer",
     "merge_lora",
     "model_info",
+    "parse_choices",
     "partial_dir_for",
     "perplexity",
     "read_text",

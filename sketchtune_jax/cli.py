@@ -7,6 +7,7 @@
     sketchtune sketch MODEL --bits 4 --groups-per-row 4 --calib FILE|hf:NAME|self --nsamples N --seq-len L --out DIR
     sketchtune finetune SKETCH --data FILE --out RUN [--epochs --lr --batch-size ... --resume]
     sketchtune eval math|commonsense MODEL --data FILE [--limit N] [--codebooks FILE]
+    sketchtune eval commonsense MODEL --data FILE --scoring loglik [--continuation response|option|question]
     sketchtune export SKETCH [--codebooks FILE] --out DIR
 
 MODEL is a Hugging Face directory, a GGUF file, a sketched directory, or the
@@ -220,7 +221,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_task(args: argparse.Namespace) -> int:
-    """``eval math`` and ``eval commonsense``: generate for every record and score the extracted answers."""
+    """``eval math`` and ``eval commonsense``: generate for every record and score the extracted answers,
+    or (``--scoring loglik``) choose each answer by log-likelihood."""
     from sketchtune_jax.evaluation import evaluate_task
     from sketchtune_jax.fileio import write_json_atomic
     from sketchtune_jax.generate import generate_text
@@ -228,19 +230,39 @@ def cmd_eval_task(args: argparse.Namespace) -> int:
 
     if not Path(args.data).is_file():
         raise FileNotFoundError(f"data file not found: {args.data}")
+    scoring = getattr(args, "scoring", "generate")
+    if scoring == "loglik":
+        from sketchtune_jax.data import read_json_records
+        from sketchtune_jax.multiple_choice import check_records
+
+        records = read_json_records(args.data)[: args.limit]
+        try:
+            check_records(records)
+        except ValueError as e:
+            raise ValueError(f"{args.data}: {e}") from None
+    loaded = _load(args)
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-    loaded = _load(args)
+    # Both scorings can share one --out directory without overwriting each other.
+    name = Path(args.data).name.split(".")[0] + (".loglik" if scoring == "loglik" else "")
+    predictions = Path(args.out) / f"{name}.predictions.jsonl" if args.out else None
 
-    def generate_fn(prompts: list[str]) -> list[str]:
-        return generate_text(loaded.model, loaded.tokenizer, prompts, max_new_tokens=args.max_new_tokens)
+    if scoring == "loglik":
+        from sketchtune_jax.multiple_choice import evaluate_multiple_choice
 
-    name = Path(args.data).name.split(".")[0]
-    summary = evaluate_task(
-        generate_fn, args.data, loaded.tokenizer, task=args.task_name, batch_size=args.batch_size,
-        limit=args.limit, out_jsonl=Path(args.out) / f"{name}.predictions.jsonl" if args.out else None,
-        strict=not args.reference_rule, progress=True,
-    )
+        summary = evaluate_multiple_choice(
+            loaded.model, loaded.tokenizer, records, continuation=args.continuation, batch_size=args.batch_size,
+            out_jsonl=predictions, progress=True,
+        )
+        summary["scoring"] = "loglik"
+    else:
+        def generate_fn(prompts: list[str]) -> list[str]:
+            return generate_text(loaded.model, loaded.tokenizer, prompts, max_new_tokens=args.max_new_tokens)
+
+        summary = evaluate_task(
+            generate_fn, args.data, loaded.tokenizer, task=args.task_name, batch_size=args.batch_size,
+            limit=args.limit, out_jsonl=predictions, strict=not args.reference_rule, progress=True,
+        )
     summary["model"] = args.model
     print_table(f"{args.task} accuracy on {args.data}", summary)
     if args.out:
@@ -334,6 +356,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="extract answers exactly as the reference does (last number), not 'The answer is' first")
         p.add_argument("--out", help="directory for per-item predictions (JSONL) and the summary")
         p.add_argument("--json", help="also write the summary to this JSON file")
+        if task == "commonsense":
+            p.add_argument("--scoring", choices=("generate", "loglik"), default="generate",
+                           help="generate and extract the answer, or pick the choice of highest log-likelihood")
+            p.add_argument("--continuation", choices=("response", "option", "question"), default="response",
+                           help="loglik: score 'the correct answer is answerK', the option's text, or the option's "
+                                "text after 'Question: ...\\nAnswer:' (lm-evaluation-harness's ARC format)")
         p.set_defaults(func=cmd_eval_task)
 
     p = sub.add_parser("finetune", help="fine-tune a sketch's codebooks, or a dense model by LoRA, QLoRA or fully")
