@@ -144,10 +144,11 @@ def test_padding_and_batch_size_do_not_change_scores(tiny):
 
 @pytest.mark.slow
 def test_smollm2_above_chance_on_arc_easy(smollm2):
+    # Measured: acc 20/40, acc_norm 19/40 (chance 10/40). A chance-level scorer reaches 17/40 with p ~ 0.015.
     summary = evaluate_multiple_choice(smollm2.model, smollm2.tokenizer, os.path.join(DATA, "ARC-Easy.test.json"),
-                                       continuation="option", limit=40, batch_size=16)
+                                       continuation="question", limit=40, batch_size=16)
     assert summary["n"] == 40 and summary["chance"] == pytest.approx(0.25)
-    assert summary["acc_norm"] >= 0.45
+    assert summary["correct"] >= 17 and summary["correct_norm"] >= 17
 
 
 def test_cli_rejects_unparseable_records_before_loading(tmp_path, capsys):
