@@ -49,6 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.add_argument(f"--lrs-{m}", default=DEFAULT_LRS[m], help=f"learning rates tried for {m}")
     p.add_argument("--eval-limit", type=int, default=100, help="test items per task")
     p.add_argument("--gen-limit", type=int, default=50, help="test items per task scored by generation")
+    p.add_argument("--serve-prompt", type=int, default=128, help="prompt tokens for the serving-speed figures")
+    p.add_argument("--serve-tokens", type=int, default=16, help="decoded tokens for the serving-speed figures")
     p.add_argument("--work", default="runs/compare/work")
     p.add_argument("--out", required=True)
     return p.parse_args(argv)
@@ -122,6 +124,9 @@ def run_method(args: argparse.Namespace, name: str, train, val) -> dict:
             best = (f"{lr:g}", loaded, method, model, config)
     lr, loaded, method, model, config = best
     out = {"method": name, "lr": float(lr), "lr_sweep": sweep, **sweep[lr]}
+    # What the best run keeps (adapter, codebooks, or the full model for bench/update_analysis.py).
+    out["result"] = method.result_writer(config=loaded.config, tokenizer=loaded.tokenizer,
+                                         base_model=args.model)(model, str(work))
     out["trainable_params"] = trainable_parameter_count(model, method.wrt)
     out["weight_bytes"] = state_bytes(model, nnx.Param)
     if method.lora is not None:
@@ -135,7 +140,8 @@ def run_method(args: argparse.Namespace, name: str, train, val) -> dict:
     served = {"as_trained": model}
     if method.lora is not None:
         served["merged"] = merge_lora(model, method.lora)
-    out["serving"] = {k: serving_speed(m) for k, m in served.items()}
+    out["serving"] = {k: serving_speed(m, prompt_len=args.serve_prompt, new_tokens=args.serve_tokens, repeats=1)
+                      for k, m in served.items()}
     eval_model = served.get("merged", model)
     out["accuracy"] = evaluate(args, eval_model, loaded.tokenizer, work)
     return out

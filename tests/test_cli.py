@@ -63,9 +63,9 @@ def test_model_errors_are_one_line(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def test_finetune_needs_a_sketched_model(tmp_path, capsys, hf_dir):
+def test_finetune_of_a_dense_model_asks_for_a_method(tmp_path, capsys, hf_dir):
     _fails(["finetune", str(hf_dir), "--data", str(WIKI), "--out", str(tmp_path / "run")], capsys,
-           "not a sketched model")
+           "is a dense model: choose --method lora, qlora or full")
     assert not (tmp_path / "run").exists()
 
 
