@@ -25,6 +25,7 @@ from sketchtune_jax.loading import load_any, model_info
 from sketchtune_jax.perplexity import PerplexityResult, perplexity, read_text
 from sketchtune_jax.sharding import shard_batch, shard_model
 from sketchtune_jax.sketcher import SketchSettings, partial_dir_for, sketch_model
+from sketchtune_jax.streaming import assemble_sketch, sketch_streaming
 from sketchtune_jax.train import (
     TrainConfig,
     finetune,
@@ -48,6 +49,7 @@ __all__ = [
     "SketchSettings",
     "SketchedLinear",
     "TrainConfig",
+    "assemble_sketch",
     "build_batches",
     "calibration_windows",
     "evaluate_task",
@@ -72,6 +74,7 @@ __all__ = [
     "shard_batch",
     "shard_model",
     "sketch_model",
+    "sketch_streaming",
     "train_step",
     "trainable_parameter_count",
     "write_json_atomic",
