@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from converters import TensorSource, fill_params
-from converters._common import abstract_model, check_names, iter_params
 from sketchtune_jax.checkpoint import sketched_modules, write_sketched_dir
 from sketchtune_jax.layers import SketchedLinear
 from sketchtune_jax.models.llama import DecoderLayer, Embedding
@@ -31,6 +29,9 @@ from sketchtune_jax.sketcher import (
     sketch_layers,
     swap_in_sketches,
 )
+
+if TYPE_CHECKING:
+    from converters import TensorSource
 
 LAYER_PREFIX = "model.layers."
 
@@ -52,6 +53,9 @@ def sketch_streaming(
     ``calib_ids``: int32 ``[nsamples, seq_len]``. Finished layers are written to ``work_dir``
     (and a run with the same settings resumes from it); `assemble_sketch` makes the checkpoint.
     """
+    # converters imports this package, so it is imported when first used.
+    from converters._common import abstract_model, check_names, fill_params, iter_params
+
     config = tensors.config
     settings.validate(config)
     check_names(dict(iter_params(abstract_model(config, dtype, param_dtype))), tensors.names(), tensors.where,
@@ -83,6 +87,8 @@ def assemble_sketch(
 
     The result is the directory `save_sketched` writes for the same model sketched in memory.
     """
+    from converters._common import abstract_model
+
     config = tensors.config
     resume_layers = ResumeDir.existing(work_dir)
     globals_ = [(name, var) for name, var in _flat(abstract_model(config, dtype, param_dtype))
@@ -114,6 +120,8 @@ def assemble_sketch(
 
 def _dense_layer(tensors: TensorSource, index: int, dtype: jnp.dtype, param_dtype: jnp.dtype) -> nnx.Module:
     """Decoder layer ``index`` read from ``tensors``; the pages read are handed back at once."""
+    from converters import fill_params
+
     layer = nnx.eval_shape(lambda: DecoderLayer(tensors.config, dtype=dtype, param_dtype=param_dtype,
                                                 rngs=nnx.Rngs(0)))
     fill_params(layer, f"{LAYER_PREFIX}{index}.", tensors)
