@@ -88,3 +88,12 @@ def test_the_cli_streams_by_default_and_matches_the_in_memory_path(tmp_path):
     _assert_same_checkpoint(tmp_path / "memory", tmp_path / "stream")
     assert not (tmp_path / "stream.partial").exists()
     assert (tmp_path / "stream" / "tokenizer.json").is_file()
+
+
+def test_converters_can_be_imported_before_the_library():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", "import converters; converters.open_tensors"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
