@@ -12,10 +12,10 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
-from converters._common import ConversionError
+from converters._common import ConversionError, TensorSource, fill_params
 from converters.export import export_hf
-from converters.gguf import load_gguf
-from converters.hf import from_state_dict, load_hf
+from converters.gguf import GGUFTensors, load_gguf
+from converters.hf import HFTensors, from_state_dict, load_hf
 from sketchtune_jax.models import LoadedModel
 
 BUILTIN_MODELS = ("smollm2-135m",)
@@ -49,14 +49,28 @@ def load_model(source: str, *, dtype: jnp.dtype = jnp.float32, param_dtype: jnp.
     return LoadedModel(model=model, config=config, tokenizer=tokenizer, source=str(source))
 
 
+def open_tensors(source: str, *, load_tokenizer: bool = True) -> TensorSource:
+    """``source`` (as `load_model` takes it) opened lazily: tensors are read one at a time on request."""
+    if source in BUILTIN_MODELS:
+        return GGUFTensors(smollm2_path(), load_tokenizer=load_tokenizer)
+    if str(source).endswith(".gguf"):
+        return GGUFTensors(source, load_tokenizer=load_tokenizer)
+    return HFTensors(source, load_tokenizer=load_tokenizer)
+
+
 __all__ = [
     "BUILTIN_MODELS",
     "ConversionError",
+    "GGUFTensors",
+    "HFTensors",
     "LoadedModel",
+    "TensorSource",
     "export_hf",
+    "fill_params",
     "from_state_dict",
     "load_gguf",
     "load_hf",
     "load_model",
+    "open_tensors",
     "smollm2_path",
 ]

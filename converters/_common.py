@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -59,3 +60,33 @@ def assign(var: nnx.Variable, name: str, value: np.ndarray | jax.Array, where: s
             f"tensor {name!r} in {where} has shape {tuple(value.shape)}, expected {expected}"
         )
     var.set_value(jnp.asarray(value, dtype=var.get_value().dtype))
+
+
+class TensorSource(Protocol):
+    """A checkpoint read lazily: HF-named tensors one at a time, plus the config and tokenizer.
+
+    `release` drops what was read or mapped so far (open files, mapped pages) without
+    closing the source for good; a streaming reader calls it after each decoder layer.
+    """
+
+    config: ModelConfig
+    tokenizer: Any
+    where: str
+
+    def names(self) -> set[str]: ...
+    def ignorable(self, name: str) -> bool: ...
+    def get(self, name: str) -> np.ndarray | jax.Array: ...
+    def file_of(self, name: str) -> str: ...
+    def release(self) -> None: ...
+    def close(self) -> None: ...
+
+
+def fill_params(module: nnx.Module, prefix: str, tensors: TensorSource) -> None:
+    """Set every `nnx.Param` of ``module`` (abstract or not) from ``tensors.get(prefix + name)``."""
+    params = {prefix + name: var for name, var in iter_params(module)}
+    missing = sorted(set(params) - tensors.names())
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ConversionError(f"tensor {missing[0]!r} is missing from {tensors.where}{more}")
+    for name, var in params.items():
+        assign(var, name, tensors.get(name), tensors.file_of(name))

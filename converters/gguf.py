@@ -6,6 +6,7 @@ rotary layout; we undo that so weights are in the Hugging Face layout again.
 
 from __future__ import annotations
 
+import mmap
 import re
 import warnings
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from converters._common import ConversionError, abstract_model, assign, check_names, iter_params
+from converters._common import ConversionError, abstract_model, check_names, fill_params, iter_params
 from sketchtune_jax.models import LlamaForCausalLM, ModelConfig, RopeScaling
 from sketchtune_jax.models.rope import inverse_frequencies
 
@@ -71,7 +72,16 @@ def _reader_class():
 
         @data.setter
         def data(self, value: np.ndarray) -> None:
-            self._data = value.view(np.ndarray) if isinstance(value, np.memmap) else value
+            if isinstance(value, np.memmap):
+                self.file_map = value._mmap
+                value = value.view(np.ndarray)
+            self._data = value
+
+        def drop_pages(self) -> None:
+            """Hand the pages read so far back to the page cache (they stay valid, read again on use)."""
+            file_map = getattr(self, "file_map", None)
+            if file_map is not None and hasattr(mmap, "MADV_DONTNEED"):
+                file_map.madvise(mmap.MADV_DONTNEED)
 
     return FastReader
 
@@ -161,6 +171,61 @@ def _rope_scaling(meta: dict, arch: str, tensors: dict, head_dim: int, theta: fl
     return scaling
 
 
+class GGUFTensors:
+    """The tensors of a GGUF file by HF name, dequantized (and un-interleaved) one at a time on request.
+
+    The file stays memory-mapped; `release` hands the pages read so far back to the
+    page cache, which keeps a layer-by-layer reader's memory flat.
+    """
+
+    def __init__(self, path: str | Path, *, load_tokenizer: bool = True):
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise ConversionError(f"{path} does not exist")
+        self.where = str(path)
+        self._reader = _open_reader(path)
+        self.config = config_from_gguf(self._reader, self.where)
+        self._by_hf = {}
+        for t in self._reader.tensors:
+            if t.name == "rope_freqs.weight":
+                continue
+            name = hf_tensor_name(t.name)
+            if name is None:
+                raise ConversionError(f"unexpected tensor {t.name!r} in {path}: not part of a Llama model")
+            self._by_hf[name] = t
+        self.tokenizer = _tokenizer(path, self._reader) if load_tokenizer else None
+
+    def names(self) -> set[str]:
+        return set(self._by_hf)
+
+    def ignorable(self, name: str) -> bool:
+        return False
+
+    def file_of(self, name: str) -> str:
+        return self.where
+
+    def get(self, name: str) -> np.ndarray:
+        import gguf
+
+        t = self._by_hf[name]
+        try:
+            w = gguf.quants.dequantize(t.data, t.tensor_type)
+        except Exception as e:  # noqa: BLE001 - unsupported quant types raise NotImplementedError
+            raise ConversionError(
+                f"cannot dequantize tensor {t.name!r} ({t.tensor_type.name}) in {self.where}: {e}") from None
+        if ".q_proj." in name:
+            w = unpermute_rotary(w, self.config.num_attention_heads)
+        elif ".k_proj." in name:
+            w = unpermute_rotary(w, self.config.num_key_value_heads)
+        return w
+
+    def release(self) -> None:
+        self._reader.drop_pages()
+
+    def close(self) -> None:
+        self.release()
+
+
 def load_gguf(path: str | Path, *, dtype: jnp.dtype = jnp.float32, param_dtype: jnp.dtype = jnp.float32,
               load_tokenizer: bool = True) -> tuple[LlamaForCausalLM, ModelConfig, Any]:
     """Load a Llama-family ``.gguf`` -> ``(model, config, tokenizer or None)``.
@@ -168,37 +233,12 @@ def load_gguf(path: str | Path, *, dtype: jnp.dtype = jnp.float32, param_dtype: 
     Quantized tensors (Q4_1, Q8_0, ...) are dequantized to float32 and cast to
     ``param_dtype``. The tokenizer is built by transformers from the file's metadata.
     """
-    import gguf
-
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise ConversionError(f"{path} does not exist")
-    reader = _open_reader(path)
-    config = config_from_gguf(reader, str(path))
-    model = abstract_model(config, dtype, param_dtype)
-    params = dict(iter_params(model))
-    by_hf = {}
-    for t in reader.tensors:
-        if t.name == "rope_freqs.weight":
-            continue
-        name = hf_tensor_name(t.name)
-        if name is None:
-            raise ConversionError(f"unexpected tensor {t.name!r} in {path}: not part of a Llama model")
-        by_hf[name] = t
-    check_names(params, by_hf, str(path))
-    for name, var in params.items():
-        t = by_hf[name]
-        try:
-            w = gguf.quants.dequantize(t.data, t.tensor_type)
-        except Exception as e:  # noqa: BLE001 - unsupported quant types raise NotImplementedError
-            raise ConversionError(f"cannot dequantize tensor {t.name!r} ({t.tensor_type.name}) in {path}: {e}") from None
-        if ".q_proj." in name:
-            w = unpermute_rotary(w, config.num_attention_heads)
-        elif ".k_proj." in name:
-            w = unpermute_rotary(w, config.num_key_value_heads)
-        assign(var, name, w, str(path))
-    tokenizer = _tokenizer(path, reader) if load_tokenizer else None
-    return model, config, tokenizer
+    tensors = GGUFTensors(path, load_tokenizer=load_tokenizer)
+    model = abstract_model(tensors.config, dtype, param_dtype)
+    check_names(dict(iter_params(model)), tensors.names(), tensors.where)
+    fill_params(model, "", tensors)
+    tensors.close()
+    return model, tensors.config, tensors.tokenizer
 
 
 def _tokenizer(path: Path, reader: Any) -> Any:
@@ -213,4 +253,4 @@ def _tokenizer(path: Path, reader: Any) -> Any:
         return None
 
 
-__all__ = ["config_from_gguf", "hf_tensor_name", "load_gguf", "unpermute_rotary"]
+__all__ = ["GGUFTensors", "config_from_gguf", "hf_tensor_name", "load_gguf", "unpermute_rotary"]

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from converters._common import ConversionError, abstract_model, assign, check_names, iter_params
+from converters._common import ConversionError, abstract_model, assign, check_names, fill_params, iter_params
 from sketchtune_jax.models import LlamaForCausalLM, ModelConfig
 
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -170,6 +170,45 @@ def _ignorable(config: ModelConfig):
     return ignorable
 
 
+class HFTensors:
+    """The tensors of a HF directory by name, read one at a time on request.
+
+    Files are opened (memory-mapped) when first read from; `release` closes them so the
+    pages read so far leave the process, which keeps a layer-by-layer reader's memory flat.
+    """
+
+    def __init__(self, source: str | Path, *, load_tokenizer: bool = True):
+        self.directory = resolve_directory(source)
+        self.where = str(self.directory)
+        self.config = read_config(self.directory)
+        self._weight_map = _weight_map(self.directory)
+        self._open: dict[Path, _SafetensorsFile | _TorchFile] = {}
+        self.tokenizer = load_tokenizer_from(self.directory) if load_tokenizer else None
+
+    def names(self) -> set[str]:
+        return set(self._weight_map)
+
+    def ignorable(self, name: str) -> bool:
+        return _ignorable(self.config)(name)
+
+    def file_of(self, name: str) -> str:
+        return str(self._weight_map[name])
+
+    def get(self, name: str) -> jax.Array | np.ndarray:
+        path = self._weight_map[name]
+        if path not in self._open:
+            self._open[path] = _open(path)
+        return self._open[path].get(name)
+
+    def release(self) -> None:
+        for reader in self._open.values():
+            reader.close()
+        self._open = {}
+
+    def close(self) -> None:
+        self.release()
+
+
 def load_hf(source: str | Path, *, dtype: jnp.dtype = jnp.float32, param_dtype: jnp.dtype = jnp.float32,
             load_tokenizer: bool = True) -> tuple[LlamaForCausalLM, ModelConfig, Any]:
     """Load a HF Llama/Mistral directory (or hub name) -> ``(model, config, tokenizer or None)``.
@@ -179,24 +218,14 @@ def load_hf(source: str | Path, *, dtype: jnp.dtype = jnp.float32, param_dtype: 
     for a missing path, no ``config.json``, an unsupported model, a missing, unexpected or
     misshapen tensor, or a corrupt file.
     """
-    directory = resolve_directory(source)
-    config = read_config(directory)
-    weight_map = _weight_map(directory)
-    model = abstract_model(config, dtype, param_dtype)
-    params = dict(iter_params(model))
-    check_names(params, weight_map, str(directory), _ignorable(config))
-    by_file: dict[Path, list[str]] = {}
-    for name in params:
-        by_file.setdefault(weight_map[name], []).append(name)
-    for path, names in sorted(by_file.items()):
-        reader = _open(path)
-        try:
-            for name in names:
-                assign(params[name], name, reader.get(name), str(path))
-        finally:
-            reader.close()
-    tokenizer = load_tokenizer_from(directory) if load_tokenizer else None
-    return model, config, tokenizer
+    tensors = HFTensors(source, load_tokenizer=load_tokenizer)
+    try:
+        model = abstract_model(tensors.config, dtype, param_dtype)
+        check_names(dict(iter_params(model)), tensors.names(), tensors.where, tensors.ignorable)
+        fill_params(model, "", tensors)
+    finally:
+        tensors.close()
+    return model, tensors.config, tensors.tokenizer
 
 
 def load_tokenizer_from(directory: Path) -> Any:

@@ -28,6 +28,7 @@ from sketchtune_jax.multiple_choice import evaluate_multiple_choice, parse_choic
 from sketchtune_jax.perplexity import PerplexityResult, perplexity, read_text
 from sketchtune_jax.sharding import shard_batch, shard_model
 from sketchtune_jax.sketcher import SketchSettings, partial_dir_for, sketch_model
+from sketchtune_jax.streaming import assemble_sketch, sketch_streaming
 from sketchtune_jax.train import (
     TrainConfig,
     finetune,
@@ -54,6 +55,7 @@ __all__ = [
     "SketchedLinear",
     "TrainConfig",
     "apply_lora",
+    "assemble_sketch",
     "auto_rank",
     "build_batches",
     "calibration_windows",
@@ -85,6 +87,7 @@ __all__ = [
     "shard_batch",
     "shard_model",
     "sketch_model",
+    "sketch_streaming",
     "train_step",
     "trainable_parameter_count",
     "write_json_atomic",

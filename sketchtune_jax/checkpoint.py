@@ -8,9 +8,10 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from sketchtune_jax.fileio import atomic_directory
@@ -48,9 +49,31 @@ def save_sketched(
     overwrite: bool = False,
 ) -> Path:
     """Write ``model`` (with its `SketchedLinear` modules) as a sketched checkpoint directory, atomically."""
-    import safetensors.flax
+    _, state = nnx.split(model)
+    flat = [(".".join(str(p) for p in path), var) for path, var in nnx.to_flat_state(state)]
+    specs = {name: (tuple(var.shape), np.dtype(var.dtype)) for name, var in flat}
+    return write_sketched_dir(out_dir, config, tokenizer, sketched_modules(model), specs,
+                              ((name, var[...]) for name, var in flat),
+                              settings=settings, report=report, overwrite=overwrite)
 
-    modules = sketched_modules(model)
+
+def write_sketched_dir(
+    out_dir: str | os.PathLike,
+    config,
+    tokenizer,
+    modules: dict[str, dict[str, int]],
+    specs: dict[str, tuple[tuple[int, ...], np.dtype]],
+    arrays: Iterable[tuple[str, Any]],
+    *,
+    settings: dict[str, Any] | None = None,
+    report: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a sketched checkpoint directory atomically, its tensors streamed one at a time.
+
+    ``modules``: as `sketched_modules` returns. ``specs``: ``{name: (shape, dtype)}`` of every
+    tensor, in the order ``arrays`` yields ``(name, array)``; only one array is held at a time.
+    """
     if not modules:
         raise ValueError("the model has no sketched modules; sketch it first (sketchtune sketch)")
     bits = sorted({m["bits"] for m in modules.values()})
@@ -63,15 +86,52 @@ def save_sketched(
         "settings": settings or {},
         "report": report or {},
     }
-    _, state = nnx.split(model)
-    tensors = {".".join(str(p) for p in path): var[...] for path, var in nnx.to_flat_state(state)}
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
-        safetensors.flax.save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "sketchtune-jax"})
+        write_safetensors(tmp / WEIGHTS, specs, arrays, metadata={"format": "sketchtune-jax"})
         (tmp / "config.json").write_text(json.dumps(config.to_hf(), indent=2) + "\n")
         (tmp / SKETCH_CONFIG).write_text(json.dumps(sketch_config, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
     return Path(out_dir)
+
+
+_SAFETENSORS_DTYPES = {
+    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64", "int32": "I32",
+    "int16": "I16", "int8": "I8", "uint64": "U64", "uint32": "U32", "uint16": "U16", "uint8": "U8", "bool": "BOOL",
+}
+
+
+def write_safetensors(path: Path, specs: dict[str, tuple[tuple[int, ...], np.dtype]],
+                      arrays: Iterable[tuple[str, Any]], *, metadata: dict[str, str] | None = None) -> None:
+    """A safetensors file written tensor by tensor: the header from ``specs``, then each array of ``arrays``.
+
+    ``arrays`` must yield exactly the names of ``specs``, in that order, each of that shape and dtype.
+    """
+    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name, (shape, dtype) in specs.items():
+        dtype = np.dtype(dtype)
+        if dtype.name not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"tensor {name!r} has dtype {dtype}, which safetensors cannot store")
+        size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype.name], "shape": list(shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    expected = iter(specs.items())
+    with open(path, "wb") as f:
+        f.write(len(encoded).to_bytes(8, "little"))
+        f.write(encoded)
+        for name, array in arrays:
+            want, (shape, dtype) = next(expected, (None, (None, None)))
+            array = np.ascontiguousarray(array)
+            if name != want or array.shape != tuple(shape) or array.dtype != np.dtype(dtype):
+                raise ValueError(f"tensor {name!r} {array.dtype} {array.shape} does not match the header's "
+                                 f"next entry {want!r} {dtype} {shape}")
+            f.write(array.reshape(-1).view(np.uint8).data)
+        if next(expected, None) is not None:
+            raise ValueError(f"{path}: fewer tensors written than the header lists")
 
 
 def load_sketched(

@@ -128,7 +128,7 @@ def cmd_sketch(args: argparse.Namespace) -> int:
     settings = _settings_from_args(SketchSettings, args, error_feedback=not args.no_error_feedback,
                                    calib_range=_fraction_range(args.calib_range))
     report = sketch_to_dir(args.model, args.out, settings, dtype=args.dtype, batch_size=args.batch_size,
-                           overwrite=args.overwrite)
+                           overwrite=args.overwrite, streaming=args.streaming)
     if args.json:
         write_json_atomic(args.json, report)
     worst = sorted(report["modules"], key=lambda r: -r["rel_output_error"])[:5]
@@ -321,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward pass")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output and any unfinished sketch")
+    p.add_argument("--streaming", action=argparse.BooleanOptionalAction, default=True,
+                   help="read the checkpoint one decoder layer at a time (default; same result as --no-streaming, "
+                        "which loads the whole model)")
     p.add_argument("--json", help="also write the report to this JSON file")
     p.set_defaults(func=cmd_sketch)
 

@@ -48,6 +48,7 @@ STAGES: tuple[tuple[str, ...], ...] = (
     ("mlp.gate_proj", "mlp.up_proj"),
     ("mlp.down_proj",),
 )
+PROJECTIONS: tuple[str, ...] = tuple(name for stage in STAGES for name in stage)
 
 
 @dataclass(frozen=True)
@@ -241,26 +242,51 @@ def sketch_model(
     is saved there and a later call with the same settings resumes from it.
     ``on_layer_done(index)`` is called after each decoder layer is finished (and saved).
     """
-    config = model.config
-    settings.validate(config)
+    settings.validate(model.config)
+    calib_ids = check_calibration_ids(calib_ids)
+    resume = ResumeDir(work_dir, settings, calib_ids) if work_dir is not None else None
+    layers = model.model.layers
+    return sketch_layers(model.model.embed_tokens, len(layers), lambda index: layers[index], calib_ids, settings,
+                         resume=resume, batch_size=batch_size, show_progress=show_progress,
+                         on_layer_done=on_layer_done)
+
+
+def check_calibration_ids(calib_ids: np.ndarray) -> np.ndarray:
+    """``calib_ids`` as int32 ``[nsamples, seq_len]``, or a one-line error."""
     calib_ids = np.asarray(calib_ids, dtype=np.int32)
     if calib_ids.ndim != 2:
         raise ValueError(f"calibration ids must be [nsamples, seq_len], got shape {calib_ids.shape}")
-    resume = _ResumeDir(work_dir, settings, calib_ids) if work_dir is not None else None
-    layers = model.model.layers
-    hidden = model.model.embed_tokens(jnp.asarray(calib_ids)).astype(jnp.float32)
+    return calib_ids
+
+
+def sketch_layers(
+    embed: nnx.Module,
+    num_layers: int,
+    layer_at: Callable[[int], nnx.Module],
+    calib_ids: np.ndarray,
+    settings: SketchSettings,
+    *,
+    resume: ResumeDir | None,
+    batch_size: int,
+    show_progress: bool,
+    on_layer_done: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Sketch decoder layers ``layer_at(0) ... layer_at(num_layers - 1)`` in order, in place; returns the report.
+
+    ``embed`` maps ``calib_ids`` to the first layer's input. ``layer_at(index)`` hands the dense
+    layer; it is asked once, so it may build the layer there and then (the streaming sketcher
+    reads it from the checkpoint) and the layer may be dropped once the next one is asked for.
+    """
+    hidden = embed(jnp.asarray(calib_ids)).astype(jnp.float32)
     _check_finite(hidden, "the embeddings of the calibration tokens")
     report: list[dict[str, Any]] = []
     start = time.perf_counter()
-    for index in progress(range(len(layers)), desc="sketching layers", disable=not show_progress):
-        layer = layers[index]
+    for index in progress(range(num_layers), desc="sketching layers", disable=not show_progress):
+        layer = layer_at(index)
         done = resume.load_layer(index) if resume else None
         if done is not None:
             tensors, rows = done
-            for name in (n for stage in STAGES for n in stage):
-                linear = get_submodule(layer, name)
-                set_submodule(layer, name, SketchedLinear.from_linear(
-                    linear, tensors[f"{name}.codebook"], tensors[f"{name}.codes"]))
+            swap_in_sketches(layer, tensors)
         else:
             rows = [{"layer": index, **r} for r in
                     _sketch_layer(layer, hidden, settings, batch_size, settings.seed + 1000 * index)]
@@ -269,6 +295,7 @@ def sketch_model(
         report += rows
         hidden = _forward_layer(layer, hidden, batch_size)
         _check_finite(hidden, f"the output of decoder layer {index}")
+        del layer
         if on_layer_done is not None:
             on_layer_done(index)
     return {
@@ -279,12 +306,20 @@ def sketch_model(
     }
 
 
+def swap_in_sketches(layer: nnx.Module, tensors: dict[str, np.ndarray]) -> None:
+    """Replace each projection of decoder ``layer`` by its sketch from ``<name>.codebook`` / ``<name>.codes``."""
+    for name in PROJECTIONS:
+        linear = get_submodule(layer, name)
+        set_submodule(layer, name, SketchedLinear.from_linear(
+            linear, tensors[f"{name}.codebook"], tensors[f"{name}.codes"]))
+
+
 def _check_finite(x: jax.Array, what: str) -> None:
     if not bool(jnp.all(jnp.isfinite(x))):
         raise ValueError(f"NaN or Inf in {what}; check the checkpoint's weights and the dtype (try --dtype float32)")
 
 
-class _ResumeDir:
+class ResumeDir:
     """Per-layer results of an unfinished sketch, keyed to the settings and calibration data."""
 
     def __init__(self, path: str | os.PathLike, settings: SketchSettings, calib_ids: np.ndarray):
@@ -305,6 +340,13 @@ class _ResumeDir:
             self.path.mkdir(parents=True, exist_ok=True)
             write_json_atomic(meta, self.fingerprint)
 
+    @classmethod
+    def existing(cls, path: str | os.PathLike) -> ResumeDir:
+        """The finished layers in ``path``, to read back (its fingerprint is not checked)."""
+        resume = cls.__new__(cls)
+        resume.path = Path(path)
+        return resume
+
     def _file(self, index: int) -> Path:
         return self.path / f"layer_{index:04d}.safetensors"
 
@@ -322,7 +364,7 @@ class _ResumeDir:
         import safetensors.numpy
 
         tensors = {}
-        for name in (n for stage in STAGES for n in stage):
+        for name in PROJECTIONS:
             m = get_submodule(layer, name)
             tensors[f"{name}.codebook"] = np.asarray(m.codebook[...], dtype=np.float32)
             tensors[f"{name}.codes"] = np.asarray(m.codes[...])

@@ -24,12 +24,16 @@ from sketchtune_jax.methods import FinetuneMethod
 logger = logging.getLogger(__name__)
 
 
+def _dtype(dtype: str):
+    if dtype not in DTYPES:
+        raise SettingError("dtype", f"must be one of {sorted(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
 def _load(model_ref: str, dtype: str, codebooks: str | None = None):
     from sketchtune_jax.loading import load_any
 
-    if dtype not in DTYPES:
-        raise SettingError("dtype", f"must be one of {sorted(DTYPES)}, got {dtype!r}")
-    return load_any(model_ref, dtype=DTYPES[dtype], param_dtype=DTYPES[dtype], codebooks=codebooks)
+    return load_any(model_ref, dtype=_dtype(dtype), param_dtype=_dtype(dtype), codebooks=codebooks)
 
 
 def _is_file_source(source: str) -> bool:
@@ -45,34 +49,59 @@ def sketch_to_dir(
     batch_size: int = 8,
     overwrite: bool = False,
     show_progress: bool = True,
+    streaming: bool = True,
 ) -> dict[str, Any]:
     """Sketch ``model_ref`` calibrated on ``settings.calib`` and save it in ``out_dir``; returns the report.
 
     Finished layers are kept in ``<out_dir>.partial`` until the sketch is saved, so the
     same call after an interruption resumes; ``overwrite`` replaces a finished sketch
     and discards an unfinished one. The settings (``calib`` as an absolute path) go to
-    ``sketch_config.json``, the report to ``sketch_report.json``.
+    ``sketch_config.json``, the report to ``sketch_report.json``. With ``streaming`` the
+    checkpoint is read one decoder layer at a time (`sketchtune_jax.streaming`), except
+    with calibration ``self``, which samples text from the whole model; the result is the same.
     """
     if _is_file_source(settings.calib):
         if not Path(settings.calib).is_file():
             raise FileNotFoundError(f"calibration file not found: {settings.calib}")
         settings = dataclasses.replace(settings, calib=str(Path(settings.calib).resolve()))
+    if is_sketched_dir(model_ref):
+        raise ValueError(f"{model_ref} is already sketched; sketch the dense model it came from")
+    dtype_ = _dtype(dtype)
     partial = prepare_sketch_output(out_dir, overwrite=overwrite)
     if partial.exists():
         logger.info("resuming the unfinished sketch in %s", partial)
-    loaded = _load(model_ref, dtype)
-    settings.validate(loaded.config)
     from sketchtune_jax.calibration import calibration_windows
 
-    calib = calibration_windows(
-        settings.calib, loaded.tokenizer, nsamples=settings.nsamples, seq_len=settings.seq_len, seed=settings.seed,
-        model=loaded.model, text_range=settings.calib_range,
-    )
-    report = sketch_model(loaded.model, calib, settings, work_dir=partial, batch_size=batch_size,
-                          show_progress=show_progress)
-    report["source"] = model_ref
-    save_sketched(loaded.model, loaded.config, loaded.tokenizer, out_dir,
-                  settings=dataclasses.asdict(settings), report=report, overwrite=True)
+    if streaming and settings.calib != "self":
+        from converters import open_tensors
+        from sketchtune_jax.streaming import assemble_sketch, sketch_streaming
+
+        tensors = open_tensors(model_ref)
+        try:
+            settings.validate(tensors.config)
+            calib = calibration_windows(
+                settings.calib, tensors.tokenizer, nsamples=settings.nsamples, seq_len=settings.seq_len,
+                seed=settings.seed, text_range=settings.calib_range,
+            )
+            report = sketch_streaming(tensors, calib, settings, work_dir=partial, dtype=dtype_, param_dtype=dtype_,
+                                      batch_size=batch_size, show_progress=show_progress)
+            report["source"] = model_ref
+            assemble_sketch(tensors, partial, out_dir, settings, report=report, dtype=dtype_, param_dtype=dtype_,
+                            overwrite=True)
+        finally:
+            tensors.close()
+    else:
+        loaded = _load(model_ref, dtype)
+        settings.validate(loaded.config)
+        calib = calibration_windows(
+            settings.calib, loaded.tokenizer, nsamples=settings.nsamples, seq_len=settings.seq_len,
+            seed=settings.seed, model=loaded.model, text_range=settings.calib_range,
+        )
+        report = sketch_model(loaded.model, calib, settings, work_dir=partial, batch_size=batch_size,
+                              show_progress=show_progress)
+        report["source"] = model_ref
+        save_sketched(loaded.model, loaded.config, loaded.tokenizer, out_dir,
+                      settings=dataclasses.asdict(settings), report=report, overwrite=True)
     write_json_atomic(Path(out_dir) / "sketch_report.json", report)
     shutil.rmtree(partial_dir_for(out_dir), ignore_errors=True)
     return report

@@ -1,0 +1,178 @@
+"""Peak host memory of `sketchtune sketch` as the checkpoint grows: streaming vs the whole model.
+
+Writes random-weight Llama checkpoints (sharded safetensors, one shard per decoder layer,
+a small BPE tokenizer trained on the calibration text) that differ only in depth, sketches
+each in a subprocess and reads the child's peak RSS (``wait4`` rusage ``ru_maxrss``).
+Random weights: the sketch quality means nothing here, only the memory does. Prints JSON
+and writes it to ``--out``.
+
+    python bench/scale.py --out bench/results/scale-cpu-<date>.json
+    python bench/scale.py --layers 2 4 --hidden 256 --intermediate 704    # quick smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CALIB = ROOT.parent / "shared" / "data" / "wikitext-2" / "test.txt"
+
+
+def write_checkpoint(path: Path, *, layers: int, hidden: int, intermediate: int, heads: int, kv_heads: int,
+                     calib_text: str, vocab: int, seed: int = 0) -> int:
+    """A random Llama HF directory at ``path``, one safetensors shard per decoder layer; returns its weight bytes."""
+    import safetensors.numpy
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    path.mkdir(parents=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([calib_text], trainers.BpeTrainer(
+        vocab_size=vocab, special_tokens=["<pad>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    tokenizer.save_pretrained(str(path))
+    head_dim = hidden // heads
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": len(tokenizer),
+        "hidden_size": hidden, "intermediate_size": intermediate, "num_hidden_layers": layers,
+        "num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": head_dim,
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 4096,
+        "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
+        "torch_dtype": "float32",
+    }
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    rng = np.random.default_rng(seed)
+
+    def dense(rows: int, cols: int) -> np.ndarray:
+        return (rng.standard_normal((rows, cols), dtype=np.float32) * (1.0 / np.sqrt(cols))).astype(np.float32)
+
+    shards: list[tuple[str, dict[str, np.ndarray]]] = []
+    shards.append(("globals", {
+        "model.embed_tokens.weight": dense(len(tokenizer), hidden),
+        "lm_head.weight": dense(len(tokenizer), hidden),
+        "model.norm.weight": np.ones(hidden, np.float32),
+    }))
+    weight_map, total = {}, 0
+    names = [f"model-{i + 1:05d}-of-{layers + 1:05d}.safetensors" for i in range(layers + 1)]
+    for i, file in enumerate(names):
+        if i == 0:
+            tensors = shards[0][1]
+        else:
+            p = f"model.layers.{i - 1}."
+            tensors = {
+                p + "self_attn.q_proj.weight": dense(heads * head_dim, hidden),
+                p + "self_attn.k_proj.weight": dense(kv_heads * head_dim, hidden),
+                p + "self_attn.v_proj.weight": dense(kv_heads * head_dim, hidden),
+                p + "self_attn.o_proj.weight": dense(hidden, heads * head_dim),
+                p + "mlp.gate_proj.weight": dense(intermediate, hidden),
+                p + "mlp.up_proj.weight": dense(intermediate, hidden),
+                p + "mlp.down_proj.weight": dense(hidden, intermediate),
+                p + "input_layernorm.weight": np.ones(hidden, np.float32),
+                p + "post_attention_layernorm.weight": np.ones(hidden, np.float32),
+            }
+        safetensors.numpy.save_file(tensors, str(path / file))
+        weight_map.update({name: file for name in tensors})
+        total += sum(t.nbytes for t in tensors.values())
+        del tensors
+    (path / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return total
+
+
+def sketch_peak_rss(model: Path, out: Path, calib: Path, *, streaming: bool, nsamples: int, seq_len: int,
+                    kmeans_iters: int) -> dict:
+    """Run `sketchtune sketch` in a child process; its peak RSS (MiB) and seconds."""
+    argv = [sys.executable, "-m", "sketchtune_jax.cli", "sketch", str(model), "--out", str(out),
+            "--calib", str(calib), "--nsamples", str(nsamples), "--seq-len", str(seq_len), "--bits", "4",
+            "--groups-per-row", "4", "--kmeans-iters", str(kmeans_iters), "--overwrite",
+            "--streaming" if streaming else "--no-streaming"]
+    env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu"),
+           "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
+    start = time.perf_counter()
+    child = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(child.pid, 0)
+    seconds = time.perf_counter() - start
+    err = child.stderr.read().decode()
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode:
+        raise RuntimeError(f"sketch of {model} failed ({child.returncode}): {err[-2000:]}")
+    # ru_maxrss is in KiB on Linux.
+    return {"peak_rss_mib": round(usage.ru_maxrss / 1024, 1), "seconds": round(seconds, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers", type=int, nargs=2, default=(4, 16), metavar=("SHALLOW", "DEEP"))
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--intermediate", type=int, default=2816)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--kv-heads", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=512)
+    parser.add_argument("--nsamples", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--kmeans-iters", type=int, default=5)
+    parser.add_argument("--calib", type=Path, default=DEFAULT_CALIB)
+    parser.add_argument("--in-memory", action="store_true", help="also measure --no-streaming (whole model loaded)")
+    parser.add_argument("--out", help="also write the JSON here")
+    args = parser.parse_args()
+
+    calib_text = args.calib.read_text(encoding="utf-8")
+    modes = (True, False) if args.in_memory else (True,)
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="sketch-scale-") as tmp:
+        for layers in args.layers:
+            model = Path(tmp) / f"llama-{layers}l"
+            size = write_checkpoint(model, layers=layers, hidden=args.hidden, intermediate=args.intermediate,
+                                    heads=args.heads, kv_heads=args.kv_heads, calib_text=calib_text,
+                                    vocab=args.vocab)
+            for streaming in modes:
+                measured = sketch_peak_rss(model, Path(tmp) / f"sketch-{layers}l", args.calib, streaming=streaming,
+                                           nsamples=args.nsamples, seq_len=args.seq_len,
+                                           kmeans_iters=args.kmeans_iters)
+                runs.append({"layers": layers, "checkpoint_mib": round(size / 2**20, 1),
+                             "streaming": streaming, **measured})
+                print(json.dumps(runs[-1]), file=sys.stderr)
+    shallow, deep = args.layers
+
+    def ratio(streaming: bool) -> float | None:
+        by = {r["layers"]: r for r in runs if r["streaming"] == streaming}
+        return round(by[deep]["peak_rss_mib"] / by[shallow]["peak_rss_mib"], 3) if by else None
+
+    result = {
+        "what": "peak RSS of `sketchtune sketch` (child process, ru_maxrss) on random-weight Llama checkpoints",
+        "date": datetime.date.today().isoformat(),
+        "host": f"{platform.machine()} {os.cpu_count()} cpus, {platform.python_version()}",
+        "command": " ".join(["python", "bench/scale.py", *sys.argv[1:]]),
+        "model": {"hidden": args.hidden, "intermediate": args.intermediate, "heads": args.heads,
+                  "kv_heads": args.kv_heads, "vocab_target": args.vocab, "dtype": "float32",
+                  "shards": "one per decoder layer"},
+        "sketch": {"bits": 4, "groups_per_row": 4, "nsamples": args.nsamples, "seq_len": args.seq_len,
+                   "kmeans_iters": args.kmeans_iters},
+        "runs": runs,
+        "checkpoint_growth": round(runs[-1]["checkpoint_mib"] / runs[0]["checkpoint_mib"], 3),
+        "peak_rss_growth_streaming": ratio(True),
+        "peak_rss_growth_in_memory": ratio(False),
+        "target": "peak RSS grows <= 1.3x while the checkpoint grows 4x",
+    }
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
