@@ -44,9 +44,14 @@ def save_sketched(
     *,
     settings: dict[str, Any] | None = None,
     report: dict[str, Any] | None = None,
+    heal: dict[str, Any] | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write ``model`` (with its `SketchedLinear` modules) as a sketched checkpoint directory, atomically."""
+    """Write ``model`` (with its `SketchedLinear` modules) as a sketched checkpoint directory, atomically.
+
+    ``settings`` and ``report`` describe how the sketch was made; ``heal``, when given, how
+    its codebooks were distilled afterwards (`sketchtune_jax.workflows.heal_to_dir`).
+    """
     import safetensors.flax
 
     modules = sketched_modules(model)
@@ -62,6 +67,8 @@ def save_sketched(
         "settings": settings or {},
         "report": report or {},
     }
+    if heal is not None:
+        sketch_config["heal"] = heal
     _, state = nnx.split(model)
     tensors = {".".join(str(p) for p in path): var[...] for path, var in nnx.to_flat_state(state)}
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
