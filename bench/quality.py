@@ -68,6 +68,7 @@ def main() -> None:
     lo, hi = (float(x) for x in args.calib_range.split(":"))
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.is_file() else {"setup": vars(args), "runs": {}}
+    results.setdefault("invocations", []).append(vars(args))  # a rerun that adds rows records its own flags
 
     text = st.read_text(args.text)
     loaded = st.load_any(args.model)
