@@ -174,22 +174,25 @@ def calibration_overlap(model_ref: str, text_source: str, text: str, tokenizer: 
     """
     if not is_sketched_dir(model_ref) or not _is_file_source(text_source) or not Path(text_source).is_file():
         return None
-    saved = json.loads((Path(model_ref) / SKETCH_CONFIG).read_text()).get("settings", {})
-    calib = saved.get("calib", "")
-    if not _is_file_source(calib) or not Path(calib).is_file() or not os.path.samefile(calib, text_source):
-        return None
-    from sketchtune_jax.perplexity import tokenize_windows
+    sketch_config = json.loads((Path(model_ref) / SKETCH_CONFIG).read_text())
+    # The text may have calibrated the sketch, or healed it afterwards (the ``heal`` record).
+    for use, saved in (("calibrated", sketch_config.get("settings", {})), ("healed", sketch_config.get("heal", {}))):
+        calib = saved.get("calib", "")
+        if not _is_file_source(calib) or not Path(calib).is_file() or not os.path.samefile(calib, text_source):
+            continue
+        from sketchtune_jax.perplexity import tokenize_windows
 
-    windows = tokenize_windows(tokenizer, text, seq_len, max_windows)
-    read = len(tokenizer.decode(windows.ravel().tolist())) / max(len(text), 1)
-    lo, hi = tuple(saved.get("calib_range", (0.0, 1.0)))
-    if lo >= min(read, 1.0):
-        return None
-    return (
-        f"{text_source} also calibrated this sketch (calibration range {lo:g}:{hi:g}), and the evaluated "
-        f"windows cover its first {min(read, 1.0):.0%}: this perplexity is not on held-out text "
-        "(sketch with --calib-range 0.5:1 and evaluate fewer windows, or evaluate another text)"
-    )
+        windows = tokenize_windows(tokenizer, text, seq_len, max_windows)
+        read = len(tokenizer.decode(windows.ravel().tolist())) / max(len(text), 1)
+        lo, hi = tuple(saved.get("calib_range", (0.0, 1.0)))
+        if lo >= min(read, 1.0):
+            continue
+        return (
+            f"{text_source} also {use} this sketch (calibration range {lo:g}:{hi:g}), and the evaluated "
+            f"windows cover its first {min(read, 1.0):.0%}: this perplexity is not on held-out text "
+            "(sketch with --calib-range 0.5:1 and evaluate fewer windows, or evaluate another text)"
+        )
+    return None
 
 
 def heal_run_dir(out_dir: str | os.PathLike) -> Path:

@@ -261,3 +261,22 @@ def test_bad_heal_inputs_are_refused_before_any_work(tiny, tmp_path, capsys):
     refused(base[:3] + [str(other)] + base[4:], "hidden_size: sketch 32, teacher 48")
     refused(base[:5] + [str(short)] + base[6:], "fewer than one batch")
     refused(base[:1] + [str(tiny["hf"])] + base[2:], "is not a sketched model")
+
+
+def test_eval_warns_when_the_evaluated_text_healed_the_sketch(tiny, tmp_path):
+    from transformers import AutoTokenizer
+
+    from sketchtune_jax.workflows import calibration_overlap
+
+    sketch = tmp_path / "s"
+    sketch.mkdir()
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny["hf"]))
+    text = tiny["calib"].read_text()
+
+    def overlap(heal_range: list[float]) -> str | None:
+        record = {"settings": {"calib": "self"}, "heal": {"calib": str(tiny["calib"]), "calib_range": heal_range}}
+        (sketch / "sketch_config.json").write_text(json.dumps(record))
+        return calibration_overlap(str(sketch), str(tiny["calib"]), text, tokenizer, seq_len=32, max_windows=2)
+
+    assert "also healed this sketch" in overlap([0.0, 1.0])
+    assert overlap([0.5, 1.0]) is None
