@@ -1,18 +1,23 @@
 """Perplexity of sketched models across bits x groups per row and ablations, on held-out text.
 
     python bench/quality.py --out bench/results/quality-smollm2-cpu.json [--configs int4-g4,int4-g4-nofb]
+    python bench/quality.py --configs int3-g4 --heal-steps 60 --sketched int3-g4=runs/int3 --out ...
 
 Calibrates on windows from one part of the text (default: its second half) and
 measures perplexity on the first windows of the text, so the sketch never saw the
 evaluation tokens. One process, so programs compiled for one configuration serve
 the next; results are written after every configuration and finished ones are
-skipped when the command is run again.
+skipped when the command is run again. ``--heal-steps N`` adds a ``<config>-healed<N>`` row
+per configuration: its codebooks distilled from the dense model (`sketchtune_jax.heal`) on
+the calibration part of the text, with the wall and process-CPU seconds the heal took.
+``--sketched NAME=DIR`` reads configuration NAME from a saved sketch instead of sketching.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -44,6 +49,13 @@ def main() -> None:
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, from {', '.join(CONFIGS)}")
     parser.add_argument("--out", required=True)
     parser.add_argument("--markdown", action="store_true", help="print the results in --out as tables and exit")
+    parser.add_argument("--heal-steps", type=int, default=0, help="also heal each sketch for N steps (0: no)")
+    parser.add_argument("--heal-batch-size", type=int, default=2)
+    parser.add_argument("--heal-lr", type=float, default=1e-4)
+    parser.add_argument("--dense-from", help="take the dense perplexity from this earlier results JSON "
+                        "(same model, text and windows) instead of measuring it again")
+    parser.add_argument("--sketched", action="append", default=[], metavar="NAME=DIR",
+                        help="take configuration NAME from this sketched directory instead of sketching it")
     args = parser.parse_args()
     if args.markdown:
         print(markdown_tables(json.loads(Path(args.out).read_text())))
@@ -52,34 +64,74 @@ def main() -> None:
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
         raise SystemExit(f"unknown configs {unknown}; choose from {list(CONFIGS)}")
+    sketched = dict(item.split("=", 1) for item in args.sketched)
     lo, hi = (float(x) for x in args.calib_range.split(":"))
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.is_file() else {"setup": vars(args), "runs": {}}
+    results.setdefault("invocations", []).append(vars(args))  # a rerun that adds rows records its own flags
 
     text = st.read_text(args.text)
     loaded = st.load_any(args.model)
     calib = st.calibration_windows(args.text, loaded.tokenizer, nsamples=args.nsamples, seq_len=args.seq_len,
                                    text_range=(lo, hi))
+    if "dense" not in results and args.dense_from:
+        results["dense"] = json.loads(Path(args.dense_from).read_text())["dense"]
     if "dense" not in results:
         results["dense"] = st.perplexity(loaded.model, loaded.tokenizer, text, max_windows=args.eval_windows).ppl
+    healed = lambda name: f"{name}-healed{args.heal_steps}"  # noqa: E731
     for name in names:
-        if name in results["runs"]:
+        if name in results["runs"] and (not args.heal_steps or healed(name) in results["runs"]):
             continue
-        model = nnx.clone(loaded.model)  # sketching swaps modules in place; the dense model stays as it is
-        settings = st.SketchSettings(calib=args.text, nsamples=args.nsamples, seq_len=args.seq_len,
-                                     calib_range=(lo, hi), **CONFIGS[name])
-        start = time.perf_counter()
-        report = st.sketch_model(model, calib, settings)
-        seconds = time.perf_counter() - start
-        ppl = st.perplexity(model, loaded.tokenizer, text, max_windows=args.eval_windows).ppl
-        results["runs"][name] = {
-            **CONFIGS[name], "ppl": ppl, "ratio": ppl / results["dense"],
-            "mean_rel_output_error": report["mean_rel_output_error"], "sketch_seconds": seconds,
-            "trainable_params": st.trainable_parameter_count(model),
-        }
-        st.write_json_atomic(out, results)
-        print(json.dumps({name: results["runs"][name]}))
+        if name in sketched:
+            model = st.load_sketched(sketched[name]).model
+            report = json.loads((Path(sketched[name]) / "sketch_config.json").read_text())["report"]
+            seconds = report.get("seconds")
+        else:
+            model = nnx.clone(loaded.model)  # sketching swaps modules in place; the dense model stays as it is
+            settings = st.SketchSettings(calib=args.text, nsamples=args.nsamples, seq_len=args.seq_len,
+                                         calib_range=(lo, hi), **CONFIGS[name])
+            start = time.perf_counter()
+            report = st.sketch_model(model, calib, settings)
+            seconds = time.perf_counter() - start
+        if name not in results["runs"]:
+            ppl = st.perplexity(model, loaded.tokenizer, text, max_windows=args.eval_windows).ppl
+            results["runs"][name] = {
+                **CONFIGS[name], "ppl": ppl, "ratio": ppl / results["dense"],
+                "mean_rel_output_error": report["mean_rel_output_error"], "sketch_seconds": seconds,
+                "trainable_params": st.trainable_parameter_count(model), "sketch_dir": sketched.get(name),
+            }
+            st.write_json_atomic(out, results)
+            print(json.dumps({name: results["runs"][name]}))
+        if args.heal_steps:
+            results["runs"][healed(name)] = heal_row(args, model, loaded, (lo, hi), text, results["dense"],
+                                                     CONFIGS[name])
+            st.write_json_atomic(out, results)
+            print(json.dumps({healed(name): results["runs"][healed(name)]}))
     print(json.dumps(results, indent=2))
+
+
+def heal_row(args, model, loaded, calib_range, text: str, dense_ppl: float, config: dict) -> dict:
+    """Heal ``model`` in place for ``args.heal_steps`` steps against the dense model; its perplexity and costs."""
+    from sketchtune_jax.calibration import calibration_token_ids
+    from sketchtune_jax.heal import heal, heal_config, heal_windows
+    from sketchtune_jax.train import read_log
+
+    hc = heal_config(steps=args.heal_steps, batch_size=args.heal_batch_size, seq_len=args.seq_len, lr=args.heal_lr,
+                     save_every=0)
+    ids = calibration_token_ids(args.text, loaded.tokenizer, text_range=calib_range)
+    windows = heal_windows(ids, steps=hc.max_steps, batch_size=hc.batch_size, seq_len=hc.seq_len)
+    with tempfile.TemporaryDirectory() as run:
+        wall, cpu = time.perf_counter(), time.process_time()
+        result = heal(model, loaded.model, windows, hc, run)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        kl = [r["loss"] for r in read_log(result.log_path) if "loss" in r]
+    ppl = st.perplexity(model, loaded.tokenizer, text, max_windows=args.eval_windows).ppl
+    return {
+        **config, "ppl": ppl, "ratio": ppl / dense_ppl, "heal_steps": result.step, "heal_batch_size": hc.batch_size,
+        "heal_seq_len": hc.seq_len, "heal_lr": hc.lr, "heal_schedule": hc.schedule, "heal_windows": len(windows),
+        "heal_seconds": wall, "heal_cpu_seconds": cpu, "first_kl": kl[0], "final_kl": kl[-1],
+        "kl_every_step": kl,
+    }
 
 
 def markdown_tables(results: dict) -> str:
@@ -89,6 +141,13 @@ def markdown_tables(results: dict) -> str:
     lines = ["| bits | GPR 1 | GPR 2 | GPR 4 | GPR 8 |", "|---|---|---|---|---|"]
     for b in (4, 3, 2):
         lines.append(f"| INT{b} | " + " | ".join(cell(runs.get(f"int{b}-g{g}")) for g in (1, 2, 4, 8)) + " |")
+    healed = sorted(k for k in runs if "-healed" in k)
+    if healed:
+        lines += ["", "| healed | perplexity | heal steps | heal s (wall) | heal s (process CPU) |", "|---|---|---|---|---|"]
+        for key in healed:
+            r = runs[key]
+            lines.append(f"| {key} | {cell(r)} | {r['heal_steps']} | {r['heal_seconds']:.0f} | "
+                         f"{r['heal_cpu_seconds']:.0f} |")
     variants = {
         "int4-g4": "full method (s = 3, error feedback, k-means++)",
         "int4-g4-nofb": "ablation: no error feedback",

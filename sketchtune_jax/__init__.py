@@ -10,6 +10,8 @@ The public API, in the order a user meets it::
     st.save_sketched(loaded.model, loaded.config, loaded.tokenizer, "smol-int4")
     train, val = st.build_batches("math.json", loaded.tokenizer, batch_size=8, seq_len=512)
     st.finetune(loaded.model, train, st.TrainConfig(lr=8e-5, epochs=1), "runs/math")
+
+`st.heal` distils a sketch's codebooks from the dense model (see `sketchtune_jax.heal`).
 """
 
 from sketchtune_jax.layers import Codebook, Codes, Linear, SketchedLinear
@@ -21,6 +23,7 @@ from sketchtune_jax.data import build_batches, format_prompt, load_instruction_d
 from sketchtune_jax.evaluation import evaluate_task, extract_answer
 from sketchtune_jax.fileio import write_json_atomic
 from sketchtune_jax.generate import generate, generate_text
+from sketchtune_jax.heal import heal
 from sketchtune_jax.loading import load_any, model_info
 from sketchtune_jax.lora import LoraSettings, apply_lora, auto_rank, load_adapter, merge_lora, save_adapter
 from sketchtune_jax.methods import FinetuneMethod
@@ -66,6 +69,7 @@ __all__ = [
     "format_prompt",
     "generate",
     "generate_text",
+    "heal",
     "init_cache",
     "is_sketched_dir",
     "load_adapter",

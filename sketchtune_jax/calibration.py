@@ -35,15 +35,25 @@ def calibration_windows(
         if model is None:
             raise ValueError("calibration 'self' needs the model to sample from")
         return self_generated_windows(model, tokenizer, nsamples=nsamples, seq_len=seq_len, seed=seed)
-    text = _read_calibration_text(source)
-    lo, hi = (int(len(text) * f) for f in text_range)
-    ids = np.asarray(tokenizer(text[lo:hi], add_special_tokens=False)["input_ids"], dtype=np.int32)
+    ids = calibration_token_ids(source, tokenizer, text_range=text_range)
     if len(ids) < seq_len * nsamples:
         have = len(ids) // seq_len
         raise ValueError(
             f"calibration source {source!r} has {len(ids)} tokens: room for {have} non-overlapping "
             f"windows of {seq_len}, but {nsamples} were requested; lower --nsamples or --seq-len, or give more text"
         )
+    return sample_windows(ids, nsamples=nsamples, seq_len=seq_len, seed=seed)
+
+
+def calibration_token_ids(source: str, tokenizer, *, text_range: tuple[float, float] = (0.0, 1.0)) -> np.ndarray:
+    """Token ids (int32 ``[n]``) of the ``text_range`` fraction of a text/JSON/JSONL file or ``hf:`` source."""
+    text = _read_calibration_text(source)
+    lo, hi = (int(len(text) * f) for f in text_range)
+    return np.asarray(tokenizer(text[lo:hi], add_special_tokens=False)["input_ids"], dtype=np.int32)
+
+
+def sample_windows(ids: np.ndarray, *, nsamples: int, seq_len: int, seed: int = 0) -> np.ndarray:
+    """``nsamples`` windows of ``ids`` at distinct seeded random starts, in text order, int32 ``[nsamples, seq_len]``."""
     rng = np.random.default_rng(seed)
     starts = rng.choice(len(ids) - seq_len + 1, size=nsamples, replace=False)
     return np.stack([ids[s : s + seq_len] for s in np.sort(starts)])

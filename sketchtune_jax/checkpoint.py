@@ -46,15 +46,20 @@ def save_sketched(
     *,
     settings: dict[str, Any] | None = None,
     report: dict[str, Any] | None = None,
+    heal: dict[str, Any] | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write ``model`` (with its `SketchedLinear` modules) as a sketched checkpoint directory, atomically."""
+    """Write ``model`` (with its `SketchedLinear` modules) as a sketched checkpoint directory, atomically.
+
+    ``settings`` and ``report`` describe how the sketch was made; ``heal``, when given, how
+    its codebooks were distilled afterwards (`sketchtune_jax.workflows.heal_to_dir`).
+    """
     _, state = nnx.split(model)
     flat = [(".".join(str(p) for p in path), var) for path, var in nnx.to_flat_state(state)]
     specs = {name: (tuple(var.shape), np.dtype(var.dtype)) for name, var in flat}
     return write_sketched_dir(out_dir, config, tokenizer, sketched_modules(model), specs,
                               ((name, var[...]) for name, var in flat),
-                              settings=settings, report=report, overwrite=overwrite)
+                              settings=settings, report=report, heal=heal, overwrite=overwrite)
 
 
 def write_sketched_dir(
@@ -67,6 +72,7 @@ def write_sketched_dir(
     *,
     settings: dict[str, Any] | None = None,
     report: dict[str, Any] | None = None,
+    heal: dict[str, Any] | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write a sketched checkpoint directory atomically, its tensors streamed one at a time.
@@ -86,6 +92,8 @@ def write_sketched_dir(
         "settings": settings or {},
         "report": report or {},
     }
+    if heal is not None:
+        sketch_config["heal"] = heal
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         write_safetensors(tmp / WEIGHTS, specs, arrays, metadata={"format": "sketchtune-jax"})
         (tmp / "config.json").write_text(json.dumps(config.to_hf(), indent=2) + "\n")

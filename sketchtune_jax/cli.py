@@ -5,6 +5,7 @@
     sketchtune generate MODEL --prompt TEXT --max-new-tokens N
     sketchtune eval ppl MODEL --text FILE --seq-len 512 --max-windows 20 [--json OUT]
     sketchtune sketch MODEL --bits 4 --groups-per-row 4 --calib FILE|hf:NAME|self --nsamples N --seq-len L --out DIR
+    sketchtune heal SKETCH --teacher MODEL --calib FILE|self --out DIR --steps N [--lr --batch-size --seq-len ...]
     sketchtune finetune SKETCH --data FILE --out RUN [--epochs --lr --batch-size ... --resume]
     sketchtune eval math|commonsense MODEL --data FILE [--limit N] [--codebooks FILE]
     sketchtune eval commonsense MODEL --data FILE --scoring loglik [--continuation response|option|question]
@@ -127,6 +128,8 @@ def cmd_sketch(args: argparse.Namespace) -> int:
 
     settings = _settings_from_args(SketchSettings, args, error_feedback=not args.no_error_feedback,
                                    calib_range=_fraction_range(args.calib_range))
+    if args.heal_steps < 0:
+        raise ValueError(f"--heal-steps must be >= 0, got {args.heal_steps}")
     report = sketch_to_dir(args.model, args.out, settings, dtype=args.dtype, batch_size=args.batch_size,
                            overwrite=args.overwrite, streaming=args.streaming)
     if args.json:
@@ -142,6 +145,36 @@ def cmd_sketch(args: argparse.Namespace) -> int:
         "mean relative output error": report["mean_rel_output_error"],
         "seconds": report["seconds"],
     })
+    if args.heal_steps:
+        from sketchtune_jax.workflows import heal_to_dir
+
+        record = heal_to_dir(args.out, args.model, settings.calib, args.out, steps=args.heal_steps,
+                             seq_len=settings.seq_len, calib_range=settings.calib_range, seed=settings.seed,
+                             dtype=args.dtype, overwrite=True)
+        print_table(f"healed {args.out} against {args.model}", _heal_summary(record))
+    return 0
+
+
+def _heal_summary(record: dict[str, Any]) -> dict[str, Any]:
+    keys = ("steps", "windows", "first_kl", "final_kl", "ppl_before", "ppl_after", "seconds", "cpu_seconds")
+    return {k: record[k] for k in keys if k in record}
+
+
+def cmd_heal(args: argparse.Namespace) -> int:
+    from sketchtune_jax.fileio import write_json_atomic
+    from sketchtune_jax.reporting import print_table
+    from sketchtune_jax.workflows import heal_to_dir
+
+    record = heal_to_dir(
+        args.model, args.teacher, args.calib, args.out, steps=args.steps, batch_size=args.batch_size,
+        seq_len=args.seq_len, lr=args.lr, schedule=args.schedule, warmup_steps=args.warmup_steps,
+        save_every=args.save_every, calib_range=_fraction_range(args.calib_range), windows=args.windows,
+        seed=args.seed, dtype=args.dtype, eval_text=args.eval_text, eval_windows=args.eval_windows,
+        allow_sketched_teacher=args.allow_sketched_teacher, overwrite=args.overwrite,
+    )
+    if args.json:
+        write_json_atomic(args.json, record)
+    print_table(f"healed {args.model} against {args.teacher} -> {args.out}", _heal_summary(record))
     return 0
 
 
@@ -325,7 +358,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="read the checkpoint one decoder layer at a time (default; same result as --no-streaming, "
                         "which loads the whole model)")
     p.add_argument("--json", help="also write the report to this JSON file")
+    p.add_argument("--heal-steps", type=int, default=0,
+                   help="then heal the sketch for N steps against MODEL on the calibration text (0: no healing)")
     p.set_defaults(func=cmd_sketch)
+
+    p = sub.add_parser("heal", help="distil a sketch's codebooks from the dense model (KL on generic text)")
+    _add_model_args(p)
+    p.add_argument("--teacher", required=True, help="the dense model the sketch was made from")
+    p.add_argument("--calib", required=True, help="text/JSON/JSONL file, hf:NAME[:CONFIG]:SPLIT, or 'self'")
+    p.add_argument("--calib-range", default="0:1", help="use only this fraction of the text, e.g. 0.5:1")
+    p.add_argument("--out", required=True, help="output sketched directory (SKETCH itself with --overwrite)")
+    p.add_argument("--steps", type=int, required=True, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=4, help="windows per step")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per window")
+    p.add_argument("--windows", type=int, help="distinct windows (default: steps x batch size, as the text allows)")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--schedule", choices=("linear", "cosine", "constant"), default="cosine")
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (a rerun resumes)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-text", help="also measure perplexity on this held-out text before and after")
+    p.add_argument("--eval-windows", type=int, default=20, help="512-token windows of --eval-text")
+    p.add_argument("--allow-sketched-teacher", action="store_true",
+                   help="accept a sketched teacher (it passes its own errors on)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out and discard an unfinished heal")
+    p.add_argument("--json", help="also write the heal record to this JSON file")
+    p.set_defaults(func=cmd_heal)
 
     p = sub.add_parser("export", help="write a model as a dense HF directory (a sketch as W_hat, an adapter merged)")
     _add_model_args(p)

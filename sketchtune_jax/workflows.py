@@ -203,19 +203,156 @@ def calibration_overlap(model_ref: str, text_source: str, text: str, tokenizer: 
     """
     if not is_sketched_dir(model_ref) or not _is_file_source(text_source) or not Path(text_source).is_file():
         return None
-    saved = json.loads((Path(model_ref) / SKETCH_CONFIG).read_text()).get("settings", {})
-    calib = saved.get("calib", "")
-    if not _is_file_source(calib) or not Path(calib).is_file() or not os.path.samefile(calib, text_source):
-        return None
-    from sketchtune_jax.perplexity import tokenize_windows
+    sketch_config = json.loads((Path(model_ref) / SKETCH_CONFIG).read_text())
+    # The text may have calibrated the sketch, or healed it afterwards (the ``heal`` record).
+    for use, saved in (("calibrated", sketch_config.get("settings", {})), ("healed", sketch_config.get("heal", {}))):
+        calib = saved.get("calib", "")
+        if not _is_file_source(calib) or not Path(calib).is_file() or not os.path.samefile(calib, text_source):
+            continue
+        from sketchtune_jax.perplexity import tokenize_windows
 
-    windows = tokenize_windows(tokenizer, text, seq_len, max_windows)
-    read = len(tokenizer.decode(windows.ravel().tolist())) / max(len(text), 1)
-    lo, hi = tuple(saved.get("calib_range", (0.0, 1.0)))
-    if lo >= min(read, 1.0):
-        return None
-    return (
-        f"{text_source} also calibrated this sketch (calibration range {lo:g}:{hi:g}), and the evaluated "
-        f"windows cover its first {min(read, 1.0):.0%}: this perplexity is not on held-out text "
-        "(sketch with --calib-range 0.5:1 and evaluate fewer windows, or evaluate another text)"
+        windows = tokenize_windows(tokenizer, text, seq_len, max_windows)
+        read = len(tokenizer.decode(windows.ravel().tolist())) / max(len(text), 1)
+        lo, hi = tuple(saved.get("calib_range", (0.0, 1.0)))
+        if lo >= min(read, 1.0):
+            continue
+        return (
+            f"{text_source} also {use} this sketch (calibration range {lo:g}:{hi:g}), and the evaluated "
+            f"windows cover its first {min(read, 1.0):.0%}: this perplexity is not on held-out text "
+            "(sketch with --calib-range 0.5:1 and evaluate fewer windows, or evaluate another text)"
+        )
+    return None
+
+
+def heal_run_dir(out_dir: str | os.PathLike) -> Path:
+    """Where an unfinished heal bound for ``out_dir`` keeps its log and checkpoints."""
+    out = Path(out_dir)
+    return out.with_name(f"{out.name}.heal")
+
+
+def heal_to_dir(
+    sketch_dir: str | os.PathLike,
+    teacher_ref: str,
+    calib: str,
+    out_dir: str | os.PathLike,
+    *,
+    steps: int,
+    batch_size: int = 4,
+    seq_len: int = 512,
+    lr: float = 1e-4,
+    schedule: str = "cosine",
+    warmup_steps: int = 0,
+    save_every: int = 50,
+    calib_range: tuple[float, float] = (0.0, 1.0),
+    windows: int | None = None,
+    seed: int = 0,
+    dtype: str = "float32",
+    eval_text: str | None = None,
+    eval_windows: int = 20,
+    eval_seq_len: int = 512,
+    allow_sketched_teacher: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Heal the sketch in ``sketch_dir`` against ``teacher_ref`` on ``calib`` text; write it to ``out_dir``.
+
+    Trains the codebooks only (`sketchtune_jax.heal.heal`) for ``steps`` steps of
+    ``batch_size`` windows of ``seq_len`` tokens, drawn from the ``calib_range`` fraction of
+    ``calib`` (a text/JSON/JSONL file, ``hf:...``, or ``self``: sampled from the teacher).
+    ``windows`` distinct windows (default ``steps * batch_size``, at most what the text
+    holds without overlap) are cycled over. ``out_dir`` receives a sketched directory with
+    the same codes and the healed codebooks, and ``sketch_config.json`` gains a ``heal``
+    record (settings, seconds, first and final KL, and with ``eval_text`` the held-out
+    perplexity of ``eval_seq_len``-token windows before and after); the step log is
+    ``heal_log.jsonl``. ``out_dir`` may be ``sketch_dir`` itself (healed in place; needs
+    ``overwrite``). Checkpoints live in ``<out_dir>.heal`` until the end, so the same call
+    after an interruption resumes. A teacher that is itself a sketch is refused unless
+    ``allow_sketched_teacher`` (distilling from a sketch copies its errors).
+    Returns the ``heal`` record.
+    """
+    import time
+
+    from sketchtune_jax.calibration import calibration_token_ids, self_generated_windows
+    from sketchtune_jax.checkpoint import load_sketched
+    from sketchtune_jax.fileio import check_output_dir
+    from sketchtune_jax.heal import architecture_mismatch, heal, heal_config, heal_windows
+
+    config = heal_config(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, schedule=schedule,
+                         warmup_steps=warmup_steps, save_every=save_every, seed=seed)
+    lo, hi = calib_range
+    if not 0 <= lo < hi <= 1:
+        raise SettingError("calib_range", f"must be fractions 0 <= start < end <= 1, got {lo}:{hi}")
+    if windows is not None and windows < batch_size:
+        raise SettingError("windows", f"must be at least one batch ({batch_size}), got {windows}")
+    if eval_text is not None and (eval_windows < 1 or eval_seq_len < 2):
+        raise SettingError("eval_windows", f"and eval_seq_len must be >= 1 and >= 2, got {eval_windows}, {eval_seq_len}")
+    if not is_sketched_dir(sketch_dir):
+        raise ValueError(f"{sketch_dir} is not a sketched model (no {SKETCH_CONFIG}); make one with `sketchtune sketch`")
+    if is_sketched_dir(teacher_ref) and not allow_sketched_teacher:
+        raise ValueError(f"the teacher {teacher_ref} is itself a sketch; heal against the dense model the sketch "
+                         "was made from (or pass allow_sketched_teacher / --allow-sketched-teacher)")
+    if _is_file_source(calib):
+        if not Path(calib).is_file():
+            raise FileNotFoundError(f"calibration file not found: {calib}")
+        calib = str(Path(calib).resolve())
+    if eval_text is not None and _is_file_source(eval_text) and not Path(eval_text).is_file():
+        raise FileNotFoundError(f"evaluation text not found: {eval_text}")
+    in_place = Path(out_dir).resolve() == Path(sketch_dir).resolve()
+    if in_place and not overwrite:
+        raise FileExistsError(f"healing {sketch_dir} in place replaces it; pass overwrite (--overwrite) "
+                              "or choose another --out")
+    if not in_place:
+        check_output_dir(out_dir, overwrite=overwrite)
+    run_dir = heal_run_dir(out_dir)
+    if overwrite and run_dir.exists():
+        shutil.rmtree(run_dir)
+
+    sketch_config = json.loads((Path(sketch_dir) / SKETCH_CONFIG).read_text())
+    student = load_sketched(sketch_dir, dtype=DTYPES[dtype], param_dtype=DTYPES[dtype], codebook_dtype=DTYPES["float32"])
+    tokenizer = student.tokenizer
+    if tokenizer is None:
+        raise ValueError(f"{sketch_dir} has no tokenizer files, and the calibration text must be tokenized")
+    wanted = windows or steps * batch_size
+    if calib != "self":
+        ids = calibration_token_ids(calib, tokenizer, text_range=(lo, hi))
+        calib_windows = heal_windows(ids, steps=steps, batch_size=batch_size, seq_len=seq_len, windows=windows,
+                                     seed=seed, source=f"calibration text {calib} (range {lo:g}:{hi:g})")
+    teacher = _load(teacher_ref, dtype)
+    if mismatch := architecture_mismatch(student.config, teacher.config):
+        raise ValueError(f"the teacher {teacher_ref} differs from the sketch {sketch_dir} ({mismatch}); "
+                         "heal against the dense model the sketch was made from")
+    if teacher.tokenizer is not None and teacher.tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise ValueError(f"the teacher {teacher_ref} and the sketch {sketch_dir} have different vocabularies; "
+                         "heal against the dense model the sketch was made from")
+    if calib == "self":
+        calib_windows = self_generated_windows(teacher.model, tokenizer, nsamples=wanted, seq_len=seq_len, seed=seed)
+
+    def held_out_ppl() -> float:
+        from sketchtune_jax.perplexity import perplexity, read_text
+
+        return perplexity(student.model, tokenizer, read_text(eval_text), seq_len=eval_seq_len,
+                          max_windows=eval_windows).ppl
+
+    record: dict[str, Any] = {}
+    if eval_text is not None:
+        record["ppl_before"] = held_out_ppl()
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = heal(student.model, teacher.model, calib_windows, config, run_dir, progress=progress)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    from sketchtune_jax.train import read_log
+
+    losses = [r["loss"] for r in read_log(result.log_path) if "loss" in r]
+    record.update(
+        teacher=teacher_ref, calib=calib, calib_range=[lo, hi], windows=len(calib_windows), steps=result.step,
+        batch_size=batch_size, seq_len=seq_len, lr=lr, schedule=schedule, warmup_steps=warmup_steps, seed=seed,
+        seconds=wall, cpu_seconds=cpu, resumed_from=result.resumed_from,
+        first_kl=losses[0] if losses else None, final_kl=result.loss,
     )
+    if eval_text is not None:
+        record.update(ppl_after=held_out_ppl(), eval_text=eval_text, eval_windows=eval_windows,
+                      eval_seq_len=eval_seq_len)
+    save_sketched(student.model, student.config, student.tokenizer, out_dir, settings=sketch_config.get("settings"),
+                  report=sketch_config.get("report"), heal=record, overwrite=True)
+    shutil.copyfile(result.log_path, Path(out_dir) / "heal_log.jsonl")
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return record

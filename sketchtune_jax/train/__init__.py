@@ -3,7 +3,8 @@
 - Config and optimizer: `TrainConfig`, `make_optimizer`, `make_schedule`.
 - Steps: `train_step` (jitted; frozen state is never copied), `apply_train_step`
   (unjitted body for your own jit), `eval_step`, `loss_and_grads`,
-  `compile_train_step` (for memory analysis), `token_nll_sum`.
+  `compile_train_step` (for memory analysis), `token_nll_sum`; the loss is
+  pluggable (`LossFn`, default `next_token_nll`).
 - The loop: `finetune` / `Trainer` (progress bar, JSONL log, Orbax checkpoints,
   exact resume, validation, loss curve), `NonFiniteLossError`, `read_log`.
 - Codebook files: `trainable_parameter_count`, `codebook_state`, `save_codebooks`,
@@ -26,7 +27,16 @@ from sketchtune_jax.train.codebooks import (
 )
 from sketchtune_jax.train.config import TrainConfig
 from sketchtune_jax.train.optim import make_optimizer, make_schedule
-from sketchtune_jax.train.step import apply_train_step, compile_train_step, eval_step, loss_and_grads, token_nll_sum, train_step
+from sketchtune_jax.train.step import (
+    LossFn,
+    apply_train_step,
+    compile_train_step,
+    eval_step,
+    loss_and_grads,
+    next_token_nll,
+    token_nll_sum,
+    train_step,
+)
 from sketchtune_jax.batches import BatchSource, SequenceBatches, stack_micro_batches
 from sketchtune_jax.train.checkpointing import Checkpoints
 from sketchtune_jax.train.metrics_log import MetricsLog, plot_loss_curve, read_log
@@ -35,6 +45,7 @@ from sketchtune_jax.train.trainer import NonFiniteLossError, Trainer, TrainResul
 __all__ = [
     "BatchSource",
     "Checkpoints",
+    "LossFn",
     "CodebookMismatchError",
     "NonFiniteLossError",
     "SequenceBatches",
@@ -52,6 +63,7 @@ __all__ = [
     "make_optimizer",
     "make_schedule",
     "MetricsLog",
+    "next_token_nll",
     "plot_loss_curve",
     "read_codebooks",
     "read_log",

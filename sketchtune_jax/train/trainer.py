@@ -39,7 +39,7 @@ from sketchtune_jax.train.codebooks import flat_state, save_codebooks
 from sketchtune_jax.train.config import TrainConfig
 from sketchtune_jax.train.metrics_log import MetricsLog, plot_loss_curve
 from sketchtune_jax.train.optim import host_learning_rate, make_optimizer
-from sketchtune_jax.train.step import eval_step, pure_train_step, split_for_step
+from sketchtune_jax.train.step import LossFn, eval_step, next_token_nll, pure_train_step, split_for_step
 
 
 class NonFiniteLossError(RuntimeError):
@@ -81,6 +81,11 @@ class Trainer:
         put_batch: numpy batch -> device arrays; the default puts them on the default
             device. Pass e.g. ``lambda b: jax.device_put(b, sharding)`` for data parallelism
             (batches are ``[B, T]``, or ``[A, B, T]`` with ``grad_accum = A > 1``).
+        loss_fn: ``(model, batch, loss_inputs) -> (sum, count)`` minimised in training and
+            reported by validation (``val_loss``); next-token NLL by default (see
+            `sketchtune_jax.train.step.next_token_nll`). Static: a function or a hashable object.
+        loss_inputs: a pytree of arrays ``loss_fn`` reads and nothing trains (e.g. a frozen
+            teacher's state); passed to every step, never donated nor checkpointed.
     """
 
     def __init__(
@@ -95,8 +100,12 @@ class Trainer:
         wrt: Any = Codebook,
         put_batch: Callable[[dict[str, np.ndarray]], dict[str, jax.Array]] | None = None,
         save_result: Callable[[nnx.Module, str], str] | None = None,
+        loss_fn: LossFn = next_token_nll,
+        loss_inputs: Any = None,
     ):
         self.model = model
+        self.loss_fn = loss_fn
+        self.loss_inputs = loss_inputs
         self.wrt = wrt
         self.save_result = save_result or _save_codebooks
         self.put_batch = put_batch or (lambda b: {k: jnp.asarray(v) for k, v in b.items()})
@@ -202,7 +211,7 @@ class Trainer:
             return None
         nll, tokens = 0.0, 0.0
         for _, batch in self.val_batches.iterate(DataPosition(), epochs=1):
-            out = eval_step(self.model, self.put_batch(batch))
+            out = eval_step(self.model, self.put_batch(batch), loss_fn=self.loss_fn, loss_inputs=self.loss_inputs)
             nll += float(out["nll_sum"])
             tokens += float(out["tokens"])
         return nll / max(tokens, 1.0)
@@ -284,7 +293,8 @@ class Trainer:
                 except StopIteration:
                     break
                 lr = host_learning_rate(self.config, self.total_steps, self.step)
-                mutable, metrics = pure_train_step(graphdef, mutable, frozen, self.put_batch(batch))
+                mutable, metrics = pure_train_step(graphdef, mutable, frozen, self.put_batch(batch), self.loss_inputs,
+                                                   loss_fn=self.loss_fn)
                 self.step += 1
                 self.position = nxt
                 # Check the previous step while this one runs, so the host does not stall the device.

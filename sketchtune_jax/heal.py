@@ -1,0 +1,131 @@
+"""Healing: distil a sketch's codebooks from the dense model it was made from.
+
+After sketching, only the codebooks train, minimising KL(teacher || student) of the
+next-token distributions on generic text (AQLM's global fine-tuning, codebook-only).
+Codes never change. The teacher (the dense model) runs inside the same jitted step as
+the student; see `sketchtune_jax.train.distill` for why its logits are not cached::
+
+    import sketchtune_jax as st
+
+    teacher = st.load_any("smollm2-135m").model
+    student = st.load_sketched("smol-int3")
+    windows = st.calibration_windows("wiki.txt", student.tokenizer, nsamples=64, seq_len=512)
+    st.heal(student.model, teacher, windows, st.TrainConfig(lr=1e-4, batch_size=4, max_steps=16,
+            seq_len=512), "runs/heal")
+
+`sketchtune_jax.workflows.heal_to_dir` does the same from directories to a healed
+sketched directory (``sketchtune heal``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from flax import nnx
+
+from sketchtune_jax.layers import Codebook
+from sketchtune_jax.settings import SettingError
+from sketchtune_jax.train.config import TrainConfig
+from sketchtune_jax.train.distill import teacher_kl
+from sketchtune_jax.train.trainer import Trainer, TrainResult
+
+# What must agree between a sketch and its teacher for next-token distributions to be comparable.
+ARCHITECTURE_FIELDS = (
+    "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "rope_scaling", "tie_word_embeddings",
+    "attention_bias", "mlp_bias", "sliding_window",
+)
+
+
+def architecture_mismatch(student_config: Any, teacher_config: Any) -> str | None:
+    """``"field: student X, teacher Y; ..."`` for the architecture fields two `ModelConfig` differ in, or None."""
+    diffs = [
+        f"{name}: sketch {getattr(student_config, name)!r}, teacher {getattr(teacher_config, name)!r}"
+        for name in ARCHITECTURE_FIELDS
+        if getattr(student_config, name) != getattr(teacher_config, name)
+    ]
+    return "; ".join(diffs) or None
+
+
+def window_batches(windows: np.ndarray, batch_size: int) -> list[dict[str, np.ndarray]]:
+    """``[N, T]`` token windows as ``N // batch_size`` batches of ``[batch_size, T]`` int32 with all-ones
+    attention and loss masks (a remainder of fewer than ``batch_size`` windows is dropped)."""
+    windows = np.asarray(windows, np.int32)
+    if windows.ndim != 2:
+        raise ValueError(f"windows must be [N, T] token ids, got shape {windows.shape}")
+    if len(windows) < batch_size:
+        raise ValueError(f"{len(windows)} windows cannot fill one batch of {batch_size}; "
+                         "give more calibration text or lower the batch size")
+    ones = np.ones((batch_size, windows.shape[1]), np.int32)
+    return [{"input_ids": windows[i : i + batch_size], "attention_mask": ones, "loss_mask": ones}
+            for i in range(0, len(windows) - batch_size + 1, batch_size)]
+
+
+def heal_windows(ids: np.ndarray, *, steps: int, batch_size: int, seq_len: int, windows: int | None = None,
+                 seed: int = 0, source: str = "the calibration text") -> np.ndarray:
+    """``[N, seq_len]`` windows of token ``ids`` for a heal: ``windows`` of them (default ``steps * batch_size``,
+    each seen once), at most as many as ``ids`` holds without overlap; ValueError if not one batch's worth."""
+    from sketchtune_jax.calibration import sample_windows
+
+    room = len(ids) // seq_len
+    if room < batch_size:
+        raise ValueError(f"{source} has {len(ids)} tokens: room for {room} windows of {seq_len}, fewer than one "
+                         f"batch of {batch_size}; give more text or lower --seq-len/--batch-size")
+    return sample_windows(ids, nsamples=min(windows or steps * batch_size, room), seq_len=seq_len, seed=seed)
+
+
+def heal(
+    student: nnx.Module,
+    teacher: nnx.Module,
+    windows: np.ndarray,
+    config: TrainConfig,
+    out_dir: str | os.PathLike,
+    *,
+    val_windows: np.ndarray | None = None,
+    progress: bool = True,
+    save_result: Callable[[nnx.Module, str], str] | None = None,
+) -> TrainResult:
+    """Train ``student``'s `Codebook` leaves in place to minimise KL(teacher || student) on ``windows``.
+
+    Args:
+        student: a sketched causal LM; only its codebooks change.
+        teacher: the dense model of the same architecture; frozen, never copied into the
+            trained state.
+        windows: ``[N, T]`` int token ids, ``T == config.seq_len``, read ``config.batch_size``
+            at a time (epochs repeat them when ``config.max_steps`` asks for more).
+        config: the run's `TrainConfig`; the loss logged is the mean KL per token (nats).
+        out_dir: run directory (log, checkpoints); a run found there is resumed exactly.
+        val_windows: optional held-out windows; their mean KL is logged as ``val_loss``.
+        save_result: what the finished run writes (default: ``codebooks.safetensors``).
+    """
+    windows = np.asarray(windows)
+    if windows.ndim != 2 or windows.shape[1] != config.seq_len:
+        raise SettingError("seq_len", f"is {config.seq_len} but the windows are {windows.shape}; they must agree")
+    if hasattr(student, "config") and hasattr(teacher, "config"):
+        if mismatch := architecture_mismatch(student.config, teacher.config):
+            raise ValueError(f"the teacher's architecture differs from the sketch's ({mismatch}); "
+                             "heal against the dense model the sketch was made from")
+    loss_fn, teacher_state = teacher_kl(teacher)
+    val = None if val_windows is None else window_batches(val_windows, min(config.batch_size, len(val_windows)))
+    trainer = Trainer(student, window_batches(windows, config.batch_size), config, out_dir, val_batches=val,
+                      progress=progress, wrt=Codebook, save_result=save_result, loss_fn=loss_fn,
+                      loss_inputs=teacher_state)
+    return trainer.run()
+
+
+def heal_config(*, steps: int, batch_size: int = 4, seq_len: int = 512, lr: float = 1e-4,
+                schedule: str = "cosine", warmup_steps: int = 0, save_every: int = 50, seed: int = 0,
+                **overrides: Any) -> TrainConfig:
+    """The `TrainConfig` of a heal of ``steps`` optimizer steps (validated; `SettingError` names the field)."""
+    if not isinstance(steps, int) or steps < 1:
+        raise SettingError("steps", f"must be a positive number of optimizer steps, got {steps!r}")
+    return dataclasses.replace(TrainConfig(), lr=lr, schedule=schedule, warmup_steps=warmup_steps,
+                               batch_size=batch_size, max_steps=steps, seq_len=seq_len, save_every=save_every,
+                               seed=seed, **overrides)
+
+
+__all__ = ["ARCHITECTURE_FIELDS", "architecture_mismatch", "heal", "heal_config", "heal_windows", "window_batches"]
