@@ -42,13 +42,6 @@ from sketchtune_jax.sketch import (
     sketch_matrix,
 )
 
-STAGES: tuple[tuple[str, ...], ...] = (
-    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    ("self_attn.o_proj",),
-    ("mlp.gate_proj", "mlp.up_proj"),
-    ("mlp.down_proj",),
-)
-PROJECTIONS: tuple[str, ...] = tuple(name for stage in STAGES for name in stage)
 
 
 @dataclass(frozen=True)
@@ -217,7 +210,8 @@ def _sketch_layer(layer: nnx.Module, hidden: jax.Array, settings: SketchSettings
     With ``true_sequential`` each stage's Hessian is measured after the stages before
     it are sketched (one pass per stage); otherwise one pass measures them all.
     """
-    passes = tuple((stage,) for stage in STAGES) if settings.true_sequential else (STAGES,)
+    stages = layer.sketch_stages()
+    passes = tuple((stage,) for stage in stages) if settings.true_sequential else (stages,)
     rows = []
     for stages in passes:
         hessians = _stage_hessians(layer, stages, hidden, batch_size)
@@ -308,7 +302,7 @@ def sketch_layers(
 
 def swap_in_sketches(layer: nnx.Module, tensors: dict[str, np.ndarray]) -> None:
     """Replace each projection of decoder ``layer`` by its sketch from ``<name>.codebook`` / ``<name>.codes``."""
-    for name in PROJECTIONS:
+    for name in layer.sketch_projections():
         linear = get_submodule(layer, name)
         set_submodule(layer, name, SketchedLinear.from_linear(
             linear, tensors[f"{name}.codebook"], tensors[f"{name}.codes"]))
@@ -364,7 +358,7 @@ class ResumeDir:
         import safetensors.numpy
 
         tensors = {}
-        for name in PROJECTIONS:
+        for name in layer.sketch_projections():
             m = get_submodule(layer, name)
             tensors[f"{name}.codebook"] = np.asarray(m.codebook[...], dtype=np.float32)
             tensors[f"{name}.codes"] = np.asarray(m.codes[...])

@@ -22,7 +22,6 @@ from sketchtune_jax.layers import SketchedLinear
 from sketchtune_jax.models.llama import DecoderLayer, Embedding
 from sketchtune_jax.module_paths import get_submodule, set_submodule
 from sketchtune_jax.sketcher import (
-    PROJECTIONS,
     ResumeDir,
     SketchSettings,
     check_calibration_ids,
@@ -135,7 +134,7 @@ def _abstract_sketched_layer(config, dtype: jnp.dtype, param_dtype: jnp.dtype,
 
     def build() -> nnx.Module:
         layer = DecoderLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
-        for name in PROJECTIONS:
+        for name in layer.sketch_projections():
             linear = get_submodule(layer, name)
             set_submodule(layer, name, SketchedLinear.empty(
                 linear.in_features, linear.out_features, settings.bits, settings.groups_per_row,

@@ -21,7 +21,8 @@ from sketchtune_jax.checkpoint import load_sketched, save_sketched
 from sketchtune_jax.layers import Linear, SketchedLinear
 from sketchtune_jax.models import ModelConfig
 from sketchtune_jax.module_paths import iter_modules
-from sketchtune_jax.sketcher import STAGES, SketchSettings, sketch_model
+from sketchtune_jax.models import DecoderLayer
+from sketchtune_jax.sketcher import SketchSettings, sketch_model
 from sketchtune_jax.train import trainable_parameter_count
 
 HERE = Path(__file__).parent
@@ -46,7 +47,7 @@ def sketched():
 def test_every_decoder_projection_is_sketched_and_the_head_is_not(sketched):
     config, model, _, _, report = sketched
     names = {name for name, _ in iter_modules(model, SketchedLinear)}
-    expected = {f"model.layers.{i}.{m}" for i in range(config.num_hidden_layers) for stage in STAGES for m in stage}
+    expected = {f"model.layers.{i}.{m}" for i in range(config.num_hidden_layers) for m in sum(DecoderLayer.SKETCH_STAGES, ())}
     assert names == expected
     assert isinstance(model.lm_head, Linear)
     assert len(report["modules"]) == len(expected)

@@ -132,6 +132,23 @@ class MLP(nnx.Module):
 class DecoderLayer(nnx.Module):
     """Pre-norm block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
 
+    # Projections that read the same activation share one Hessian, so they are sketched
+    # as one stage; stages run in forward order.
+    SKETCH_STAGES: tuple[tuple[str, ...], ...] = (
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        ("self_attn.o_proj",),
+        ("mlp.gate_proj", "mlp.up_proj"),
+        ("mlp.down_proj",),
+    )
+
+    def sketch_stages(self) -> tuple[tuple[str, ...], ...]:
+        """Dotted names of the layer's projections, grouped by the activation they read, in forward order."""
+        return self.SKETCH_STAGES
+
+    def sketch_projections(self) -> tuple[str, ...]:
+        """Every projection the sketcher replaces, in `sketch_stages` order."""
+        return tuple(name for stage in self.sketch_stages() for name in stage)
+
     def __init__(self, config: ModelConfig, *, dtype: jnp.dtype, param_dtype: jnp.dtype, rngs: nnx.Rngs):
         self.config = config
         self.dtype = dtype
