@@ -195,7 +195,8 @@ WORDS = "the cat sat on a mat while two dogs ran past the red barn and a bird sa
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """A tiny HF model with a tokenizer, its 2-bit sketch, and calibration text."""
+    """A tiny HF model with a tokenizer, its 2-bit sketch (healed for 2 steps by `sketch --heal-steps`), and
+    calibration text."""
     from sketchtune_jax.cli import main
 
     root = tmp_path_factory.mktemp("heal")
@@ -204,8 +205,16 @@ def tiny(tmp_path_factory):
     save_tiny_model_with_tokenizer(root / "hf", [calib.read_text()])
     sketch = root / "sketch"
     assert main(["sketch", str(root / "hf"), "--bits", "2", "--groups-per-row", "2", "--calib", str(calib),
-                 "--nsamples", "4", "--seq-len", "32", "--kmeans-iters", "5", "--out", str(sketch)]) == 0
+                 "--nsamples", "4", "--seq-len", "32", "--kmeans-iters", "5", "--out", str(sketch), "--heal-steps", "2"]) == 0
     return {"root": root, "calib": calib, "sketch": sketch, "hf": root / "hf"}
+
+
+def test_sketch_then_heal_in_one_command(tiny):
+    sketch_config = json.loads((tiny["sketch"] / "sketch_config.json").read_text())
+    record = sketch_config["heal"]
+    assert record["steps"] == 2 and record["teacher"] == str(tiny["hf"]) and record["seq_len"] == 32
+    assert record["calib"] == str(tiny["calib"].resolve()) and sketch_config["settings"]["bits"] == 2
+    assert not (tiny["root"] / "sketch.heal").exists() and not (tiny["root"] / "sketch.partial").exists()
 
 
 def _tensors(path: Path) -> dict[str, np.ndarray]:
