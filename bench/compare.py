@@ -128,7 +128,7 @@ def run_method(args: argparse.Namespace, name: str, train, val) -> dict:
     out["result"] = method.result_writer(config=loaded.config, tokenizer=loaded.tokenizer,
                                          base_model=args.model)(model, str(work))
     out["trainable_params"] = trainable_parameter_count(model, method.wrt)
-    out["weight_bytes"] = state_bytes(model, nnx.Param)
+    out["weight_bytes"] = state_bytes(model)
     if method.lora is not None:
         out.update(lora_rank=method.lora.rank, lora_alpha=method.lora.alpha, lora_qtype=method.lora.qtype)
 

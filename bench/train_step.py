@@ -127,7 +127,7 @@ def run_one(args: argparse.Namespace, method: str) -> dict:
     result = {
         "method": method,
         "trainable_params": trainable_parameter_count(model, wrt),
-        "weight_bytes": state_bytes(model, nnx.Param),
+        "weight_bytes": state_bytes(model),
         "build_s": build_s,
         **train_step_memory(model, optimizer, batch),
     }

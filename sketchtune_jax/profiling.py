@@ -18,7 +18,8 @@ from sketchtune_jax.train.step import Batch, compile_train_step
 
 
 def state_bytes(model: nnx.Module, *filters: Any) -> int:
-    """Bytes of the model's variables (all, or those of ``filters``) as held in memory; RNG state excluded."""
+    """Bytes of the model's variables as held in memory (weights, codes, codebooks, adapters, a
+    quantized base), or of those of ``filters``; RNG state excluded."""
     state = nnx.state(model, *filters) if filters else nnx.state(model, nnx.Not(nnx.RngState))
     total = 0
     for _, var in nnx.to_flat_state(state):
