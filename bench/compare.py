@@ -176,6 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     from sketchtune_jax import load_any
     from sketchtune_jax.data import build_batches
     from sketchtune_jax.fileio import write_json_atomic
+    from sketchtune_jax.profiling import state_bytes
     from sketchtune_jax.reporting import print_table
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -199,6 +200,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"== {name}", flush=True)
         results[name] = run_method(args, name, train, val)
         write_json_atomic(cached, results[name])
+    for name in results:
+        # Sizes do not depend on training: measured on a freshly prepared model, so cached
+        # results from older versions of this script report the same quantity.
+        loaded, method = load_method(args, name)
+        results[name]["weight_bytes"] = state_bytes(method.prepare(loaded.model))
     out = {
         "bench": "compare",
         "command": "python bench/compare.py " + " ".join(sys.argv[1:] if argv is None else argv),
