@@ -53,7 +53,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--serve-tokens", type=int, default=16, help="decoded tokens for the serving-speed figures")
     p.add_argument("--work", default="runs/compare/work")
     p.add_argument("--out", required=True)
+    p.add_argument("--markdown", action="store_true", help="print the results in --out as Markdown tables and exit")
     return p.parse_args(argv)
+
+
+def markdown_tables(out: dict) -> str:
+    """The README's tables from a result JSON: costs and speed, then accuracy by generation / likelihood."""
+    lines = ["| method | lr | trainable | weights held | step args + temp | train tok/s | TTFT (as trained / merged) "
+             "| decode tok/s (as trained / merged) | train loss | val loss |", "|" + "---|" * 10]
+    for name, r in out["methods"].items():
+        serve = r["serving"]
+        merged = serve.get("merged")
+        step = r["train_step"]
+        lines.append(
+            f"| {name} | {r['lr']:g} | {r['trainable_params'] / 1e6:.2f} M | {r['weight_bytes'] / 1e6:.0f} MB "
+            f"| {(step.get('argument_bytes', 0) + step.get('temp_bytes', 0)) / 1e9:.2f} GB | {r['tokens_per_s']:.0f} "
+            f"| {1e3 * serve['as_trained']['ttft_s']:.0f} ms" + (f" / {1e3 * merged['ttft_s']:.0f} ms" if merged else "")
+            + f" | {serve['as_trained']['decode_tokens_per_s']:.1f}"
+            + (f" / {merged['decode_tokens_per_s']:.1f}" if merged else "")
+            + f" | {r['final_train_loss']:.3f} | {r['val_loss']:.3f} |")
+    sets = list(next(iter(out["methods"].values()))["accuracy"])
+    lines += ["", "| method | " + " | ".join(sets) + " |", "|" + "---|" * (len(sets) + 1)]
+    for name, r in out["methods"].items():
+        cells = [f"{a['generate']:.2f} / {a['loglik_acc']:.2f}" for a in r["accuracy"].values()]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def train_records(per_task: int, seed: int) -> list[dict]:
@@ -179,6 +203,9 @@ def main(argv: list[str] | None = None) -> None:
     from sketchtune_jax.profiling import state_bytes
     from sketchtune_jax.reporting import print_table
 
+    if args.markdown:
+        print(markdown_tables(json.loads(Path(args.out).read_text())))
+        return
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if unknown := set(methods) - set(METHODS):
         raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {METHODS}")
