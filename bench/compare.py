@@ -57,6 +57,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def run_settings(args: argparse.Namespace, name: str) -> dict:
+    """What decides a method's cached result: a cached result made otherwise is not reused."""
+    keys = ("model", "train_per_task", "val_fraction", "steps", "batch", "seq", "seed", "eval_limit", "gen_limit")
+    return {**{k: getattr(args, k) for k in keys}, "lrs": getattr(args, f"lrs_{name}")}
+
+
 def markdown_tables(out: dict) -> str:
     """The README's tables from a result JSON: costs and speed, then accuracy by generation / likelihood."""
     lines = ["| method | lr | trainable | weights held | step args + temp | train tok/s | TTFT (as trained / merged) "
@@ -223,9 +229,13 @@ def main(argv: list[str] | None = None) -> None:
         cached = Path(args.work) / name / "result.json"
         if cached.is_file():
             results[name] = json.loads(cached.read_text())
+            saved = results[name].get("settings")
+            if saved is not None and saved != run_settings(args, name):
+                raise SystemExit(f"{cached} was made with other settings ({saved}); use another --work")
             continue
         print(f"== {name}", flush=True)
         results[name] = run_method(args, name, train, val)
+        results[name]["settings"] = run_settings(args, name)
         write_json_atomic(cached, results[name])
     for name in results:
         # Sizes do not depend on training: measured on a freshly prepared model, so cached
