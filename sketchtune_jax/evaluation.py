@@ -249,7 +249,7 @@ def evaluate_task(
         "correct": correct,
         "accuracy": correct / len(items),
         "no_answer": sum(i["prediction"] in (None, "") for i in items),
-        "out_jsonl": out_jsonl,
+        "out_jsonl": None if out_jsonl is None else os.fspath(out_jsonl),
     }
     if tokenizer is not None:
         summary["prompt_tokens"] = prompt_tokens

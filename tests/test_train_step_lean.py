@@ -75,7 +75,9 @@ def test_compiled_step_aliases_its_state_to_its_outputs():
 @pytest.mark.parametrize("schedule", ["linear", "cosine", "constant"])
 @pytest.mark.parametrize("warmup, total", [(0, 9), (3, 9), (9, 9), (4, 1)])
 def test_host_learning_rate_equals_the_optax_schedule(schedule, warmup, total):
-    config = TrainConfig(lr=3e-4, schedule=schedule, warmup_steps=warmup, max_steps=total)
+    # An epoch-based config (max_steps=0) lets warmup reach the run's length, so the
+    # schedules' clamping of warmup to total - 1 is compared too.
+    config = TrainConfig(lr=3e-4, schedule=schedule, warmup_steps=warmup, max_steps=0, epochs=1)
     optax_schedule = make_schedule(config, total)
     for step in range(total + 2):
         np.testing.assert_allclose(host_learning_rate(config, total, step), float(optax_schedule(step)),
