@@ -65,7 +65,7 @@ def main() -> None:
                         help="what the fine-tune trains on and is scored by")
     parser.add_argument("--train-steps", type=int, default=40)
     parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--eval-limit", type=int, default=200, help="test items scored before and after")
+    parser.add_argument("--eval-limit", type=int, default=100, help="test items scored before and after")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -99,9 +99,9 @@ def main() -> None:
         records = st.sample_mixture(COMMONSENSE_TRAIN, 400)
     else:
         records = st.load_instruction_data(DATA / "math" / "math_data.train.json")
-    train, val = st.build_batches(records, sketched.tokenizer, batch_size=8, seq_len=256, val_fraction=0.02,
+    train, val = st.build_batches(records, sketched.tokenizer, batch_size=4, seq_len=256, val_fraction=0.02,
                                   on_long_prompt="skip", pad_multiple=256)  # one padded length: one compile
-    config = st.TrainConfig(lr=args.lr, schedule="cosine", max_steps=args.train_steps, batch_size=8, seq_len=256,
+    config = st.TrainConfig(lr=args.lr, schedule="cosine", max_steps=args.train_steps, batch_size=4, seq_len=256,
                             warmup_steps=max(1, args.train_steps // 10), save_every=20, eval_every=args.train_steps)
     run = st.finetune(sketched.model, train, config, out / f"run-{args.task}", val_batches=val)
     results.update(train_steps=run.step, final_train_loss=run.loss, val_loss=run.val_loss)
