@@ -85,3 +85,14 @@ def save_tiny_model_with_tokenizer(path, texts: list[str], vocab_size: int = 100
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
     tiny_hf_model("llama_gqa", vocab_size=len(tokenizer)).save_pretrained(path)
     tokenizer.save_pretrained(path)
+
+
+def assert_cli_refuses(argv: list[str], capsys, match: str) -> str:
+    """Run the CLI on ``argv``: it must exit 2 with one stderr line containing ``match``; returns that line."""
+    from sketchtune_jax.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert match in err, err
+    assert len(err.splitlines()) == 1, err
+    return err

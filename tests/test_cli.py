@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from model_utils import tiny_hf_model
+from model_utils import assert_cli_refuses, tiny_hf_model
 
 from sketchtune_jax.cli import main
 
@@ -20,16 +20,9 @@ def hf_dir(tmp_path_factory):
     return path
 
 
-def _fails(argv: list[str], capsys, match: str) -> str:
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert match in err, err
-    assert len(err.splitlines()) == 1, err
-    return err
-
 
 def test_sketch_rejects_bad_bits_before_loading(tmp_path, capsys):
-    _fails(["sketch", "no/such/model", "--bits", "5", "--calib", str(WIKI), "--out", str(tmp_path / "o")],
+    assert_cli_refuses(["sketch", "no/such/model", "--bits", "5", "--calib", str(WIKI), "--out", str(tmp_path / "o")],
            capsys, "--bits must be one of 2, 3, 4")
     assert not (tmp_path / "o").exists()
 
@@ -38,44 +31,44 @@ def test_sketch_refuses_an_existing_output(tmp_path, capsys, hf_dir):
     out = tmp_path / "o"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    _fails(["sketch", str(hf_dir), "--calib", str(WIKI), "--out", str(out)], capsys, "--overwrite")
+    assert_cli_refuses(["sketch", str(hf_dir), "--calib", str(WIKI), "--out", str(out)], capsys, "--overwrite")
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
 def test_sketch_names_a_missing_calibration_file(tmp_path, capsys, hf_dir):
-    _fails(["sketch", str(hf_dir), "--calib", str(tmp_path / "none.txt"), "--out", str(tmp_path / "o")],
+    assert_cli_refuses(["sketch", str(hf_dir), "--calib", str(tmp_path / "none.txt"), "--out", str(tmp_path / "o")],
            capsys, "calibration file not found")
-    _fails(["sketch", str(hf_dir), "--calib", str(WIKI), "--calib-range", "0.9:0.1", "--out", str(tmp_path / "o")],
+    assert_cli_refuses(["sketch", str(hf_dir), "--calib", str(WIKI), "--calib-range", "0.9:0.1", "--out", str(tmp_path / "o")],
            capsys, "--calib-range")
     assert not (tmp_path / "o").exists()
 
 
 def test_sketch_rejects_groups_that_do_not_divide_the_widths(tmp_path, capsys, hf_dir):
-    _fails(["sketch", str(hf_dir), "--groups-per-row", "5", "--calib", str(WIKI), "--out", str(tmp_path / "o")],
+    assert_cli_refuses(["sketch", str(hf_dir), "--groups-per-row", "5", "--calib", str(WIKI), "--out", str(tmp_path / "o")],
            capsys, "does not divide")
     assert not (tmp_path / "o").exists()
 
 
 def test_model_errors_are_one_line(tmp_path, capsys):
-    _fails(["info", str(tmp_path / "missing")], capsys, "missing")
+    assert_cli_refuses(["info", str(tmp_path / "missing")], capsys, "missing")
     (tmp_path / "empty").mkdir()
-    _fails(["convert", str(tmp_path / "empty"), "--out", str(tmp_path / "o")], capsys, "config.json")
+    assert_cli_refuses(["convert", str(tmp_path / "empty"), "--out", str(tmp_path / "o")], capsys, "config.json")
     assert not (tmp_path / "o").exists()
 
 
 def test_finetune_of_a_dense_model_asks_for_a_method(tmp_path, capsys, hf_dir):
-    _fails(["finetune", str(hf_dir), "--data", str(WIKI), "--out", str(tmp_path / "run")], capsys,
+    assert_cli_refuses(["finetune", str(hf_dir), "--data", str(WIKI), "--out", str(tmp_path / "run")], capsys,
            "is a dense model: choose --method lora, qlora or full")
     assert not (tmp_path / "run").exists()
 
 
 def test_eval_commands_name_missing_files(tmp_path, capsys, hf_dir):
-    _fails(["eval", "ppl", str(hf_dir), "--text", str(tmp_path / "t.txt")], capsys, "text file not found")
-    _fails(["eval", "math", str(hf_dir), "--data", str(tmp_path / "g.json")], capsys, "data file not found")
+    assert_cli_refuses(["eval", "ppl", str(hf_dir), "--text", str(tmp_path / "t.txt")], capsys, "text file not found")
+    assert_cli_refuses(["eval", "math", str(hf_dir), "--data", str(tmp_path / "g.json")], capsys, "data file not found")
 
 
 def test_codebooks_only_apply_to_sketches(tmp_path, capsys, hf_dir):
-    _fails(["export", str(hf_dir), "--codebooks", str(tmp_path / "c.safetensors"), "--out", str(tmp_path / "o")],
+    assert_cli_refuses(["export", str(hf_dir), "--codebooks", str(tmp_path / "c.safetensors"), "--out", str(tmp_path / "o")],
            capsys, "not one")
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from model_utils import hf_logits, jax_logits, random_ids, tiny_hf_model, tiny_tokenizer
+from model_utils import assert_cli_refuses, hf_logits, jax_logits, random_ids, tiny_hf_model, tiny_tokenizer
 
 from sketchtune_jax.cli import main
 from sketchtune_jax.loading import load_any
@@ -38,12 +38,6 @@ def data_file(tmp_path_factory):
     path.write_text(json.dumps(records))
     return path
 
-
-def _fails(argv: list[str], capsys, match: str) -> None:
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert match in err, err
-    assert len(err.splitlines()) == 1, err
 
 
 def test_lora_run_writes_a_peft_adapter_that_eval_and_export_apply(dense_dir, data_file, tmp_path, capsys):
@@ -98,13 +92,13 @@ def test_bad_method_inputs_fail_before_any_work(dense_dir, data_file, tmp_path, 
     sketched.mkdir()
     (sketched / "sketch_config.json").write_text("{}")
     base = ["--data", str(data_file), "--out", str(out), *STEPS]
-    _fails(["finetune", str(sketched), "--method", "lora", *base], capsys, "trains a dense model")
-    _fails(["finetune", str(dense_dir), "--method", "sketch", *base], capsys, "needs a sketched model")
-    _fails(["finetune", str(dense_dir), *base], capsys, "choose --method")
-    _fails(["finetune", str(dense_dir), "--method", "lora", "--lora-rank", "0", *base], capsys, "--lora-rank")
-    _fails(["finetune", str(dense_dir), "--method", "lora", "--lora-targets", "qkv", *base], capsys,
+    assert_cli_refuses(["finetune", str(sketched), "--method", "lora", *base], capsys, "trains a dense model")
+    assert_cli_refuses(["finetune", str(dense_dir), "--method", "sketch", *base], capsys, "needs a sketched model")
+    assert_cli_refuses(["finetune", str(dense_dir), *base], capsys, "choose --method")
+    assert_cli_refuses(["finetune", str(dense_dir), "--method", "lora", "--lora-rank", "0", *base], capsys, "--lora-rank")
+    assert_cli_refuses(["finetune", str(dense_dir), "--method", "lora", "--lora-targets", "qkv", *base], capsys,
            "not projections")
-    _fails(["finetune", str(dense_dir), "--method", "qlora", "--qlora-tile-size", "24", *base], capsys,
+    assert_cli_refuses(["finetune", str(dense_dir), "--method", "qlora", "--qlora-tile-size", "24", *base], capsys,
            "tile size")
     assert not out.exists()
 
@@ -112,8 +106,8 @@ def test_bad_method_inputs_fail_before_any_work(dense_dir, data_file, tmp_path, 
     settings = LoraSettings(rank=2)
     save_adapter(apply_lora(load_any(str(other)).model, settings), settings, tmp_path / "adapter")
     capsys.readouterr()
-    _fails(["generate", str(dense_dir), "--adapter", str(tmp_path / "adapter"), "--prompt", "w3"], capsys,
+    assert_cli_refuses(["generate", str(dense_dir), "--adapter", str(tmp_path / "adapter"), "--prompt", "w3"], capsys,
            "does not fit the model")
-    _fails(["export", str(dense_dir), "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "e")],
+    assert_cli_refuses(["export", str(dense_dir), "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "e")],
            capsys, "does not fit the model")
     assert not (tmp_path / "e").exists()
