@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from sketchtune_jax.data import read_json_records
+from sketchtune_jax.settings import SettingError
 
 
 def calibration_windows(
@@ -38,10 +39,10 @@ def calibration_windows(
     ids = calibration_token_ids(source, tokenizer, text_range=text_range)
     if len(ids) < seq_len * nsamples:
         have = len(ids) // seq_len
-        raise ValueError(
-            f"calibration source {source!r} has {len(ids)} tokens: room for {have} non-overlapping "
-            f"windows of {seq_len}, but {nsamples} were requested; lower --nsamples or --seq-len, or give more text"
-        )
+        raise SettingError(
+            "nsamples", f"of {nsamples} windows of {seq_len} do not fit calibration source {source!r}: its "
+            f"{len(ids)} tokens hold {have}; lower {{nsamples}} or {{seq_len}}, or give more text",
+            ("nsamples", "seq_len"))
     return sample_windows(ids, nsamples=nsamples, seq_len=seq_len, seed=seed)
 
 

@@ -196,25 +196,15 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _finetune_method(args: argparse.Namespace):
-    """The `FinetuneMethod` the flags ask for, checked against the kind of model (sketched or dense),
+    """The `FinetuneMethod` the flags ask for (None: the model's default, checked by the workflow),
     and the LoRA rank asked for (an int, ``"auto"``, or None without adapters)."""
-    from sketchtune_jax.checkpoint import is_sketched_dir
-    from sketchtune_jax.lora import PROJECTIONS, LoraSettings
+    from sketchtune_jax.lora import LoraSettings
     from sketchtune_jax.methods import FinetuneMethod
+    from sketchtune_jax.settings import SettingError
 
-    sketched = is_sketched_dir(args.model)
-    name = args.method or ("sketch" if sketched else None)
+    name = args.method
     if name is None:
-        raise ValueError(f"{args.model} is a dense model: choose --method lora, qlora or full "
-                         "(or sketch it first with `sketchtune sketch` for --method sketch)")
-    if name == "sketch" and not sketched:
-        raise ValueError(f"--method sketch needs a sketched model and {args.model} is dense; "
-                         "make one with `sketchtune sketch`, or choose --method lora, qlora or full")
-    if name != "sketch" and sketched:
-        raise ValueError(f"--method {name} trains a dense model and {args.model} is sketched; "
-                         "use --method sketch or give the dense model")
-    if name != "sketch" and args.codebooks:
-        raise ValueError("--codebooks applies to --method sketch only")
+        return None, None
     if name not in ("lora", "qlora"):
         return FinetuneMethod(name), None
     rank = args.lora_rank
@@ -222,18 +212,17 @@ def _finetune_method(args: argparse.Namespace):
         try:
             rank = int(rank)
         except ValueError:
-            raise ValueError(f"--lora-rank must be a positive integer or 'auto', got {rank!r}") from None
-        if rank <= 0:
-            raise ValueError(f"--lora-rank must be a positive integer or 'auto', got {rank}")
-    targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
-    unknown = [t for t in targets if t not in PROJECTIONS]
-    if unknown:
-        raise ValueError(f"--lora-targets {unknown} are not projections; choose from {','.join(PROJECTIONS)}")
-    settings = LoraSettings(
-        rank=1 if rank == "auto" else rank, alpha=1.0 if args.lora_alpha is None else args.lora_alpha,
-        dropout=args.lora_dropout, targets=targets, qtype=args.qlora_qtype if name == "qlora" else None,
-        tile_size=args.qlora_tile_size, seed=args.seed,
-    )
+            raise SettingError("lora_rank", f"must be a positive integer or 'auto', got {rank!r}") from None
+    try:
+        settings = LoraSettings(
+            rank=1 if rank == "auto" else rank, alpha=1.0 if args.lora_alpha is None else args.lora_alpha,
+            dropout=args.lora_dropout, targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()),
+            qtype=args.qlora_qtype if name == "qlora" else None, tile_size=args.qlora_tile_size, seed=args.seed,
+        )
+    except SettingError as e:
+        # The flags of LoraSettings' fields carry the method's name: --lora-rank, --qlora-qtype, ...
+        prefix = "qlora_" if e.field in ("qtype", "tile_size") else "lora_"
+        raise SettingError(prefix + e.field, e.problem, e.mentions) from None
     return FinetuneMethod(name, lora=settings), rank
 
 
@@ -249,7 +238,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         lora_alpha=args.lora_alpha, codebooks=args.codebooks, dtype=args.dtype, val_fraction=args.val_fraction,
         pad_multiple=args.pad_multiple, resume=args.resume, overwrite=args.overwrite,
     )
-    print_table(f"fine-tuned {args.model} on {args.data} ({method.name})", summary)
+    print_table(f"fine-tuned {args.model} on {args.data} ({summary['method']})", summary)
     return 0
 
 
@@ -477,17 +466,19 @@ def _show_library_info() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sketchtune_jax.settings import SettingError
+    from sketchtune_jax.settings import OutputExistsError, SettingError
 
     parser = build_parser()
     args = parser.parse_args(argv)
     _show_library_info()
     try:
         return args.func(args)
-    except SettingError as e:
+    except (SettingError, OutputExistsError) as e:
         # Flags are named after the settings fields they fill (argparse's dest convention).
-        flag = f"--{e.field.replace('_', '-')}" if e.field in vars(args) else None
-        print(f"sketchtune {args.command}: error: {flag + ' ' + e.problem if flag else e}", file=sys.stderr)
+        def flag(name: str) -> str:
+            return f"--{name.replace('_', '-')}" if name in vars(args) else name
+
+        print(f"sketchtune {args.command}: error: {e.render(flag)}", file=sys.stderr)
         return 2
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as e:
         print(f"sketchtune {args.command}: error: {e}", file=sys.stderr)

@@ -10,6 +10,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from sketchtune_jax.settings import OutputExistsError
+
 
 def write_json_atomic(path: str | os.PathLike, data: object) -> None:
     """Write ``data`` as JSON to ``path`` via a temporary file and a rename."""
@@ -38,7 +40,7 @@ def check_output_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Pat
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"{path} exists and is not a directory")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise FileExistsError(f"{path} exists and is not empty; pass --overwrite to replace it")
+        raise OutputExistsError(f"{path} exists and is not empty; set {{overwrite}} to replace it", ("overwrite",))
     return path
 
 

@@ -73,8 +73,9 @@ def heal_windows(ids: np.ndarray, *, steps: int, batch_size: int, seq_len: int, 
 
     room = len(ids) // seq_len
     if room < batch_size:
-        raise ValueError(f"{source} has {len(ids)} tokens: room for {room} windows of {seq_len}, fewer than one "
-                         f"batch of {batch_size}; give more text or lower --seq-len/--batch-size")
+        raise SettingError("seq_len", f"of {seq_len} leaves room for {room} windows in the {len(ids)} tokens of "
+                           f"{source}, fewer than one batch of {batch_size}; give more text or lower {{seq_len}} "
+                           "or {batch_size}", ("seq_len", "batch_size"))
     return sample_windows(ids, nsamples=min(windows or steps * batch_size, room), seq_len=seq_len, seed=seed)
 
 

@@ -11,6 +11,7 @@ from flax import nnx
 from sketchtune_jax.checkpoint import is_sketched_dir, load_sketched
 from sketchtune_jax.layers import Codebook, Codes, SketchedLinear
 from sketchtune_jax.module_paths import iter_modules
+from sketchtune_jax.settings import SettingError
 
 
 def load_any(
@@ -27,7 +28,8 @@ def load_any(
     ``adapter``: a LoRA/QLoRA adapter directory (PEFT format) applied, unmerged, on top of a dense model.
     """
     if adapter and is_sketched_dir(source):
-        raise ValueError(f"--adapter applies to a dense model, and {source} is sketched (use --codebooks)")
+        raise SettingError("adapter", f"applies to a dense model, and {source} is sketched (use {{codebooks}})",
+                           ("codebooks",))
     if adapter:
         from sketchtune_jax.lora import load_adapter, read_adapter_settings
 

@@ -34,6 +34,7 @@ from sketchtune_jax.fileio import atomic_directory, write_json_atomic
 from sketchtune_jax.layers import Linear
 from sketchtune_jax.models import LlamaForCausalLM
 from sketchtune_jax.module_paths import get_submodule, iter_modules
+from sketchtune_jax.settings import require
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 QTYPES = ("nf4", "int4")
@@ -71,18 +72,14 @@ class LoraSettings:
 
     def __post_init__(self):
         object.__setattr__(self, "targets", tuple(self.targets))
-        if not isinstance(self.rank, int) or self.rank <= 0:
-            raise ValueError(f"LoRA rank must be a positive integer, got {self.rank!r}")
-        if not math.isfinite(self.alpha) or self.alpha <= 0:
-            raise ValueError(f"LoRA alpha must be positive, got {self.alpha!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
-        if not self.targets:
-            raise ValueError("LoRA targets are empty; name at least one projection, e.g. q_proj")
-        if self.qtype is not None and self.qtype not in QTYPES:
-            raise ValueError(f"QLoRA qtype must be one of {QTYPES}, got {self.qtype!r}")
-        if self.tile_size <= 0:
-            raise ValueError(f"QLoRA tile size must be positive, got {self.tile_size}")
+        require(isinstance(self.rank, int) and self.rank > 0, "rank", f"must be a positive integer, got {self.rank!r}")
+        require(math.isfinite(self.alpha) and self.alpha > 0, "alpha", f"must be positive, got {self.alpha!r}")
+        require(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout!r}")
+        require(bool(self.targets), "targets", "are empty; name at least one projection, e.g. q_proj")
+        unknown = [t for t in self.targets if t not in PROJECTIONS]
+        require(not unknown, "targets", f"{unknown} are not projections; choose from {','.join(PROJECTIONS)}")
+        require(self.qtype is None or self.qtype in QTYPES, "qtype", f"must be one of {QTYPES}, got {self.qtype!r}")
+        require(self.tile_size > 0, "tile_size", f"must be positive, got {self.tile_size}")
 
     @property
     def scale(self) -> float:

@@ -29,6 +29,7 @@ from flax import nnx
 
 from sketchtune_jax.layers import Codebook
 from sketchtune_jax.lora import LoraSettings, apply_lora
+from sketchtune_jax.settings import SettingError
 
 METHODS = ("sketch", "lora", "qlora", "full")
 RESULT_NAMES = {"sketch": "codebooks.safetensors", "lora": "adapter", "qlora": "adapter", "full": "model"}
@@ -37,6 +38,26 @@ RESULT_NAMES = {"sketch": "codebooks.safetensors", "lora": "adapter", "qlora": "
 def has_codebooks(model: nnx.Module) -> bool:
     """Whether ``model`` holds any `Codebook` (i.e. is sketched)."""
     return bool(nnx.to_flat_state(nnx.state(model, Codebook)))
+
+
+def check_method_fits(name: str, *, sketched: bool, model: str = "this model") -> None:
+    """Raise `SettingError` (field ``method``) unless method ``name`` trains a model of this kind:
+    sketch a sketched model, every other method a dense one. ``model`` names it in the message."""
+    if name == "sketch" and not sketched:
+        raise SettingError("method", f"sketch needs a sketched model and {model} is dense; make one with "
+                           "`sketchtune sketch`, or choose lora, qlora or full")
+    if name != "sketch" and sketched:
+        raise SettingError("method", f"{name} trains a dense model and {model} is sketched; "
+                           "use sketch, or give the dense model")
+
+
+def default_method(sketched: bool, model: str = "this model") -> str:
+    """The method a model is fine-tuned by when none is named: sketch for a sketched model; a dense
+    model has no default (`SettingError`), since LoRA, QLoRA and full tuning are different trade-offs."""
+    if not sketched:
+        raise SettingError("method", f"is needed for {model}, a dense model: choose lora, qlora or full "
+                           "(or sketch it first with `sketchtune sketch` and tune its codebooks)")
+    return "sketch"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,14 +84,8 @@ class FinetuneMethod:
         return {"sketch": Codebook, "lora": nnx.LoRAParam, "qlora": nnx.LoRAParam, "full": nnx.Param}[self.name]
 
     def check_model(self, model: nnx.Module) -> None:
-        """Raise ValueError when ``model`` is not the kind this method trains (sketched vs dense)."""
-        sketched = has_codebooks(model)
-        if self.name == "sketch" and not sketched:
-            raise ValueError("method sketch trains a sketched model's codebooks and this model is dense; "
-                             "sketch it first (`sketchtune sketch`) or choose lora, qlora or full")
-        if self.name != "sketch" and sketched:
-            raise ValueError(f"method {self.name} trains a dense model and this one is sketched; "
-                             "use method sketch, or give the dense model")
+        """Raise `SettingError` when ``model`` is not the kind this method trains (sketched vs dense)."""
+        check_method_fits(self.name, sketched=has_codebooks(model))
 
     def prepare(self, model: nnx.Module) -> nnx.Module:
         """The model to train: adapters added for lora/qlora (a new model), else ``model`` itself."""

@@ -14,6 +14,7 @@ import numpy as np
 from flax import nnx
 
 from sketchtune_jax.reporting import progress
+from sketchtune_jax.settings import SettingError
 from sketchtune_jax.train.step import token_nll_sum
 
 
@@ -56,10 +57,9 @@ def tokenize_windows(tokenizer, text: str, seq_len: int, max_windows: int | None
     if max_windows is not None:
         n_windows = min(n_windows, max_windows)
     if n_windows == 0:
-        raise ValueError(
-            f"the text has {len(ids)} tokens, fewer than one window of {seq_len}; "
-            "give a longer text or a smaller --seq-len"
-        )
+        raise SettingError(
+            "seq_len", f"of {seq_len} is longer than the text ({len(ids)} tokens); give a longer text or a "
+            "smaller {seq_len}", ("seq_len",))
     return np.asarray(ids[: n_windows * seq_len], dtype=np.int32).reshape(n_windows, seq_len)
 
 

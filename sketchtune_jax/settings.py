@@ -1,12 +1,15 @@
 """What settings dataclasses share: the error they raise and the dtype names they accept.
 
 A `SettingError` names the field that is wrong (``field``) and what is wrong with it
-(``problem``); the command line swaps the field for its flag.
+(``problem``). Other settings its text mentions are written ``{name}`` and listed in
+``mentions``. ``str(e)`` names settings as the library does; the command line renders the
+same error with `SettingError.render`, naming each setting by its flag.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax.numpy as jnp
@@ -14,13 +17,39 @@ import jax.numpy as jnp
 DTYPES: dict[str, Any] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
-class SettingError(ValueError):
-    """A setting is out of range: ``str(e)`` is ``"<field> <problem>"``."""
+def name_settings(text: str, mentions: tuple[str, ...], name_of: Callable[[str], str]) -> str:
+    """``text`` with each ``{name}`` of ``mentions`` replaced by ``name_of(name)``."""
+    for name in mentions:
+        text = text.replace("{" + name + "}", name_of(name))
+    return text
 
-    def __init__(self, field: str, problem: str):
-        super().__init__(f"{field} {problem}")
+
+class SettingError(ValueError):
+    """A setting is out of range: ``str(e)`` is ``"<field> <problem>"``, settings named as fields."""
+
+    def __init__(self, field: str, problem: str, mentions: tuple[str, ...] = ()):
         self.field = field
         self.problem = problem
+        self.mentions = mentions
+        super().__init__(self.render(str))
+
+    def render(self, name_of: Callable[[str], str]) -> str:
+        """The message with every setting it names (the field first) named by ``name_of``."""
+        return f"{name_of(self.field)} {name_settings(self.problem, self.mentions, name_of)}"
+
+
+class OutputExistsError(FileExistsError):
+    """An output directory is in the way; ``{name}`` in ``message`` names a setting of ``mentions``
+    that would allow it (e.g. ``overwrite``)."""
+
+    def __init__(self, message: str, mentions: tuple[str, ...]):
+        self.message = message
+        self.mentions = mentions
+        super().__init__(self.render(str))
+
+    def render(self, name_of: Callable[[str], str]) -> str:
+        """The message with every setting it names named by ``name_of``."""
+        return name_settings(self.message, self.mentions, name_of)
 
 
 def dtype_from_name(name: str) -> Any:

@@ -33,7 +33,7 @@ from sketchtune_jax.fileio import atomic_write_bytes, check_output_dir, write_js
 from sketchtune_jax.layers import Linear, SketchedLinear
 from sketchtune_jax.module_paths import get_submodule, set_submodule
 from sketchtune_jax.reporting import progress
-from sketchtune_jax.settings import SettingError, require, require_positive
+from sketchtune_jax.settings import OutputExistsError, SettingError, require, require_positive
 from sketchtune_jax.sketch import (
     accumulate_hessian,
     init_hessian,
@@ -326,10 +326,9 @@ class ResumeDir:
         meta = self.path / "settings.json"
         if meta.is_file():
             if json.loads(meta.read_text()) != self.fingerprint:
-                raise ValueError(
+                raise OutputExistsError(
                     f"{self.path} holds an unfinished sketch made with other settings or calibration data; "
-                    "delete it or pass --overwrite to start again"
-                )
+                    "delete it or set {overwrite} to start again", ("overwrite",))
         else:
             self.path.mkdir(parents=True, exist_ok=True)
             write_json_atomic(meta, self.fingerprint)

@@ -16,10 +16,10 @@ from typing import Any
 
 from sketchtune_jax.checkpoint import SKETCH_CONFIG, is_sketched_dir, save_sketched
 from sketchtune_jax.fileio import write_json_atomic
-from sketchtune_jax.settings import DTYPES, SettingError
+from sketchtune_jax.settings import DTYPES, OutputExistsError, SettingError
 from sketchtune_jax.sketcher import SketchSettings, partial_dir_for, prepare_sketch_output, sketch_model
 from sketchtune_jax.train.config import TrainConfig
-from sketchtune_jax.methods import FinetuneMethod
+from sketchtune_jax.methods import FinetuneMethod, check_method_fits, default_method
 
 logger = logging.getLogger(__name__)
 
@@ -115,9 +115,9 @@ def check_run_dir(out_dir: str | os.PathLike, *, resume: bool, overwrite: bool) 
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"{path} exists and is not a directory")
     if path.is_dir() and any(path.iterdir()) and not (resume or overwrite):
-        raise FileExistsError(
-            f"{path} already holds a run; resume it (--resume), start it over (--overwrite), or pick a new directory"
-        )
+        raise OutputExistsError(
+            f"{path} already holds a run; continue it ({{resume}}), start it over ({{overwrite}}), "
+            "or pick a new directory", ("resume", "overwrite"))
 
 
 def finetune_to_dir(
@@ -139,8 +139,8 @@ def finetune_to_dir(
 ) -> dict[str, Any]:
     """Fine-tune ``model_ref`` on instruction records ``data`` by ``method``; outputs in ``out_dir``.
 
-    ``method`` defaults to sketch tuning (``model_ref`` must be sketched); lora, qlora and full
-    take a dense model (see `sketchtune_jax.methods`). ``auto_lora_rank`` replaces the adapter
+    ``method`` None means sketch tuning, which only a sketched ``model_ref`` has as its default;
+    lora, qlora and full take a dense model (see `sketchtune_jax.methods`). ``auto_lora_rank`` replaces the adapter
     rank by `auto_rank` of the model; ``lora_alpha`` None means 2 x rank. ``resume`` continues the
     run found in ``out_dir`` (from its latest checkpoint); ``overwrite`` deletes it first.
     Returns the summary also written to ``summary.json``.
@@ -149,15 +149,11 @@ def finetune_to_dir(
     from sketchtune_jax.lora import auto_rank
     from sketchtune_jax.train import finetune, trainable_parameter_count
 
-    method = method or FinetuneMethod("sketch")
     sketched = is_sketched_dir(model_ref)
-    if method.name == "sketch" and not sketched:
-        raise ValueError(f"{model_ref} is not a sketched model; make one first with `sketchtune sketch` "
-                         "(or fine-tune it with method lora, qlora or full)")
-    if method.name != "sketch" and sketched:
-        raise ValueError(f"method {method.name} trains a dense model and {model_ref} is sketched")
+    method = method or FinetuneMethod(default_method(sketched, model_ref))
+    check_method_fits(method.name, sketched=sketched, model=model_ref)
     if codebooks and method.name != "sketch":
-        raise ValueError("codebooks apply to sketch tuning only")
+        raise SettingError("codebooks", "apply to method sketch only")
     if not Path(data).is_file():
         raise FileNotFoundError(f"data file not found: {data}")
     if not 0 <= val_fraction < 1:
@@ -289,8 +285,8 @@ def heal_to_dir(
     if not is_sketched_dir(sketch_dir):
         raise ValueError(f"{sketch_dir} is not a sketched model (no {SKETCH_CONFIG}); make one with `sketchtune sketch`")
     if is_sketched_dir(teacher_ref) and not allow_sketched_teacher:
-        raise ValueError(f"the teacher {teacher_ref} is itself a sketch; heal against the dense model the sketch "
-                         "was made from (or pass allow_sketched_teacher / --allow-sketched-teacher)")
+        raise SettingError("allow_sketched_teacher", f"is off and the teacher {teacher_ref} is itself a sketch; "
+                           "heal against the dense model the sketch was made from")
     if _is_file_source(calib):
         if not Path(calib).is_file():
             raise FileNotFoundError(f"calibration file not found: {calib}")
@@ -299,8 +295,8 @@ def heal_to_dir(
         raise FileNotFoundError(f"evaluation text not found: {eval_text}")
     in_place = Path(out_dir).resolve() == Path(sketch_dir).resolve()
     if in_place and not overwrite:
-        raise FileExistsError(f"healing {sketch_dir} in place replaces it; pass overwrite (--overwrite) "
-                              "or choose another --out")
+        raise OutputExistsError(f"healing {sketch_dir} in place replaces it; set {{overwrite}}, "
+                                "or write the healed sketch elsewhere", ("overwrite",))
     if not in_place:
         check_output_dir(out_dir, overwrite=overwrite)
     run_dir = heal_run_dir(out_dir)

@@ -58,7 +58,9 @@ def test_model_errors_are_one_line(tmp_path, capsys):
 
 def test_finetune_of_a_dense_model_asks_for_a_method(tmp_path, capsys, hf_dir):
     assert_cli_refuses(["finetune", str(hf_dir), "--data", str(WIKI), "--out", str(tmp_path / "run")], capsys,
-           "is a dense model: choose --method lora, qlora or full")
+           "--method is needed for")
+    assert_cli_refuses(["finetune", str(hf_dir), "--data", str(WIKI), "--out", str(tmp_path / "run")], capsys,
+           "a dense model: choose lora, qlora or full")
     assert not (tmp_path / "run").exists()
 
 

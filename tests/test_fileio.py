@@ -18,8 +18,11 @@ def test_write_json_atomic_replaces_whole_file(tmp_path):
 def test_check_output_dir_refuses_non_empty(tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "x").write_text("keep")
-    with pytest.raises(FileExistsError, match="--overwrite"):
+    with pytest.raises(FileExistsError, match="set overwrite to replace it") as refused:
         check_output_dir(tmp_path / "out")
+    # The library names its own setting; the CLI renders the same error with the flag.
+    assert "--overwrite" not in str(refused.value)
+    assert "set --overwrite to replace it" in refused.value.render(lambda name: f"--{name}")
     check_output_dir(tmp_path / "out", overwrite=True)
     check_output_dir(tmp_path / "new")
 
@@ -40,3 +43,12 @@ def test_atomic_directory_overwrite_swaps_contents(tmp_path):
         (tmp / "b").write_text("2")
     assert sorted(p.name for p in out.iterdir()) == ["b"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_setting_errors_name_settings_as_the_library_does_and_render_flags_for_the_cli():
+    from sketchtune_jax.settings import SettingError
+
+    e = SettingError("nsamples", "of 9 windows do not fit; lower {nsamples} or {seq_len}", ("nsamples", "seq_len"))
+    assert str(e) == "nsamples of 9 windows do not fit; lower nsamples or seq_len"
+    flags = e.render(lambda name: "--" + name.replace("_", "-"))
+    assert flags == "--nsamples of 9 windows do not fit; lower --nsamples or --seq-len"

@@ -94,7 +94,7 @@ def test_bad_method_inputs_fail_before_any_work(dense_dir, data_file, tmp_path, 
     base = ["--data", str(data_file), "--out", str(out), *STEPS]
     assert_cli_refuses(["finetune", str(sketched), "--method", "lora", *base], capsys, "trains a dense model")
     assert_cli_refuses(["finetune", str(dense_dir), "--method", "sketch", *base], capsys, "needs a sketched model")
-    assert_cli_refuses(["finetune", str(dense_dir), *base], capsys, "choose --method")
+    assert_cli_refuses(["finetune", str(dense_dir), *base], capsys, "--method is needed")
     assert_cli_refuses(["finetune", str(dense_dir), "--method", "lora", "--lora-rank", "0", *base], capsys, "--lora-rank")
     assert_cli_refuses(["finetune", str(dense_dir), "--method", "lora", "--lora-targets", "qkv", *base], capsys,
            "not projections")
