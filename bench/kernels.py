@@ -25,8 +25,7 @@ import numpy as np
 
 from pallas_kernels import pack_codes, packed_words, sketched_matmul
 
-FULL = dict(layers=[(4096, 4096), (14336, 4096), (4096, 14336)], decode=[1, 8, 16],
-            prefill=[512, 4096], bits=[4, 2])
+FULL = dict(layers=[(4096, 4096), (14336, 4096), (4096, 14336)], decode=[1, 8, 16], prefill=[512, 4096], bits=[4, 2])
 SMALL = dict(layers=[(256, 128), (128, 256)], decode=[1, 8], prefill=[64], bits=[4, 2])
 
 
@@ -54,18 +53,22 @@ def _peak_bytes() -> int | None:
     return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
 
 
-def _measure(name: str, fn, args, *, nbytes: int, flops: int, iters: int, warmup: int,
-             **meta: Any) -> dict:
+def _measure(name: str, fn, args, *, nbytes: int, flops: int, iters: int, warmup: int, **meta: Any) -> dict:
     t = _time(fn, args, iters, warmup)
     return dict(
-        impl=name, **meta, median_ms=t * 1e3, bytes=nbytes, flops=flops,
-        gb_per_s=nbytes / t / 1e9, tflop_per_s=flops / t / 1e12,
-        temp_bytes=_temp_bytes(fn, args), peak_bytes_in_use=_peak_bytes(),
+        impl=name,
+        **meta,
+        median_ms=t * 1e3,
+        bytes=nbytes,
+        flops=flops,
+        gb_per_s=nbytes / t / 1e9,
+        tflop_per_s=flops / t / 1e12,
+        temp_bytes=_temp_bytes(fn, args),
+        peak_bytes_in_use=_peak_bytes(),
     )
 
 
-def run(config: dict, *, groups: int, dtype, backend: str | None, iters: int,
-        warmup: int) -> list[dict]:
+def run(config: dict, *, groups: int, dtype, backend: str | None, iters: int, warmup: int) -> list[dict]:
     rng = np.random.default_rng(0)
     item = jnp.dtype(dtype).itemsize
     results = []
@@ -76,27 +79,40 @@ def run(config: dict, *, groups: int, dtype, backend: str | None, iters: int,
         for bits in config["bits"]:
             cols = k // groups
             codebook = jnp.asarray(rng.normal(size=(out, groups, 2**bits)) * 0.02, dtype)
-            codes = jnp.asarray(pack_codes(
-                rng.integers(0, 2**bits, (out, groups, cols), dtype=np.uint8), bits))
-            sketch_bytes = (out * groups * packed_words(cols, bits) * 4
-                            + out * groups * 2**bits * item)
+            codes = jnp.asarray(pack_codes(rng.integers(0, 2**bits, (out, groups, cols), dtype=np.uint8), bits))
+            sketch_bytes = out * groups * packed_words(cols, bits) * 4 + out * groups * 2**bits * item
 
             def fwd(x, cb, c, bits=bits):
                 return sketched_matmul(x, cb, c, bits, backend=backend)
 
             sk_fwd = jax.jit(fwd)
-            sk_vjp = jax.jit(lambda x, cb, c, dy, fwd=fwd: jax.vjp(
-                lambda x, cb: fwd(x, cb, c), x, cb)[1](dy))
+            sk_vjp = jax.jit(lambda x, cb, c, dy, fwd=fwd: jax.vjp(lambda x, cb: fwd(x, cb, c), x, cb)[1](dy))
             for m in config["decode"] + config["prefill"]:
                 x = jnp.asarray(rng.normal(size=(m, k)), dtype)
                 act = (m * k + m * out) * item
                 meta = dict(out=out, in_features=k, rows=m, bits=bits, groups=groups)
-                dense = _measure("dense", dense_fwd, (x, w), op="forward",
-                                 nbytes=act + out * k * item, flops=2 * m * out * k,
-                                 iters=iters, warmup=warmup, **meta)
-                sk = _measure("sketched", sk_fwd, (x, codebook, codes), op="forward",
-                              nbytes=act + sketch_bytes, flops=2 * m * out * k,
-                              iters=iters, warmup=warmup, **meta)
+                dense = _measure(
+                    "dense",
+                    dense_fwd,
+                    (x, w),
+                    op="forward",
+                    nbytes=act + out * k * item,
+                    flops=2 * m * out * k,
+                    iters=iters,
+                    warmup=warmup,
+                    **meta,
+                )
+                sk = _measure(
+                    "sketched",
+                    sk_fwd,
+                    (x, codebook, codes),
+                    op="forward",
+                    nbytes=act + sketch_bytes,
+                    flops=2 * m * out * k,
+                    iters=iters,
+                    warmup=warmup,
+                    **meta,
+                )
                 sk["speedup_vs_dense"] = dense["median_ms"] / sk["median_ms"]
                 results += [dense, sk]
                 if m not in config["prefill"]:
@@ -105,12 +121,28 @@ def run(config: dict, *, groups: int, dtype, backend: str | None, iters: int,
                 # Forward + backward reads x, dy and the weights; writes y, dx and the
                 # weight gradient (dW dense, dcodebook sketched).
                 train_act = (2 * m * k + 2 * m * out) * item
-                dense = _measure("dense", dense_vjp, (x, w, dy), op="forward_backward",
-                                 nbytes=train_act + 2 * out * k * item, flops=6 * m * out * k,
-                                 iters=iters, warmup=warmup, **meta)
-                sk = _measure("sketched", sk_vjp, (x, codebook, codes, dy), op="forward_backward",
-                              nbytes=train_act + 2 * sketch_bytes, flops=6 * m * out * k,
-                              iters=iters, warmup=warmup, **meta)
+                dense = _measure(
+                    "dense",
+                    dense_vjp,
+                    (x, w, dy),
+                    op="forward_backward",
+                    nbytes=train_act + 2 * out * k * item,
+                    flops=6 * m * out * k,
+                    iters=iters,
+                    warmup=warmup,
+                    **meta,
+                )
+                sk = _measure(
+                    "sketched",
+                    sk_vjp,
+                    (x, codebook, codes, dy),
+                    op="forward_backward",
+                    nbytes=train_act + 2 * sketch_bytes,
+                    flops=6 * m * out * k,
+                    iters=iters,
+                    warmup=warmup,
+                    **meta,
+                )
                 sk["speedup_vs_dense"] = dense["median_ms"] / sk["median_ms"]
                 results += [dense, sk]
                 print(f"{out}x{k} {bits}-bit rows={m} done", flush=True)
@@ -130,10 +162,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--small", action="store_true", help="tiny shapes, for a CPU smoke test")
     p.add_argument("--groups", type=int, default=4, help="row-groups per output row")
     p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--backend", choices=["pallas", "interpret", "reference"], default=None,
-                   help="force a sketched_matmul backend (default: by platform)")
-    p.add_argument("--layers", type=_layers,
-                   help="comma-separated OUTxIN layer shapes (default: Llama-3-8B's)")
+    p.add_argument(
+        "--backend",
+        choices=["pallas", "interpret", "reference"],
+        default=None,
+        help="force a sketched_matmul backend (default: by platform)",
+    )
+    p.add_argument("--layers", type=_layers, help="comma-separated OUTxIN layer shapes (default: Llama-3-8B's)")
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--warmup", type=int, default=2)
     args = p.parse_args(argv)
@@ -144,10 +179,20 @@ def main(argv: list[str] | None = None) -> dict:
     device = jax.devices()[0]
     report = dict(
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        device=device.device_kind, platform=device.platform, jax=jax.__version__,
-        dtype=args.dtype, backend=args.backend or "auto", iters=iters,
-        results=run(config, groups=args.groups, dtype=jnp.dtype(args.dtype),
-                    backend=args.backend, iters=iters, warmup=args.warmup),
+        device=device.device_kind,
+        platform=device.platform,
+        jax=jax.__version__,
+        dtype=args.dtype,
+        backend=args.backend or "auto",
+        iters=iters,
+        results=run(
+            config,
+            groups=args.groups,
+            dtype=jnp.dtype(args.dtype),
+            backend=args.backend,
+            iters=iters,
+            warmup=args.warmup,
+        ),
     )
     text = json.dumps(report, indent=1)
     print(text)

@@ -52,10 +52,18 @@ def main() -> None:
     parser.add_argument("--heal-steps", type=int, default=0, help="also heal each sketch for N steps (0: no)")
     parser.add_argument("--heal-batch-size", type=int, default=2)
     parser.add_argument("--heal-lr", type=float, default=1e-4)
-    parser.add_argument("--dense-from", help="take the dense perplexity from this earlier results JSON "
-                        "(same model, text and windows) instead of measuring it again")
-    parser.add_argument("--sketched", action="append", default=[], metavar="NAME=DIR",
-                        help="take configuration NAME from this sketched directory instead of sketching it")
+    parser.add_argument(
+        "--dense-from",
+        help="take the dense perplexity from this earlier results JSON "
+        "(same model, text and windows) instead of measuring it again",
+    )
+    parser.add_argument(
+        "--sketched",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="take configuration NAME from this sketched directory instead of sketching it",
+    )
     args = parser.parse_args()
     if args.markdown:
         print(markdown_tables(json.loads(Path(args.out).read_text())))
@@ -72,8 +80,9 @@ def main() -> None:
 
     text = st.read_text(args.text)
     loaded = st.load_any(args.model)
-    calib = st.calibration_windows(args.text, loaded.tokenizer, nsamples=args.nsamples, seq_len=args.seq_len,
-                                   text_range=(lo, hi))
+    calib = st.calibration_windows(
+        args.text, loaded.tokenizer, nsamples=args.nsamples, seq_len=args.seq_len, text_range=(lo, hi)
+    )
     if "dense" not in results and args.dense_from:
         results["dense"] = json.loads(Path(args.dense_from).read_text())["dense"]
     if "dense" not in results:
@@ -88,23 +97,29 @@ def main() -> None:
             seconds = report.get("seconds")
         else:
             model = nnx.clone(loaded.model)  # sketching swaps modules in place; the dense model stays as it is
-            settings = st.SketchSettings(calib=args.text, nsamples=args.nsamples, seq_len=args.seq_len,
-                                         calib_range=(lo, hi), **CONFIGS[name])
+            settings = st.SketchSettings(
+                calib=args.text, nsamples=args.nsamples, seq_len=args.seq_len, calib_range=(lo, hi), **CONFIGS[name]
+            )
             start = time.perf_counter()
             report = st.sketch_model(model, calib, settings)
             seconds = time.perf_counter() - start
         if name not in results["runs"]:
             ppl = st.perplexity(model, loaded.tokenizer, text, max_windows=args.eval_windows).ppl
             results["runs"][name] = {
-                **CONFIGS[name], "ppl": ppl, "ratio": ppl / results["dense"],
-                "mean_rel_output_error": report["mean_rel_output_error"], "sketch_seconds": seconds,
-                "trainable_params": st.trainable_parameter_count(model), "sketch_dir": sketched.get(name),
+                **CONFIGS[name],
+                "ppl": ppl,
+                "ratio": ppl / results["dense"],
+                "mean_rel_output_error": report["mean_rel_output_error"],
+                "sketch_seconds": seconds,
+                "trainable_params": st.trainable_parameter_count(model),
+                "sketch_dir": sketched.get(name),
             }
             st.write_json_atomic(out, results)
             print(json.dumps({name: results["runs"][name]}))
         if args.heal_steps:
-            results["runs"][healed(name)] = heal_row(args, model, loaded, (lo, hi), text, results["dense"],
-                                                     CONFIGS[name])
+            results["runs"][healed(name)] = heal_row(
+                args, model, loaded, (lo, hi), text, results["dense"], CONFIGS[name]
+            )
             st.write_json_atomic(out, results)
             print(json.dumps({healed(name): results["runs"][healed(name)]}))
     print(json.dumps(results, indent=2))
@@ -116,8 +131,9 @@ def heal_row(args, model, loaded, calib_range, text: str, dense_ppl: float, conf
     from sketchtune_jax.heal import heal, heal_config, heal_windows
     from sketchtune_jax.train import read_log
 
-    hc = heal_config(steps=args.heal_steps, batch_size=args.heal_batch_size, seq_len=args.seq_len, lr=args.heal_lr,
-                     save_every=0)
+    hc = heal_config(
+        steps=args.heal_steps, batch_size=args.heal_batch_size, seq_len=args.seq_len, lr=args.heal_lr, save_every=0
+    )
     ids = calibration_token_ids(args.text, loaded.tokenizer, text_range=calib_range)
     windows = heal_windows(ids, steps=hc.max_steps, batch_size=hc.batch_size, seq_len=hc.seq_len)
     with tempfile.TemporaryDirectory() as run:
@@ -127,9 +143,19 @@ def heal_row(args, model, loaded, calib_range, text: str, dense_ppl: float, conf
         kl = [r["loss"] for r in read_log(result.log_path) if "loss" in r]
     ppl = st.perplexity(model, loaded.tokenizer, text, max_windows=args.eval_windows).ppl
     return {
-        **config, "ppl": ppl, "ratio": ppl / dense_ppl, "heal_steps": result.step, "heal_batch_size": hc.batch_size,
-        "heal_seq_len": hc.seq_len, "heal_lr": hc.lr, "heal_schedule": hc.schedule, "heal_windows": len(windows),
-        "heal_seconds": wall, "heal_cpu_seconds": cpu, "first_kl": kl[0], "final_kl": kl[-1],
+        **config,
+        "ppl": ppl,
+        "ratio": ppl / dense_ppl,
+        "heal_steps": result.step,
+        "heal_batch_size": hc.batch_size,
+        "heal_seq_len": hc.seq_len,
+        "heal_lr": hc.lr,
+        "heal_schedule": hc.schedule,
+        "heal_windows": len(windows),
+        "heal_seconds": wall,
+        "heal_cpu_seconds": cpu,
+        "first_kl": kl[0],
+        "final_kl": kl[-1],
         "kl_every_step": kl,
     }
 
@@ -143,11 +169,16 @@ def markdown_tables(results: dict) -> str:
         lines.append(f"| INT{b} | " + " | ".join(cell(runs.get(f"int{b}-g{g}")) for g in (1, 2, 4, 8)) + " |")
     healed = sorted(k for k in runs if "-healed" in k)
     if healed:
-        lines += ["", "| healed | perplexity | heal steps | heal s (wall) | heal s (process CPU) |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "| healed | perplexity | heal steps | heal s (wall) | heal s (process CPU) |",
+            "|---|---|---|---|---|",
+        ]
         for key in healed:
             r = runs[key]
-            lines.append(f"| {key} | {cell(r)} | {r['heal_steps']} | {r['heal_seconds']:.0f} | "
-                         f"{r['heal_cpu_seconds']:.0f} |")
+            lines.append(
+                f"| {key} | {cell(r)} | {r['heal_steps']} | {r['heal_seconds']:.0f} | {r['heal_cpu_seconds']:.0f} |"
+            )
     variants = {
         "int4-g4": "full method (s = 3, error feedback, k-means++)",
         "int4-g4-nofb": "ablation: no error feedback",

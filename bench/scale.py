@@ -29,8 +29,18 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CALIB = ROOT.parent / "shared" / "data" / "wikitext-2" / "test.txt"
 
 
-def write_checkpoint(path: Path, *, layers: int, hidden: int, intermediate: int, heads: int, kv_heads: int,
-                     calib_text: str, vocab: int, seed: int = 0) -> int:
+def write_checkpoint(
+    path: Path,
+    *,
+    layers: int,
+    hidden: int,
+    intermediate: int,
+    heads: int,
+    kv_heads: int,
+    calib_text: str,
+    vocab: int,
+    seed: int = 0,
+) -> int:
     """A random Llama HF directory at ``path``, one safetensors shard per decoder layer; returns its weight bytes."""
     import safetensors.numpy
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -40,17 +50,34 @@ def write_checkpoint(path: Path, *, layers: int, hidden: int, intermediate: int,
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator([calib_text], trainers.BpeTrainer(
-        vocab_size=vocab, special_tokens=["<pad>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train_from_iterator(
+        [calib_text],
+        trainers.BpeTrainer(
+            vocab_size=vocab,
+            special_tokens=["<pad>", "<s>", "</s>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
     tokenizer.save_pretrained(str(path))
     head_dim = hidden // heads
     config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": len(tokenizer),
-        "hidden_size": hidden, "intermediate_size": intermediate, "num_hidden_layers": layers,
-        "num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": head_dim,
-        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 4096,
-        "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": len(tokenizer),
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
         "torch_dtype": "float32",
     }
     (path / "config.json").write_text(json.dumps(config, indent=2))
@@ -60,11 +87,16 @@ def write_checkpoint(path: Path, *, layers: int, hidden: int, intermediate: int,
         return (rng.standard_normal((rows, cols), dtype=np.float32) * (1.0 / np.sqrt(cols))).astype(np.float32)
 
     shards: list[tuple[str, dict[str, np.ndarray]]] = []
-    shards.append(("globals", {
-        "model.embed_tokens.weight": dense(len(tokenizer), hidden),
-        "lm_head.weight": dense(len(tokenizer), hidden),
-        "model.norm.weight": np.ones(hidden, np.float32),
-    }))
+    shards.append(
+        (
+            "globals",
+            {
+                "model.embed_tokens.weight": dense(len(tokenizer), hidden),
+                "lm_head.weight": dense(len(tokenizer), hidden),
+                "model.norm.weight": np.ones(hidden, np.float32),
+            },
+        )
+    )
     weight_map, total = {}, 0
     names = [f"model-{i + 1:05d}-of-{layers + 1:05d}.safetensors" for i in range(layers + 1)]
     for i, file in enumerate(names):
@@ -87,20 +119,44 @@ def write_checkpoint(path: Path, *, layers: int, hidden: int, intermediate: int,
         weight_map.update({name: file for name in tensors})
         total += sum(t.nbytes for t in tensors.values())
         del tensors
-    (path / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    (path / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+    )
     return total
 
 
-def sketch_peak_rss(model: Path, out: Path, calib: Path, *, streaming: bool, nsamples: int, seq_len: int,
-                    kmeans_iters: int) -> dict:
+def sketch_peak_rss(
+    model: Path, out: Path, calib: Path, *, streaming: bool, nsamples: int, seq_len: int, kmeans_iters: int
+) -> dict:
     """Run `sketchtune sketch` in a child process; its peak RSS (MiB) and seconds."""
-    argv = [sys.executable, "-m", "sketchtune_jax.cli", "sketch", str(model), "--out", str(out),
-            "--calib", str(calib), "--nsamples", str(nsamples), "--seq-len", str(seq_len), "--bits", "4",
-            "--groups-per-row", "4", "--kmeans-iters", str(kmeans_iters), "--overwrite",
-            "--streaming" if streaming else "--no-streaming"]
-    env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu"),
-           "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
+    argv = [
+        sys.executable,
+        "-m",
+        "sketchtune_jax.cli",
+        "sketch",
+        str(model),
+        "--out",
+        str(out),
+        "--calib",
+        str(calib),
+        "--nsamples",
+        str(nsamples),
+        "--seq-len",
+        str(seq_len),
+        "--bits",
+        "4",
+        "--groups-per-row",
+        "4",
+        "--kmeans-iters",
+        str(kmeans_iters),
+        "--overwrite",
+        "--streaming" if streaming else "--no-streaming",
+    ]
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu"),
+        "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p),
+    }
     start = time.perf_counter()
     child = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(child.pid, 0)
@@ -135,15 +191,29 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="sketch-scale-") as tmp:
         for layers in args.layers:
             model = Path(tmp) / f"llama-{layers}l"
-            size = write_checkpoint(model, layers=layers, hidden=args.hidden, intermediate=args.intermediate,
-                                    heads=args.heads, kv_heads=args.kv_heads, calib_text=calib_text,
-                                    vocab=args.vocab)
+            size = write_checkpoint(
+                model,
+                layers=layers,
+                hidden=args.hidden,
+                intermediate=args.intermediate,
+                heads=args.heads,
+                kv_heads=args.kv_heads,
+                calib_text=calib_text,
+                vocab=args.vocab,
+            )
             for streaming in modes:
-                measured = sketch_peak_rss(model, Path(tmp) / f"sketch-{layers}l", args.calib, streaming=streaming,
-                                           nsamples=args.nsamples, seq_len=args.seq_len,
-                                           kmeans_iters=args.kmeans_iters)
-                runs.append({"layers": layers, "checkpoint_mib": round(size / 2**20, 1),
-                             "streaming": streaming, **measured})
+                measured = sketch_peak_rss(
+                    model,
+                    Path(tmp) / f"sketch-{layers}l",
+                    args.calib,
+                    streaming=streaming,
+                    nsamples=args.nsamples,
+                    seq_len=args.seq_len,
+                    kmeans_iters=args.kmeans_iters,
+                )
+                runs.append(
+                    {"layers": layers, "checkpoint_mib": round(size / 2**20, 1), "streaming": streaming, **measured}
+                )
                 print(json.dumps(runs[-1]), file=sys.stderr)
     shallow, deep = args.layers
 
@@ -156,11 +226,22 @@ def main() -> None:
         "date": datetime.date.today().isoformat(),
         "host": f"{platform.machine()} {os.cpu_count()} cpus, {platform.python_version()}",
         "command": " ".join(["python", "bench/scale.py", *sys.argv[1:]]),
-        "model": {"hidden": args.hidden, "intermediate": args.intermediate, "heads": args.heads,
-                  "kv_heads": args.kv_heads, "vocab_target": args.vocab, "dtype": "float32",
-                  "shards": "one per decoder layer"},
-        "sketch": {"bits": 4, "groups_per_row": 4, "nsamples": args.nsamples, "seq_len": args.seq_len,
-                   "kmeans_iters": args.kmeans_iters},
+        "model": {
+            "hidden": args.hidden,
+            "intermediate": args.intermediate,
+            "heads": args.heads,
+            "kv_heads": args.kv_heads,
+            "vocab_target": args.vocab,
+            "dtype": "float32",
+            "shards": "one per decoder layer",
+        },
+        "sketch": {
+            "bits": 4,
+            "groups_per_row": 4,
+            "nsamples": args.nsamples,
+            "seq_len": args.seq_len,
+            "kmeans_iters": args.kmeans_iters,
+        },
         "runs": runs,
         "checkpoint_growth": round(runs[-1]["checkpoint_mib"] / runs[0]["checkpoint_mib"], 3),
         "peak_rss_growth_streaming": ratio(True),

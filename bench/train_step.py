@@ -52,8 +52,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=5, help="timed steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
     p.add_argument("--no-run", action="store_true", help="compile only: memory figures, no timing")
-    p.add_argument("--methods", "--modes", default=",".join(METHODS),
-                   help="comma-separated subset of sketch,lora,qlora,full")
+    p.add_argument(
+        "--methods", "--modes", default=",".join(METHODS), help="comma-separated subset of sketch,lora,qlora,full"
+    )
     p.add_argument("--out", help="also write the JSON here")
     p.add_argument("--single", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -77,9 +78,15 @@ def build(args: argparse.Namespace, method: str):
     from sketchtune_jax.module_paths import iter_modules, set_submodule
 
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-    config = ModelConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                         num_key_value_heads=args.kv_heads, head_dim=args.hidden // args.heads)
+    config = ModelConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        head_dim=args.hidden // args.heads,
+    )
     rng = np.random.default_rng(0)
     # Built abstractly, then filled from numpy: no dense weight a sketch replaces is allocated.
     model = nnx.eval_shape(lambda: LlamaForCausalLM(config, dtype=dtype, remat=args.remat, rngs=nnx.Rngs(0)))
@@ -88,8 +95,19 @@ def build(args: argparse.Namespace, method: str):
             g, k = args.groups, 2**args.bits
             codebook = jnp.asarray(0.02 * rng.standard_normal((lin.out_features, g, k)), jnp.float32)
             codes = jnp.asarray(rng.integers(0, k, (lin.out_features, g, lin.in_features // g)), jnp.uint8)
-            set_submodule(model.model, name, SketchedLinear(lin.in_features, lin.out_features, bits=args.bits,
-                                                            groups=g, codebook=codebook, codes=codes, dtype=dtype))
+            set_submodule(
+                model.model,
+                name,
+                SketchedLinear(
+                    lin.in_features,
+                    lin.out_features,
+                    bits=args.bits,
+                    groups=g,
+                    codebook=codebook,
+                    codes=codes,
+                    dtype=dtype,
+                ),
+            )
     for _, var in nnx.to_flat_state(nnx.state(model)):
         value = var.get_value()
         if isinstance(value, jax.ShapeDtypeStruct):
@@ -98,10 +116,14 @@ def build(args: argparse.Namespace, method: str):
         return model, Codebook
     if method == "full":
         return model, nnx.Param
-    rank = auto_rank(model, bits=args.bits, groups_per_row=args.groups) if args.lora_rank == "auto" \
+    rank = (
+        auto_rank(model, bits=args.bits, groups_per_row=args.groups)
+        if args.lora_rank == "auto"
         else int(args.lora_rank)
-    settings = LoraSettings(rank=rank, alpha=2.0 * rank, qtype="nf4" if method == "qlora" else None,
-                            tile_size=args.qlora_tile_size)
+    )
+    settings = LoraSettings(
+        rank=rank, alpha=2.0 * rank, qtype="nf4" if method == "qlora" else None, tile_size=args.qlora_tile_size
+    )
     fm = FinetuneMethod(method, lora=settings)
     return fm.prepare(model), fm.wrt
 
@@ -113,8 +135,8 @@ def run_one(args: argparse.Namespace, method: str) -> dict:
     import numpy as np
     from flax import nnx
 
-    from sketchtune_jax.profiling import state_bytes, train_step_memory
-    from sketchtune_jax.train import TrainConfig, make_optimizer, train_step, trainable_parameter_count
+    from sketchtune_jax.profiling import state_bytes, train_step_memory, train_step_speed
+    from sketchtune_jax.train import TrainConfig, make_optimizer, trainable_parameter_count
 
     t0 = time.perf_counter()
     model, wrt = build(args, method)
@@ -135,19 +157,9 @@ def run_one(args: argparse.Namespace, method: str) -> dict:
         result["lora_rank"] = int(next(v for _, v in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam))).shape[-1])
     if args.no_run:
         return result
-    t0 = time.perf_counter()
-    jax.block_until_ready(train_step(model, optimizer, batch))
-    result["first_step_s"] = time.perf_counter() - t0
-    for _ in range(args.warmup):
-        jax.block_until_ready(train_step(model, optimizer, batch))
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        metrics = train_step(model, optimizer, batch)
-    jax.block_until_ready(metrics)
-    elapsed = time.perf_counter() - t0
+    result.update(train_step_speed(model, optimizer, batch, steps=args.steps, warmup=args.warmup))
     stats = jax.devices()[0].memory_stats() or {}
-    result.update(step_ms=1e3 * elapsed / args.steps, tokens_per_s=int(np.prod(shape)) * args.steps / elapsed,
-                  loss=float(metrics["loss"]), peak_bytes_in_use=stats.get("peak_bytes_in_use"))
+    result["peak_bytes_in_use"] = stats.get("peak_bytes_in_use")
     return result
 
 
@@ -167,10 +179,14 @@ def main(argv: list[str] | None = None) -> None:
     child_argv = [a for a in (argv if argv is not None else sys.argv[1:])]
     if "--out" in child_argv:
         i = child_argv.index("--out")
-        del child_argv[i:i + 2]
+        del child_argv[i : i + 2]
     for method in methods:
-        proc = subprocess.run([sys.executable, os.path.abspath(__file__), *child_argv, "--single", method],
-                              capture_output=True, text=True, env=env)
+        proc = subprocess.run(
+            [sys.executable, os.path.abspath(__file__), *child_argv, "--single", method],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
         if proc.returncode != 0:
             raise SystemExit(f"{method} run failed:\n{proc.stderr[-4000:]}")
         results[method] = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -185,11 +201,15 @@ def main(argv: list[str] | None = None) -> None:
     for base in ("lora", "qlora", "full"):
         if "sketch" in results and base in results:
             s, b = results["sketch"], results[base]
-            ratios = {k: s[k] / b[k] for k in ("argument_bytes", "temp_bytes", "tokens_per_s", "trainable_params")
-                      if s.get(k) and b.get(k)}
+            ratios = {
+                k: s[k] / b[k]
+                for k in ("argument_bytes", "temp_bytes", "tokens_per_s", "trainable_params")
+                if s.get(k) and b.get(k)
+            }
             if s.get("argument_bytes") and b.get("argument_bytes"):
-                ratios["argument_plus_temp_bytes"] = ((s["argument_bytes"] + s["temp_bytes"])
-                                                      / (b["argument_bytes"] + b["temp_bytes"]))
+                ratios["argument_plus_temp_bytes"] = (s["argument_bytes"] + s["temp_bytes"]) / (
+                    b["argument_bytes"] + b["temp_bytes"]
+                )
             out[f"sketch_over_{base}"] = ratios
     text = json.dumps(out, indent=2)
     if args.out:

@@ -81,7 +81,6 @@ def analyse_updates(dense, finetuned, sketched) -> dict:
     ``sketched`` holds a `SketchedLinear` under the same dotted name for each projection analysed.
     """
     from pallas_kernels.packing import unpack_codes
-
     from sketchtune_jax.layers import SketchedLinear
     from sketchtune_jax.module_paths import get_submodule, iter_modules
 
@@ -197,8 +196,10 @@ def main(argv: list[str] | None = None) -> int:
     if not plot(result, png, f"ΔW of {Path(args.finetuned).name} vs {Path(args.dense).name}"):
         print("info: matplotlib is not installed; no plot written", file=sys.stderr)
         png = None
-    summary = {t: {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
-               for t, row in result["per_type"].items()}
+    summary = {
+        t: {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
+        for t, row in result["per_type"].items()
+    }
     print(json.dumps({"json": str(out), "png": str(png) if png else None, "per_type": summary}, indent=2))
     return 0
 

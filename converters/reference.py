@@ -151,8 +151,7 @@ def load_reference_sketch(path: str | os.PathLike) -> dict[str, tuple[np.ndarray
         bits = _bits_of(grid, name)
         if raw.ndim != 3 or raw.shape[:2] != grid.shape[:2]:
             raise ValueError(
-                f"{name}: codes must be [rows, groups, cols/2] matching quant_grid "
-                f"{grid.shape[:2]}, got {raw.shape}"
+                f"{name}: codes must be [rows, groups, cols/2] matching quant_grid {grid.shape[:2]}, got {raw.shape}"
             )
         codes = unpack_reference_codes(raw)
         if codes.max(initial=0) >= 2**bits:

@@ -41,13 +41,23 @@ def sketched_model(args: argparse.Namespace):
     sketch_dir = Path(args.out) / "sketch"
     if not st.is_sketched_dir(sketch_dir):
         loaded = st.load_any(args.model)
-        settings = st.SketchSettings(bits=args.bits, groups_per_row=args.groups_per_row, calib=args.calib,
-                                     nsamples=args.nsamples, seq_len=args.calib_seq_len)
-        calib = st.calibration_windows(args.calib, loaded.tokenizer, nsamples=args.nsamples,
-                                       seq_len=args.calib_seq_len)
+        settings = st.SketchSettings(
+            bits=args.bits,
+            groups_per_row=args.groups_per_row,
+            calib=args.calib,
+            nsamples=args.nsamples,
+            seq_len=args.calib_seq_len,
+        )
+        calib = st.calibration_windows(args.calib, loaded.tokenizer, nsamples=args.nsamples, seq_len=args.calib_seq_len)
         report = st.sketch_model(loaded.model, calib, settings, work_dir=st.partial_dir_for(sketch_dir))
-        st.save_sketched(loaded.model, loaded.config, loaded.tokenizer, sketch_dir,
-                         settings=dataclasses.asdict(settings), report=report)
+        st.save_sketched(
+            loaded.model,
+            loaded.config,
+            loaded.tokenizer,
+            sketch_dir,
+            settings=dataclasses.asdict(settings),
+            report=report,
+        )
     return st.load_any(str(sketch_dir))
 
 
@@ -62,8 +72,15 @@ def evaluate(loaded, eval_files: list[Path], args: argparse.Namespace, tag: str)
     scores = {}
     for path in eval_files:
         name = path.name.split(".")[0]
-        summary = st.evaluate_task(generate_fn, path, loaded.tokenizer, limit=args.eval_limit, batch_size=8,
-                                   out_jsonl=out / f"{name}.predictions.jsonl", progress=True)
+        summary = st.evaluate_task(
+            generate_fn,
+            path,
+            loaded.tokenizer,
+            limit=args.eval_limit,
+            batch_size=8,
+            out_jsonl=out / f"{name}.predictions.jsonl",
+            progress=True,
+        )
         scores[name] = summary["accuracy"]
     return scores
 
@@ -72,16 +89,33 @@ def run(args: argparse.Namespace, train_file: Path, eval_files: list[Path]) -> d
     """Sketch (once), evaluate, fine-tune the codebooks, evaluate again, export; returns the results."""
     out = Path(args.out)
     loaded = sketched_model(args)
-    results: dict = {"model": args.model, "train": str(train_file),
-                     "trainable_params": st.trainable_parameter_count(loaded.model)}
+    results: dict = {
+        "model": args.model,
+        "train": str(train_file),
+        "trainable_params": st.trainable_parameter_count(loaded.model),
+    }
     if not args.skip_baseline:
         results["before"] = evaluate(loaded, eval_files, args, "before")
     records = st.load_instruction_data(str(train_file))
-    train, val = st.build_batches(records, loaded.tokenizer, batch_size=args.batch_size, seq_len=args.seq_len,
-                                  val_fraction=min(0.5, args.val_records / len(records)), on_long_prompt="skip",
-                                  pad_multiple=args.pad_multiple)
-    config = st.TrainConfig(lr=args.lr, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
-                            seq_len=args.seq_len, warmup_steps=args.warmup_steps, save_every=100, eval_every=100)
+    train, val = st.build_batches(
+        records,
+        loaded.tokenizer,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        val_fraction=min(0.5, args.val_records / len(records)),
+        on_long_prompt="skip",
+        pad_multiple=args.pad_multiple,
+    )
+    config = st.TrainConfig(
+        lr=args.lr,
+        epochs=args.epochs,
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        warmup_steps=args.warmup_steps,
+        save_every=100,
+        eval_every=100,
+    )
     result = st.finetune(loaded.model, train, config, out / "run", val_batches=val)
     results.update(steps=result.step, final_loss=result.loss, val_loss=result.val_loss)
     results["after"] = evaluate(loaded, eval_files, args, "after")
@@ -91,8 +125,7 @@ def run(args: argparse.Namespace, train_file: Path, eval_files: list[Path]) -> d
 
         export_hf(loaded.model, loaded.config, loaded.tokenizer, export_dir)
     results["export"] = str(export_dir)
-    rows = [{"set": k, "before": results.get("before", {}).get(k, ""), "after": v}
-            for k, v in results["after"].items()]
+    rows = [{"set": k, "before": results.get("before", {}).get(k, ""), "after": v} for k, v in results["after"].items()]
     print_table("accuracy before and after fine-tuning the codebooks", rows)
     st.write_json_atomic(out / "results.json", results)
     return results

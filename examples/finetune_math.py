@@ -19,8 +19,11 @@ def main() -> None:
     add_arguments(parser, lr=8e-5, batch_size=16, max_new_tokens=256)
     args = parser.parse_args()
     math = DATA / "math"
-    run(args, math / "math_data.train.json", [math / "gsm8k.test.json", math / "AQuA.test.json",
-                                                math / "mawps.test.json"])
+    run(
+        args,
+        math / "math_data.train.json",
+        [math / "gsm8k.test.json", math / "AQuA.test.json", math / "mawps.test.json"],
+    )
 
 
 if __name__ == "__main__":

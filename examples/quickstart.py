@@ -29,24 +29,40 @@ from sketchtune_jax.reporting import print_table
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
-COMMONSENSE_TRAIN = [DATA / "commonsense" / f"{t}.train.json" for t in ("ARC-Easy", "ARC-Challenge", "openbookqa",
-                                                                         "boolq")]
+COMMONSENSE_TRAIN = [
+    DATA / "commonsense" / f"{t}.train.json" for t in ("ARC-Easy", "ARC-Challenge", "openbookqa", "boolq")
+]
 
 
 def task_accuracy(loaded, task: str, limit: int, out: Path) -> dict:
     """Test accuracy of ``task`` (``commonsense``: ARC-Easy; ``gsm8k``) on its first ``limit`` items."""
-    records = DATA / "commonsense" / "ARC-Easy.test.json" if task == "commonsense" else DATA / "math" / "gsm8k.test.json"
+    records = (
+        DATA / "commonsense" / "ARC-Easy.test.json" if task == "commonsense" else DATA / "math" / "gsm8k.test.json"
+    )
     max_new_tokens = 16 if task == "commonsense" else 128
 
     def generate_fn(prompts: list[str]) -> list[str]:
         return st.generate_text(loaded.model, loaded.tokenizer, prompts, max_new_tokens=max_new_tokens)
 
-    summary = st.evaluate_task(generate_fn, records, loaded.tokenizer, limit=limit, batch_size=16,
-                               out_jsonl=out.with_suffix(".generate.jsonl"), progress=True)
+    summary = st.evaluate_task(
+        generate_fn,
+        records,
+        loaded.tokenizer,
+        limit=limit,
+        batch_size=16,
+        out_jsonl=out.with_suffix(".generate.jsonl"),
+        progress=True,
+    )
     result = {"generate": summary["accuracy"], "no_answer": summary["no_answer"], "n": summary["n"]}
     if task == "commonsense":
-        ll = st.evaluate_multiple_choice(loaded.model, loaded.tokenizer, records, limit=limit, batch_size=16,
-                                         out_jsonl=out.with_suffix(".loglik.jsonl"))
+        ll = st.evaluate_multiple_choice(
+            loaded.model,
+            loaded.tokenizer,
+            records,
+            limit=limit,
+            batch_size=16,
+            out_jsonl=out.with_suffix(".loglik.jsonl"),
+        )
         result.update(loglik=ll["acc"], chance=ll["chance"])
     return result
 
@@ -61,8 +77,12 @@ def main() -> None:
     parser.add_argument("--nsamples", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=20)
-    parser.add_argument("--task", choices=("commonsense", "gsm8k"), default="commonsense",
-                        help="what the fine-tune trains on and is scored by")
+    parser.add_argument(
+        "--task",
+        choices=("commonsense", "gsm8k"),
+        default="commonsense",
+        help="what the fine-tune trains on and is scored by",
+    )
     parser.add_argument("--train-steps", type=int, default=40)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--eval-limit", type=int, default=100, help="test items scored before and after")
@@ -76,20 +96,32 @@ def main() -> None:
     if not st.is_sketched_dir(sketch_dir):
         loaded = st.load_any(args.model)
         results["dense_ppl"] = st.perplexity(loaded.model, loaded.tokenizer, text, max_windows=args.eval_windows).ppl
-        settings = st.SketchSettings(bits=args.bits, groups_per_row=args.groups_per_row, calib=args.text,
-                                     nsamples=args.nsamples, seq_len=args.seq_len, calib_range=(0.5, 1.0))
-        calib = st.calibration_windows(args.text, loaded.tokenizer, nsamples=args.nsamples, seq_len=args.seq_len,
-                                       text_range=settings.calib_range)
+        settings = st.SketchSettings(
+            bits=args.bits,
+            groups_per_row=args.groups_per_row,
+            calib=args.text,
+            nsamples=args.nsamples,
+            seq_len=args.seq_len,
+            calib_range=(0.5, 1.0),
+        )
+        calib = st.calibration_windows(
+            args.text, loaded.tokenizer, nsamples=args.nsamples, seq_len=args.seq_len, text_range=settings.calib_range
+        )
         report = st.sketch_model(loaded.model, calib, settings, work_dir=st.partial_dir_for(sketch_dir))
         report["dense_ppl"] = results["dense_ppl"]
-        st.save_sketched(loaded.model, loaded.config, loaded.tokenizer, sketch_dir,
-                         settings=dataclasses.asdict(settings), report=report)
+        st.save_sketched(
+            loaded.model,
+            loaded.config,
+            loaded.tokenizer,
+            sketch_dir,
+            settings=dataclasses.asdict(settings),
+            report=report,
+        )
     # Read back rather than kept, so that a resumed run reports the same figure.
     results["dense_ppl"] = json.loads((sketch_dir / "sketch_config.json").read_text())["report"]["dense_ppl"]
 
     sketched = st.load_any(str(sketch_dir))
-    results["sketched_ppl"] = st.perplexity(sketched.model, sketched.tokenizer, text,
-                                            max_windows=args.eval_windows).ppl
+    results["sketched_ppl"] = st.perplexity(sketched.model, sketched.tokenizer, text, max_windows=args.eval_windows).ppl
     results["ppl_ratio"] = results["sketched_ppl"] / results["dense_ppl"]
     results["trainable_params"] = st.trainable_parameter_count(sketched.model)
     results["task"] = args.task
@@ -99,18 +131,34 @@ def main() -> None:
         records = st.sample_mixture(COMMONSENSE_TRAIN, 400)
     else:
         records = st.load_instruction_data(DATA / "math" / "math_data.train.json")
-    train, val = st.build_batches(records, sketched.tokenizer, batch_size=4, seq_len=256, val_fraction=0.02,
-                                  on_long_prompt="skip", pad_multiple=256)  # one padded length: one compile
-    config = st.TrainConfig(lr=args.lr, schedule="cosine", max_steps=args.train_steps, batch_size=4, seq_len=256,
-                            warmup_steps=max(1, args.train_steps // 10), save_every=20, eval_every=args.train_steps)
+    train, val = st.build_batches(
+        records,
+        sketched.tokenizer,
+        batch_size=4,
+        seq_len=256,
+        val_fraction=0.02,
+        on_long_prompt="skip",
+        pad_multiple=256,
+    )  # one padded length: one compile
+    config = st.TrainConfig(
+        lr=args.lr,
+        schedule="cosine",
+        max_steps=args.train_steps,
+        batch_size=4,
+        seq_len=256,
+        warmup_steps=max(1, args.train_steps // 10),
+        save_every=20,
+        eval_every=args.train_steps,
+    )
     run = st.finetune(sketched.model, train, config, out / f"run-{args.task}", val_batches=val)
     results.update(train_steps=run.step, final_train_loss=run.loss, val_loss=run.val_loss)
     results["after"] = task_accuracy(sketched, args.task, args.eval_limit, out / f"{args.task}.after")
 
     export_hf(sketched.model, sketched.config, sketched.tokenizer, out / "dense", overwrite=True)
     results["export"] = str(out / "dense")
-    results["sample"] = st.generate_text(sketched.model, sketched.tokenizer,
-                                         ["What is the capital of France?"], max_new_tokens=24, chat=True)[0]
+    results["sample"] = st.generate_text(
+        sketched.model, sketched.tokenizer, ["What is the capital of France?"], max_new_tokens=24, chat=True
+    )[0]
     print_table(f"{args.model}: INT{args.bits}, {args.groups_per_row} groups per row", results)
     st.write_json_atomic(out / "quickstart.json", results)
 

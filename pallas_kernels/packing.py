@@ -92,10 +92,7 @@ def unpack_codes(packed, bits: int, cols_per_group: int):
         raise ValueError(f"packed codes must be [out, groups, words], got shape {packed.shape}")
     words = packed_words(cols_per_group, bits)
     if packed.shape[-1] != words:
-        raise ValueError(
-            f"{cols_per_group} codes of {bits} bits need {words} words per group, "
-            f"got {packed.shape[-1]}"
-        )
+        raise ValueError(f"{cols_per_group} codes of {bits} bits need {words} words per group, got {packed.shape[-1]}")
     xp = _xp(packed)
     packed = packed.astype(xp.uint32)
     cols = xp.arange(cols_per_group, dtype=xp.int32)

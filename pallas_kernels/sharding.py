@@ -59,9 +59,7 @@ class SketchSharding:
             if axis not in self.mesh.axis_names:
                 raise ValueError(f"axis {axis!r} is not in the mesh axes {self.mesh.axis_names}")
         if set(_names(self.data_axis)) & set(_names(self.model_axis)):
-            raise ValueError(
-                f"data_axis {self.data_axis!r} and model_axis {self.model_axis!r} share an axis"
-            )
+            raise ValueError(f"data_axis {self.data_axis!r} and model_axis {self.model_axis!r} share an axis")
 
     def _axis_if_divides(self, axis: AxisName, dim: int) -> AxisName:
         size = math.prod(self.mesh.shape[a] for a in _names(axis))
@@ -70,16 +68,14 @@ class SketchSharding:
     def rows_spec(self, shape: tuple[int, ...]) -> PartitionSpec:
         """Spec of a codebook or codes of ``shape`` (``[out, ...]``): rows over
         ``model_axis`` when it divides ``out``, else replicated."""
-        return PartitionSpec(self._axis_if_divides(self.model_axis, shape[0]),
-                             *(None,) * (len(shape) - 1))
+        return PartitionSpec(self._axis_if_divides(self.model_axis, shape[0]), *(None,) * (len(shape) - 1))
 
     def batch_spec(self, shape: tuple[int, ...]) -> PartitionSpec:
         """Spec of an activation of ``shape`` (``[batch, ..., features]``): the leading
         dimension over ``data_axis`` when it divides it, else replicated."""
         if len(shape) < 2:
             return PartitionSpec(*(None,) * len(shape))
-        return PartitionSpec(self._axis_if_divides(self.data_axis, shape[0]),
-                             *(None,) * (len(shape) - 1))
+        return PartitionSpec(self._axis_if_divides(self.data_axis, shape[0]), *(None,) * (len(shape) - 1))
 
 
 def _names(axis: AxisName) -> tuple[str, ...]:
@@ -92,9 +88,7 @@ def _reshard(a: jax.Array, mesh: Mesh | AbstractMesh, spec: PartitionSpec) -> ja
     """Gives ``a`` the layout ``spec`` on the mesh's ``Explicit`` axes, where the layout is
     part of the type and `jax.shard_map` checks it; ``Auto`` axes are resharded by
     `jax.shard_map` itself."""
-    explicit = {
-        name for name, kind in zip(mesh.axis_names, mesh.axis_types) if kind == AxisType.Explicit
-    }
+    explicit = {name for name, kind in zip(mesh.axis_names, mesh.axis_types) if kind == AxisType.Explicit}
     if not explicit:
         return a
 
@@ -123,21 +117,15 @@ class _Plan:
     def shard_map(self, f, in_specs, out_specs):
         # check_vma=False: a pallas_call inside a vma-checked shard_map must declare how
         # each output varies over the mesh; the psums in the backward are explicit instead.
-        return jax.shard_map(
-            f, mesh=self.sharding.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False
-        )
+        return jax.shard_map(f, mesh=self.sharding.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _sharded(x: jax.Array, codebook: jax.Array, codes: jax.Array, plan: _Plan) -> jax.Array:
     def body(x, codebook, codes):
-        return sketched_matmul(
-            x, codebook, codes, plan.bits, backend=plan.backend, block_sizes=plan.block_sizes
-        )
+        return sketched_matmul(x, codebook, codes, plan.bits, backend=plan.backend, block_sizes=plan.block_sizes)
 
-    return plan.shard_map(
-        body, (plan.x_spec, plan.rows_spec, plan.rows_spec), plan.y_spec
-    )(x, codebook, codes)
+    return plan.shard_map(body, (plan.x_spec, plan.rows_spec, plan.rows_spec), plan.y_spec)(x, codebook, codes)
 
 
 def _sharded_fwd(x, codebook, codes, plan):

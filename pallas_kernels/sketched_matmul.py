@@ -141,8 +141,7 @@ class DcodebookBlockSizes(_Tiles):
     block_k: int = 64
 
     def resolve(self, m: int, n: int, cols_per_group: int) -> tuple[int, int, int]:
-        return (_tile(m, self.block_m), _tile(n, self.block_n),
-                _tile(cols_per_group, self.block_k))
+        return (_tile(m, self.block_m), _tile(n, self.block_n), _tile(cols_per_group, self.block_k))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -181,9 +180,11 @@ class BlockSizes:
     @classmethod
     def uniform(cls, block_m: int, block_n: int, block_k: int) -> BlockSizes:
         """The same tiles for the forward, dx and dcodebook kernels."""
-        return cls(ForwardBlockSizes(block_m, block_n, block_k),
-                   DxBlockSizes(block_m, block_n, block_k),
-                   DcodebookBlockSizes(block_m, block_n, block_k))
+        return cls(
+            ForwardBlockSizes(block_m, block_n, block_k),
+            DxBlockSizes(block_m, block_n, block_k),
+            DcodebookBlockSizes(block_m, block_n, block_k),
+        )
 
     @classmethod
     def of(cls, value: BlockSizes | tuple[int, int, int] | None) -> BlockSizes:
@@ -196,9 +197,7 @@ class BlockSizes:
         try:
             bm, bn, bk = (int(b) for b in value)
         except (TypeError, ValueError):
-            raise ValueError(
-                f"block_sizes must be BlockSizes or (block_m, block_n, block_k), got {value!r}"
-            ) from None
+            raise ValueError(f"block_sizes must be BlockSizes or (block_m, block_n, block_k), got {value!r}") from None
         return cls.uniform(bm, bn, bk)
 
 
@@ -218,10 +217,7 @@ def _check_sketch(codebook: jax.Array, codes: jax.Array, bits: int, in_features:
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits=}")
     if codebook.ndim != 3 or codebook.shape[-1] != 2**bits:
-        raise ValueError(
-            f"codebook must be [out, groups, {2**bits}] for {bits}-bit codes, "
-            f"got shape {codebook.shape}"
-        )
+        raise ValueError(f"codebook must be [out, groups, {2**bits}] for {bits}-bit codes, got shape {codebook.shape}")
     if not jnp.issubdtype(codebook.dtype, jnp.floating):
         raise ValueError(f"codebook must be a float array, got {codebook.dtype}")
     if codes.ndim != 3 or codes.shape[:2] != codebook.shape[:2]:
@@ -230,9 +226,7 @@ def _check_sketch(codebook: jax.Array, codes: jax.Array, bits: int, in_features:
             f"{codebook.shape[:2]} as in the codebook, got shape {codes.shape}"
         )
     if codes.dtype != jnp.uint32:
-        raise ValueError(
-            f"codes must be packed uint32 (pallas_kernels.pack_codes), got {codes.dtype}"
-        )
+        raise ValueError(f"codes must be packed uint32 (pallas_kernels.pack_codes), got {codes.dtype}")
     groups = codebook.shape[1]
     if in_features <= 0 or in_features % groups:
         raise ValueError(f"groups={groups} must divide {in_features=}")
@@ -270,8 +264,11 @@ def _dot_precision(dtype) -> lax.Precision:
 def _forward_ref(x2, codebook, codes, bits, cols):
     w = _dequantize_ref(codebook, codes, bits, cols).astype(x2.dtype)
     y = jnp.einsum(
-        "mi,oi->mo", x2, w,
-        preferred_element_type=jnp.float32, precision=_dot_precision(x2.dtype),
+        "mi,oi->mo",
+        x2,
+        w,
+        preferred_element_type=jnp.float32,
+        precision=_dot_precision(x2.dtype),
     )
     return y.astype(x2.dtype)
 
@@ -285,23 +282,17 @@ def _grads_ref(x2, codebook, codes, bits, cols, dy2):
     code = unpack_codes(codes, bits, cols).astype(jnp.int32)
     row_group = jnp.arange(out * groups, dtype=jnp.int32).reshape(out, groups, 1)
     seg = (row_group * nc + code).reshape(-1)
-    dcb = jax.ops.segment_sum(
-        dw.reshape(-1), seg, num_segments=out * groups * nc, indices_are_sorted=False
-    )
+    dcb = jax.ops.segment_sum(dw.reshape(-1), seg, num_segments=out * groups * nc, indices_are_sorted=False)
     return dx.astype(x2.dtype), dcb.reshape(out, groups, nc).astype(codebook.dtype)
 
 
-def dequantize_reference(
-    codebook: jax.Array, codes: jax.Array, bits: int, in_features: int
-) -> jax.Array:
+def dequantize_reference(codebook: jax.Array, codes: jax.Array, bits: int, in_features: int) -> jax.Array:
     """``jnp`` twin of `dequantize`: ``W_hat [out, in_features]`` in ``codebook.dtype``."""
     cols = _check_sketch(codebook, codes, bits, in_features)
     return _dequantize_ref(codebook, codes, bits, cols)
 
 
-def sketched_matmul_reference(
-    x: jax.Array, codebook: jax.Array, codes: jax.Array, bits: int
-) -> jax.Array:
+def sketched_matmul_reference(x: jax.Array, codebook: jax.Array, codes: jax.Array, bits: int) -> jax.Array:
     """``jnp`` twin of `sketched_matmul`: ``x [..., in] @ W_hat.T -> [..., out]`` in ``x.dtype``."""
     in_features = _in_features(x)
     cols = _check_sketch(codebook, codes, bits, in_features)
@@ -321,8 +312,9 @@ def sketched_matmul_grads_reference(
     in_features = _in_features(x)
     cols = _check_sketch(codebook, codes, bits, in_features)
     _check_dy(dy, x, codebook)
-    dx, dcb = _grads_ref(x.reshape(-1, in_features), codebook, codes, bits, cols,
-                         dy.reshape(-1, codebook.shape[0]).astype(x.dtype))
+    dx, dcb = _grads_ref(
+        x.reshape(-1, in_features), codebook, codes, bits, cols, dy.reshape(-1, codebook.shape[0]).astype(x.dtype)
+    )
     return dx.reshape(x.shape), dcb
 
 
@@ -359,8 +351,19 @@ def _tile_codes(codes_ref, rows, cols, *, bits: int, cols_per_group: int):
     return g, code.astype(jnp.int32)
 
 
-def _tile_weights(codebook_ref, codes_ref, n0, k0, *, bn: int, bk: int, bits: int,
-                  out_features: int, in_features: int, cols_per_group: int):
+def _tile_weights(
+    codebook_ref,
+    codes_ref,
+    n0,
+    k0,
+    *,
+    bn: int,
+    bk: int,
+    bits: int,
+    out_features: int,
+    in_features: int,
+    cols_per_group: int,
+):
     """``W_hat[n0:n0+bn, k0:k0+bk]`` rebuilt on chip; out-of-range indices are clamped
     (their products meet zero padding of the activations or are sliced away)."""
     rows = jnp.minimum(n0 + lax.broadcasted_iota(jnp.int32, (bn, 1), 0), out_features - 1)
@@ -388,11 +391,17 @@ def _pallas(kernel, *, grid, in_specs, out_specs, out_shape, backend, num_warps,
     )
 
 
-def _dequantize_kernel(codebook_ref, codes_ref, o_ref, *, bn, bk, bits, out_features,
-                       in_features, cols_per_group):
+def _dequantize_kernel(codebook_ref, codes_ref, o_ref, *, bn, bk, bits, out_features, in_features, cols_per_group):
     w = _tile_weights(
-        codebook_ref, codes_ref, pl.program_id(0) * bn, pl.program_id(1) * bk,
-        bn=bn, bk=bk, bits=bits, out_features=out_features, in_features=in_features,
+        codebook_ref,
+        codes_ref,
+        pl.program_id(0) * bn,
+        pl.program_id(1) * bk,
+        bn=bn,
+        bk=bk,
+        bits=bits,
+        out_features=out_features,
+        in_features=in_features,
         cols_per_group=cols_per_group,
     )
     o_ref[...] = w.astype(o_ref.dtype)
@@ -407,8 +416,13 @@ def _dequantize_pallas(codebook, codes, bits, cols, backend, blocks: DequantizeB
     bn, bk = blocks.resolve(out, in_features)
     np_, kp = _round_up(out, bn), _round_up(in_features, bk)
     kernel = functools.partial(
-        _dequantize_kernel, bn=bn, bk=bk, bits=bits, out_features=out,
-        in_features=in_features, cols_per_group=cols,
+        _dequantize_kernel,
+        bn=bn,
+        bk=bk,
+        bits=bits,
+        out_features=out,
+        in_features=in_features,
+        cols_per_group=cols,
     )
     w = _pallas(
         kernel,
@@ -416,13 +430,29 @@ def _dequantize_pallas(codebook, codes, bits, cols, backend, blocks: DequantizeB
         in_specs=[_full_spec(codebook), _full_spec(codes)],
         out_specs=pl.BlockSpec((bn, bk), lambda i, j: (i, j)),
         out_shape=jax.ShapeDtypeStruct((np_, kp), codebook.dtype),
-        backend=backend, num_warps=4, name="sketch_dequantize",
+        backend=backend,
+        num_warps=4,
+        name="sketch_dequantize",
     )(codebook, codes)
     return w[:out, :in_features]
 
 
-def _forward_kernel(x_ref, codebook_ref, codes_ref, o_ref, *, bm, bn, bk, tiles_per_split,
-                    bits, out_features, in_features, cols_per_group, precision):
+def _forward_kernel(
+    x_ref,
+    codebook_ref,
+    codes_ref,
+    o_ref,
+    *,
+    bm,
+    bn,
+    bk,
+    tiles_per_split,
+    bits,
+    out_features,
+    in_features,
+    cols_per_group,
+    precision,
+):
     n0 = pl.program_id(1) * bn
     first = pl.program_id(2) * tiles_per_split
 
@@ -430,8 +460,16 @@ def _forward_kernel(x_ref, codebook_ref, codes_ref, o_ref, *, bm, bn, bk, tiles_
         k0 = (first + t) * bk
         x = x_ref[:, pl.ds(k0, bk)]
         w = _tile_weights(
-            codebook_ref, codes_ref, n0, k0, bn=bn, bk=bk, bits=bits,
-            out_features=out_features, in_features=in_features, cols_per_group=cols_per_group,
+            codebook_ref,
+            codes_ref,
+            n0,
+            k0,
+            bn=bn,
+            bk=bk,
+            bits=bits,
+            out_features=out_features,
+            in_features=in_features,
+            cols_per_group=cols_per_group,
         ).astype(x.dtype)
         return acc + plgpu.dot(x, w, trans_b=True, precision=precision)
 
@@ -459,8 +497,16 @@ def _forward_pallas(x2, codebook, codes, bits, cols, backend, blocks: ForwardBlo
     kp = splits * tiles_per_split * bk
     xp = _pad2(x2, mp, kp)
     kernel = functools.partial(
-        _forward_kernel, bm=bm, bn=bn, bk=bk, tiles_per_split=tiles_per_split, bits=bits,
-        out_features=n, in_features=k, cols_per_group=cols, precision=_dot_precision(x2.dtype),
+        _forward_kernel,
+        bm=bm,
+        bn=bn,
+        bk=bk,
+        tiles_per_split=tiles_per_split,
+        bits=bits,
+        out_features=n,
+        in_features=k,
+        cols_per_group=cols,
+        precision=_dot_precision(x2.dtype),
     )
     y = _pallas(
         kernel,
@@ -472,22 +518,46 @@ def _forward_pallas(x2, codebook, codes, bits, cols, backend, blocks: ForwardBlo
         ],
         out_specs=pl.BlockSpec((pl.squeezed, bm, bn), lambda i, j, s: (s, i, j)),
         out_shape=jax.ShapeDtypeStruct((splits, mp, np_), jnp.float32 if splits > 1 else x2.dtype),
-        backend=backend, num_warps=8 if bm * bn >= 128 * 128 else 4, name="sketch_matmul",
+        backend=backend,
+        num_warps=8 if bm * bn >= 128 * 128 else 4,
+        name="sketch_matmul",
     )(xp, codebook, codes)
     y = y.sum(axis=0) if splits > 1 else y[0]
     return y[:m, :n].astype(x2.dtype)
 
 
-def _dx_kernel(dy_ref, codebook_ref, codes_ref, o_ref, *, bm, bn, bk, nn, bits,
-               out_features, in_features, cols_per_group, precision):
+def _dx_kernel(
+    dy_ref,
+    codebook_ref,
+    codes_ref,
+    o_ref,
+    *,
+    bm,
+    bn,
+    bk,
+    nn,
+    bits,
+    out_features,
+    in_features,
+    cols_per_group,
+    precision,
+):
     k0 = pl.program_id(1) * bk
 
     def body(t, acc):
         n0 = t * bn
         dy = dy_ref[:, pl.ds(n0, bn)]
         w = _tile_weights(
-            codebook_ref, codes_ref, n0, k0, bn=bn, bk=bk, bits=bits,
-            out_features=out_features, in_features=in_features, cols_per_group=cols_per_group,
+            codebook_ref,
+            codes_ref,
+            n0,
+            k0,
+            bn=bn,
+            bk=bk,
+            bits=bits,
+            out_features=out_features,
+            in_features=in_features,
+            cols_per_group=cols_per_group,
         ).astype(dy.dtype)
         return acc + plgpu.dot(dy, w, precision=precision)
 
@@ -503,8 +573,16 @@ def _dx_pallas(dy2, codebook, codes, bits, cols, backend, blocks: DxBlockSizes):
     mp, np_, kp = _round_up(m, bm), _round_up(n, bn), _round_up(in_features, bk)
     dyp = _pad2(dy2, mp, np_)
     kernel = functools.partial(
-        _dx_kernel, bm=bm, bn=bn, bk=bk, nn=np_ // bn, bits=bits, out_features=n,
-        in_features=in_features, cols_per_group=cols, precision=_dot_precision(dy2.dtype),
+        _dx_kernel,
+        bm=bm,
+        bn=bn,
+        bk=bk,
+        nn=np_ // bn,
+        bits=bits,
+        out_features=n,
+        in_features=in_features,
+        cols_per_group=cols,
+        precision=_dot_precision(dy2.dtype),
     )
     dx = _pallas(
         kernel,
@@ -516,13 +594,16 @@ def _dx_pallas(dy2, codebook, codes, bits, cols, backend, blocks: DxBlockSizes):
         ],
         out_specs=pl.BlockSpec((bm, bk), lambda i, j: (i, j)),
         out_shape=jax.ShapeDtypeStruct((mp, kp), dy2.dtype),
-        backend=backend, num_warps=4, name="sketch_matmul_dx",
+        backend=backend,
+        num_warps=4,
+        name="sketch_matmul_dx",
     )(dyp, codebook, codes)
     return dx[:m, :in_features]
 
 
-def _dcodebook_kernel(dy_ref, x_ref, codes_ref, o_ref, *, bm, bn, bk, nm, tiles_per_split,
-                      bits, out_features, cols_per_group, precision):
+def _dcodebook_kernel(
+    dy_ref, x_ref, codes_ref, o_ref, *, bm, bn, bk, nm, tiles_per_split, bits, out_features, cols_per_group, precision
+):
     """One (row tile, group, K split): sum ``dy^T x`` into the ``2**bits`` buckets of each row.
 
     The ``[bn, bk]`` tile of ``dy^T x`` lives only in registers; it is reduced per code
@@ -560,8 +641,7 @@ def _dcodebook_kernel(dy_ref, x_ref, codes_ref, o_ref, *, bm, bn, bk, nm, tiles_
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "cols", "backend", "blocks"))
-def _dcodebook_pallas(x2, dy2, codebook, codes, bits, cols, backend,
-                      blocks: DcodebookBlockSizes):
+def _dcodebook_pallas(x2, dy2, codebook, codes, bits, cols, backend, blocks: DcodebookBlockSizes):
     m, k = x2.shape
     n, groups, nc = codebook.shape
     bm, bn, bk = blocks.resolve(m, n, cols)
@@ -574,8 +654,16 @@ def _dcodebook_pallas(x2, dy2, codebook, codes, bits, cols, backend,
     xp = _pad2(x2, mp, max(kx, k))
     dyp = _pad2(dy2, mp, np_)
     kernel = functools.partial(
-        _dcodebook_kernel, bm=bm, bn=bn, bk=bk, nm=mp // bm, tiles_per_split=tiles_per_split,
-        bits=bits, out_features=n, cols_per_group=cols, precision=_dot_precision(x2.dtype),
+        _dcodebook_kernel,
+        bm=bm,
+        bn=bn,
+        bk=bk,
+        nm=mp // bm,
+        tiles_per_split=tiles_per_split,
+        bits=bits,
+        out_features=n,
+        cols_per_group=cols,
+        precision=_dot_precision(x2.dtype),
     )
     partial = _pallas(
         kernel,
@@ -587,7 +675,9 @@ def _dcodebook_pallas(x2, dy2, codebook, codes, bits, cols, backend,
         ],
         out_specs=pl.BlockSpec((pl.squeezed, bn, pl.squeezed, nc), lambda i, g, s: (s, i, g, 0)),
         out_shape=jax.ShapeDtypeStruct((splits, np_, groups, nc), jnp.float32),
-        backend=backend, num_warps=4, name="sketch_matmul_dcodebook",
+        backend=backend,
+        num_warps=4,
+        name="sketch_matmul_dcodebook",
     )(dyp, xp, codes)
     return partial.sum(axis=0)[:n].astype(codebook.dtype)
 
@@ -610,8 +700,7 @@ def _dequantize(codebook, codes, bits, cols, backend, blocks: DequantizeBlockSiz
         return reference(codebook, codes)
     pallas = functools.partial(_dequantize_pallas, bits=bits, cols=cols, blocks=blocks)
     if backend == _AUTO:
-        return _by_platform(functools.partial(pallas, backend="pallas"), reference,
-                            codebook, codes)
+        return _by_platform(functools.partial(pallas, backend="pallas"), reference, codebook, codes)
     return pallas(codebook, codes, backend=backend)
 
 
@@ -630,8 +719,7 @@ def dequantize(
     backend = _resolve_backend(backend)
     if block_sizes is not None and not isinstance(block_sizes, DequantizeBlockSizes):
         raise ValueError(f"block_sizes must be DequantizeBlockSizes, got {block_sizes!r}")
-    return _dequantize(codebook, codes, bits, cols, backend,
-                       block_sizes or DequantizeBlockSizes())
+    return _dequantize(codebook, codes, bits, cols, backend, block_sizes or DequantizeBlockSizes())
 
 
 def _forward(x2, codebook, codes, bits, cols, backend, blocks: BlockSizes):
@@ -714,8 +802,7 @@ def sketched_matmul(
     cols = _check_sketch(codebook, codes, bits, in_features)
     backend = _resolve_backend(backend)
     blocks = BlockSizes.of(block_sizes)
-    y2 = _sketched_matmul_2d(x.reshape(-1, in_features), codebook, codes, bits, cols,
-                             backend, blocks)
+    y2 = _sketched_matmul_2d(x.reshape(-1, in_features), codebook, codes, bits, cols, backend, blocks)
     return y2.reshape(*x.shape[:-1], codebook.shape[0])
 
 
@@ -736,7 +823,13 @@ def sketched_matmul_grads(
     _check_dy(dy, x, codebook)
     backend = _resolve_backend(backend)
     dx, dcb = _grads(
-        x.reshape(-1, in_features), codebook, codes, bits, cols,
-        dy.reshape(-1, codebook.shape[0]).astype(x.dtype), backend, BlockSizes.of(block_sizes),
+        x.reshape(-1, in_features),
+        codebook,
+        codes,
+        bits,
+        cols,
+        dy.reshape(-1, codebook.shape[0]).astype(x.dtype),
+        backend,
+        BlockSizes.of(block_sizes),
     )
     return dx.reshape(x.shape), dcb

@@ -14,9 +14,6 @@ The public API, in the order a user meets it::
 `st.heal` distils a sketch's codebooks from the dense model (see `sketchtune_jax.heal`).
 """
 
-from sketchtune_jax.layers import Codebook, Codes, Linear, SketchedLinear
-from sketchtune_jax.models import KVCache, LlamaForCausalLM, ModelConfig, init_cache
-
 from sketchtune_jax.calibration import calibration_windows
 from sketchtune_jax.checkpoint import is_sketched_dir, load_sketched, save_sketched
 from sketchtune_jax.data import build_batches, format_prompt, load_instruction_data, sample_mixture
@@ -24,9 +21,11 @@ from sketchtune_jax.evaluation import evaluate_task, extract_answer
 from sketchtune_jax.fileio import write_json_atomic
 from sketchtune_jax.generate import generate, generate_text
 from sketchtune_jax.heal import heal
+from sketchtune_jax.layers import Codebook, Codes, Linear, SketchedLinear
 from sketchtune_jax.loading import load_any, model_info
 from sketchtune_jax.lora import LoraSettings, apply_lora, auto_rank, load_adapter, merge_lora, save_adapter
 from sketchtune_jax.methods import FinetuneMethod
+from sketchtune_jax.models import KVCache, LlamaForCausalLM, ModelConfig, init_cache
 from sketchtune_jax.multiple_choice import evaluate_multiple_choice, parse_choices
 from sketchtune_jax.perplexity import PerplexityResult, perplexity, read_text
 from sketchtune_jax.sharding import shard_batch, shard_model

@@ -28,8 +28,10 @@ def calibration_windows(
     ``text_range`` keeps only that fraction of a text (for held-out evaluation).
     """
     if tokenizer is None:
-        raise ValueError("the model has no tokenizer files, and calibration text must be tokenized; "
-                         "add the tokenizer to the model directory")
+        raise ValueError(
+            "the model has no tokenizer files, and calibration text must be tokenized; "
+            "add the tokenizer to the model directory"
+        )
     if nsamples < 1 or seq_len < 2:
         raise ValueError(f"need nsamples >= 1 and seq_len >= 2, got {nsamples} and {seq_len}")
     if source == "self":
@@ -40,9 +42,11 @@ def calibration_windows(
     if len(ids) < seq_len * nsamples:
         have = len(ids) // seq_len
         raise SettingError(
-            "nsamples", f"of {nsamples} windows of {seq_len} do not fit calibration source {source!r}: its "
+            "nsamples",
+            f"of {nsamples} windows of {seq_len} do not fit calibration source {source!r}: its "
             f"{len(ids)} tokens hold {have}; lower {{nsamples}} or {{seq_len}}, or give more text",
-            ("nsamples", "seq_len"))
+            ("nsamples", "seq_len"),
+        )
     return sample_windows(ids, nsamples=nsamples, seq_len=seq_len, seed=seed)
 
 
@@ -67,7 +71,9 @@ def _read_calibration_text(source: str) -> str:
         return read_text(source)
     path = Path(source)
     if not path.is_file():
-        raise FileNotFoundError(f"calibration file not found: {source} (give a text/JSON/JSONL file, hf:NAME:SPLIT, or 'self')")
+        raise FileNotFoundError(
+            f"calibration file not found: {source} (give a text/JSON/JSONL file, hf:NAME:SPLIT, or 'self')"
+        )
     if path.suffix.lower() in (".json", ".jsonl"):
         return "\n\n".join(_record_text(r) for r in read_json_records(str(path)))
     return path.read_text(encoding="utf-8")

@@ -32,8 +32,13 @@ def is_sketched_dir(path: str | os.PathLike) -> bool:
 def sketched_modules(model: nnx.Module) -> dict[str, dict[str, int]]:
     """``{name: {in_features, out_features, bits, groups, use_bias}}`` for every `SketchedLinear` in ``model``."""
     return {
-        name: {"in_features": m.in_features, "out_features": m.out_features, "bits": m.bits, "groups": m.groups,
-               "use_bias": m.bias is not None}
+        name: {
+            "in_features": m.in_features,
+            "out_features": m.out_features,
+            "bits": m.bits,
+            "groups": m.groups,
+            "use_bias": m.bias is not None,
+        }
         for name, m in iter_modules(model, SketchedLinear)
     }
 
@@ -57,9 +62,18 @@ def save_sketched(
     _, state = nnx.split(model)
     flat = [(".".join(str(p) for p in path), var) for path, var in nnx.to_flat_state(state)]
     specs = {name: (tuple(var.shape), np.dtype(var.dtype)) for name, var in flat}
-    return write_sketched_dir(out_dir, config, tokenizer, sketched_modules(model), specs,
-                              ((name, var[...]) for name, var in flat),
-                              settings=settings, report=report, heal=heal, overwrite=overwrite)
+    return write_sketched_dir(
+        out_dir,
+        config,
+        tokenizer,
+        sketched_modules(model),
+        specs,
+        ((name, var[...]) for name, var in flat),
+        settings=settings,
+        report=report,
+        heal=heal,
+        overwrite=overwrite,
+    )
 
 
 def write_sketched_dir(
@@ -104,13 +118,29 @@ def write_sketched_dir(
 
 
 _SAFETENSORS_DTYPES = {
-    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64", "int32": "I32",
-    "int16": "I16", "int8": "I8", "uint64": "U64", "uint32": "U32", "uint16": "U16", "uint8": "U8", "bool": "BOOL",
+    "float64": "F64",
+    "float32": "F32",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "int64": "I64",
+    "int32": "I32",
+    "int16": "I16",
+    "int8": "I8",
+    "uint64": "U64",
+    "uint32": "U32",
+    "uint16": "U16",
+    "uint8": "U8",
+    "bool": "BOOL",
 }
 
 
-def write_safetensors(path: Path, specs: dict[str, tuple[tuple[int, ...], np.dtype]],
-                      arrays: Iterable[tuple[str, Any]], *, metadata: dict[str, str] | None = None) -> None:
+def write_safetensors(
+    path: Path,
+    specs: dict[str, tuple[tuple[int, ...], np.dtype]],
+    arrays: Iterable[tuple[str, Any]],
+    *,
+    metadata: dict[str, str] | None = None,
+) -> None:
     """A safetensors file written tensor by tensor: the header from ``specs``, then each array of ``arrays``.
 
     ``arrays`` must yield exactly the names of ``specs``, in that order, each of that shape and dtype.
@@ -122,8 +152,11 @@ def write_safetensors(path: Path, specs: dict[str, tuple[tuple[int, ...], np.dty
         if dtype.name not in _SAFETENSORS_DTYPES:
             raise ValueError(f"tensor {name!r} has dtype {dtype}, which safetensors cannot store")
         size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype.name], "shape": list(shape),
-                        "data_offsets": [offset, offset + size]}
+        header[name] = {
+            "dtype": _SAFETENSORS_DTYPES[dtype.name],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + size],
+        }
         offset += size
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)
@@ -135,8 +168,10 @@ def write_safetensors(path: Path, specs: dict[str, tuple[tuple[int, ...], np.dty
             want, (shape, dtype) = next(expected, (None, (None, None)))
             array = np.ascontiguousarray(array)
             if name != want or array.shape != tuple(shape) or array.dtype != np.dtype(dtype):
-                raise ValueError(f"tensor {name!r} {array.dtype} {array.shape} does not match the header's "
-                                 f"next entry {want!r} {dtype} {shape}")
+                raise ValueError(
+                    f"tensor {name!r} {array.dtype} {array.shape} does not match the header's "
+                    f"next entry {want!r} {dtype} {shape}"
+                )
             f.write(array.reshape(-1).view(np.uint8).data)
         if next(expected, None) is not None:
             raise ValueError(f"{path}: fewer tensors written than the header lists")
@@ -161,7 +196,9 @@ def load_sketched(
 
     path = Path(path)
     if not is_sketched_dir(path):
-        raise FileNotFoundError(f"{path} is not a sketched checkpoint (no {SKETCH_CONFIG}); run `sketchtune sketch` first")
+        raise FileNotFoundError(
+            f"{path} is not a sketched checkpoint (no {SKETCH_CONFIG}); run `sketchtune sketch` first"
+        )
     sketch_config = json.loads((path / SKETCH_CONFIG).read_text())
     if sketch_config.get("format_version") != FORMAT_VERSION:
         raise ValueError(
@@ -174,8 +211,11 @@ def load_sketched(
     def build():
         model = LlamaForCausalLM(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
         for name, spec in sketch_config["modules"].items():
-            set_submodule(model, name, SketchedLinear.empty(
-                **spec, dtype=dtype, codebook_dtype=codebook_dtype, bias_dtype=param_dtype))
+            set_submodule(
+                model,
+                name,
+                SketchedLinear.empty(**spec, dtype=dtype, codebook_dtype=codebook_dtype, bias_dtype=param_dtype),
+            )
         return model
 
     abstract = nnx.eval_shape(build)
@@ -193,7 +233,9 @@ def load_sketched(
                     raise ValueError(f"{weights}: tensor {key!r} is missing")
                 value = f.get_tensor(key)
                 if tuple(value.shape) != tuple(var.shape):
-                    raise ValueError(f"{weights}: tensor {key!r} has shape {tuple(value.shape)}, expected {tuple(var.shape)}")
+                    raise ValueError(
+                        f"{weights}: tensor {key!r} has shape {tuple(value.shape)}, expected {tuple(var.shape)}"
+                    )
                 if jnp.issubdtype(var.dtype, jnp.floating):
                     value = value.astype(var.dtype)
                 elif value.dtype != var.dtype:
@@ -204,4 +246,3 @@ def load_sketched(
     model = nnx.merge(graphdef, nnx.from_flat_state(filled))
     tokenizer = AutoTokenizer.from_pretrained(str(path)) if (path / "tokenizer_config.json").is_file() else None
     return LoadedModel(model=model, config=config, tokenizer=tokenizer, source=str(path))
-

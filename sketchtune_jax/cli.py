@@ -37,8 +37,13 @@ def _load(args: argparse.Namespace):
     from sketchtune_jax.settings import dtype_from_name
 
     dtype = dtype_from_name(args.dtype)
-    return load_any(args.model, dtype=dtype, param_dtype=dtype, codebooks=getattr(args, "codebooks", None),
-                    adapter=getattr(args, "adapter", None))
+    return load_any(
+        args.model,
+        dtype=dtype,
+        param_dtype=dtype,
+        codebooks=getattr(args, "codebooks", None),
+        adapter=getattr(args, "adapter", None),
+    )
 
 
 def _add_adapter_arg(p: argparse.ArgumentParser) -> None:
@@ -52,8 +57,8 @@ def _settings_from_args(cls: type, args: argparse.Namespace, **values: Any) -> A
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from sketchtune_jax.loading import model_info
     from sketchtune_jax.fileio import write_json_atomic
+    from sketchtune_jax.loading import model_info
     from sketchtune_jax.reporting import print_table
 
     loaded = _load(args)
@@ -85,16 +90,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_ppl(args: argparse.Namespace) -> int:
-    from sketchtune_jax.perplexity import perplexity, read_text
     from sketchtune_jax.fileio import write_json_atomic
+    from sketchtune_jax.perplexity import perplexity, read_text
     from sketchtune_jax.reporting import print_table
-
     from sketchtune_jax.workflows import calibration_overlap
 
     text = read_text(args.text)
     loaded = _load(args)
-    overlap = calibration_overlap(args.model, args.text, text, loaded.tokenizer, seq_len=args.seq_len,
-                                  max_windows=args.max_windows)
+    overlap = calibration_overlap(
+        args.model, args.text, text, loaded.tokenizer, seq_len=args.seq_len, max_windows=args.max_windows
+    )
     if overlap:
         print(f"warning: {overlap}", file=sys.stderr)
     result = perplexity(
@@ -126,31 +131,55 @@ def cmd_sketch(args: argparse.Namespace) -> int:
     from sketchtune_jax.sketcher import SketchSettings
     from sketchtune_jax.workflows import sketch_to_dir
 
-    settings = _settings_from_args(SketchSettings, args, error_feedback=not args.no_error_feedback,
-                                   calib_range=_fraction_range(args.calib_range))
+    settings = _settings_from_args(
+        SketchSettings, args, error_feedback=not args.no_error_feedback, calib_range=_fraction_range(args.calib_range)
+    )
     if args.heal_steps < 0:
         raise ValueError(f"--heal-steps must be >= 0, got {args.heal_steps}")
-    report = sketch_to_dir(args.model, args.out, settings, dtype=args.dtype, batch_size=args.batch_size,
-                           overwrite=args.overwrite, streaming=args.streaming)
+    report = sketch_to_dir(
+        args.model,
+        args.out,
+        settings,
+        dtype=args.dtype,
+        batch_size=args.batch_size,
+        overwrite=args.overwrite,
+        streaming=args.streaming,
+    )
     if args.json:
         write_json_atomic(args.json, report)
     worst = sorted(report["modules"], key=lambda r: -r["rel_output_error"])[:5]
-    print_table("largest relative output errors", [
-        {"layer": r["layer"], "module": r["module"], "error": r["rel_output_error"], "s": r["seconds"]} for r in worst
-    ])
-    print_table(f"sketched {args.model} -> {args.out}", {
-        "bits": settings.bits,
-        "groups per row": settings.groups_per_row,
-        "modules": len(report["modules"]),
-        "mean relative output error": report["mean_rel_output_error"],
-        "seconds": report["seconds"],
-    })
+    print_table(
+        "largest relative output errors",
+        [
+            {"layer": r["layer"], "module": r["module"], "error": r["rel_output_error"], "s": r["seconds"]}
+            for r in worst
+        ],
+    )
+    print_table(
+        f"sketched {args.model} -> {args.out}",
+        {
+            "bits": settings.bits,
+            "groups per row": settings.groups_per_row,
+            "modules": len(report["modules"]),
+            "mean relative output error": report["mean_rel_output_error"],
+            "seconds": report["seconds"],
+        },
+    )
     if args.heal_steps:
         from sketchtune_jax.workflows import heal_to_dir
 
-        record = heal_to_dir(args.out, args.model, settings.calib, args.out, steps=args.heal_steps,
-                             seq_len=settings.seq_len, calib_range=settings.calib_range, seed=settings.seed,
-                             dtype=args.dtype, overwrite=True)
+        record = heal_to_dir(
+            args.out,
+            args.model,
+            settings.calib,
+            args.out,
+            steps=args.heal_steps,
+            seq_len=settings.seq_len,
+            calib_range=settings.calib_range,
+            seed=settings.seed,
+            dtype=args.dtype,
+            overwrite=True,
+        )
         print_table(f"healed {args.out} against {args.model}", _heal_summary(record))
     return 0
 
@@ -166,11 +195,25 @@ def cmd_heal(args: argparse.Namespace) -> int:
     from sketchtune_jax.workflows import heal_to_dir
 
     record = heal_to_dir(
-        args.model, args.teacher, args.calib, args.out, steps=args.steps, batch_size=args.batch_size,
-        seq_len=args.seq_len, lr=args.lr, schedule=args.schedule, warmup_steps=args.warmup_steps,
-        save_every=args.save_every, calib_range=_fraction_range(args.calib_range), windows=args.windows,
-        seed=args.seed, dtype=args.dtype, eval_text=args.eval_text, eval_windows=args.eval_windows,
-        allow_sketched_teacher=args.allow_sketched_teacher, overwrite=args.overwrite,
+        args.model,
+        args.teacher,
+        args.calib,
+        args.out,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        lr=args.lr,
+        schedule=args.schedule,
+        warmup_steps=args.warmup_steps,
+        save_every=args.save_every,
+        calib_range=_fraction_range(args.calib_range),
+        windows=args.windows,
+        seed=args.seed,
+        dtype=args.dtype,
+        eval_text=args.eval_text,
+        eval_windows=args.eval_windows,
+        allow_sketched_teacher=args.allow_sketched_teacher,
+        overwrite=args.overwrite,
     )
     if args.json:
         write_json_atomic(args.json, record)
@@ -215,9 +258,13 @@ def _finetune_method(args: argparse.Namespace):
             raise SettingError("lora_rank", f"must be a positive integer or 'auto', got {rank!r}") from None
     try:
         settings = LoraSettings(
-            rank=1 if rank == "auto" else rank, alpha=1.0 if args.lora_alpha is None else args.lora_alpha,
-            dropout=args.lora_dropout, targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()),
-            qtype=args.qlora_qtype if name == "qlora" else None, tile_size=args.qlora_tile_size, seed=args.seed,
+            rank=1 if rank == "auto" else rank,
+            alpha=1.0 if args.lora_alpha is None else args.lora_alpha,
+            dropout=args.lora_dropout,
+            targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()),
+            qtype=args.qlora_qtype if name == "qlora" else None,
+            tile_size=args.qlora_tile_size,
+            seed=args.seed,
         )
     except SettingError as e:
         # The flags of LoraSettings' fields carry the method's name: --lora-rank, --qlora-qtype, ...
@@ -234,9 +281,19 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     method, rank = _finetune_method(args)
     config = _settings_from_args(TrainConfig, args, compute_dtype=None if args.dtype == "float32" else args.dtype)
     summary = finetune_to_dir(
-        args.model, args.data, args.out, config=config, method=method, auto_lora_rank=rank == "auto",
-        lora_alpha=args.lora_alpha, codebooks=args.codebooks, dtype=args.dtype, val_fraction=args.val_fraction,
-        pad_multiple=args.pad_multiple, resume=args.resume, overwrite=args.overwrite,
+        args.model,
+        args.data,
+        args.out,
+        config=config,
+        method=method,
+        auto_lora_rank=rank == "auto",
+        lora_alpha=args.lora_alpha,
+        codebooks=args.codebooks,
+        dtype=args.dtype,
+        val_fraction=args.val_fraction,
+        pad_multiple=args.pad_multiple,
+        resume=args.resume,
+        overwrite=args.overwrite,
     )
     print_table(f"fine-tuned {args.model} on {args.data} ({summary['method']})", summary)
     return 0
@@ -273,17 +330,30 @@ def cmd_eval_task(args: argparse.Namespace) -> int:
         from sketchtune_jax.multiple_choice import evaluate_multiple_choice
 
         summary = evaluate_multiple_choice(
-            loaded.model, loaded.tokenizer, records, continuation=args.continuation, batch_size=args.batch_size,
-            out_jsonl=predictions, progress=True,
+            loaded.model,
+            loaded.tokenizer,
+            records,
+            continuation=args.continuation,
+            batch_size=args.batch_size,
+            out_jsonl=predictions,
+            progress=True,
         )
         summary["scoring"] = "loglik"
     else:
+
         def generate_fn(prompts: list[str]) -> list[str]:
             return generate_text(loaded.model, loaded.tokenizer, prompts, max_new_tokens=args.max_new_tokens)
 
         summary = evaluate_task(
-            generate_fn, args.data, loaded.tokenizer, task=args.task_name, batch_size=args.batch_size,
-            limit=args.limit, out_jsonl=predictions, strict=not args.reference_rule, progress=True,
+            generate_fn,
+            args.data,
+            loaded.tokenizer,
+            task=args.task_name,
+            batch_size=args.batch_size,
+            limit=args.limit,
+            out_jsonl=predictions,
+            strict=not args.reference_rule,
+            progress=True,
         )
     summary["model"] = args.model
     print_table(f"{args.task} accuracy on {args.data}", summary)
@@ -326,29 +396,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--groups-per-row", type=int, default=4, help="codebooks per row (a divisor of the input widths)")
     p.add_argument("--calib", required=True, help="text/JSON/JSONL file, hf:NAME[:CONFIG]:SPLIT, or 'self'")
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows")
-    p.add_argument("--calib-range", default="0:1",
-                   help="use only this fraction of a calibration text, e.g. 0.5:1 to hold out the first half")
+    p.add_argument(
+        "--calib-range",
+        default="0:1",
+        help="use only this fraction of a calibration text, e.g. 0.5:1 to hold out the first half",
+    )
     p.add_argument("--seq-len", type=int, default=2048, help="tokens per calibration window")
-    p.add_argument("--hessian-exponent", "--s", type=float, default=3.0,
-                   help="exponent s of the Hessian weights diag(H^-1)^-s in k-means")
+    p.add_argument(
+        "--hessian-exponent",
+        "--s",
+        type=float,
+        default=3.0,
+        help="exponent s of the Hessian weights diag(H^-1)^-s in k-means",
+    )
     p.add_argument("--percdamp", type=float, default=0.01, help="damping as a fraction of mean(diag H)")
     p.add_argument("--block-size", type=int, default=128, help="columns per error-feedback block")
     p.add_argument("--kmeans-iters", type=int, default=100)
     p.add_argument("--kmeans-restarts", type=int, default=1, help="k-means++ restarts; the best fit is kept")
     p.add_argument("--refit-codebook", action="store_true", help="re-fit codebooks by least squares after the sweep")
-    p.add_argument("--true-sequential", action="store_true",
-                   help="measure each stage's Hessian after the stages before it are sketched")
+    p.add_argument(
+        "--true-sequential",
+        action="store_true",
+        help="measure each stage's Hessian after the stages before it are sketched",
+    )
     p.add_argument("--no-error-feedback", action="store_true", help="ablation: map weights without error feedback")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward pass")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output and any unfinished sketch")
-    p.add_argument("--streaming", action=argparse.BooleanOptionalAction, default=True,
-                   help="read the checkpoint one decoder layer at a time (default; same result as --no-streaming, "
-                        "which loads the whole model)")
+    p.add_argument(
+        "--streaming",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="read the checkpoint one decoder layer at a time (default; same result as --no-streaming, "
+        "which loads the whole model)",
+    )
     p.add_argument("--json", help="also write the report to this JSON file")
-    p.add_argument("--heal-steps", type=int, default=0,
-                   help="then heal the sketch for N steps against MODEL on the calibration text (0: no healing)")
+    p.add_argument(
+        "--heal-steps",
+        type=int,
+        default=0,
+        help="then heal the sketch for N steps against MODEL on the calibration text (0: no healing)",
+    )
     p.set_defaults(func=cmd_sketch)
 
     p = sub.add_parser("heal", help="distil a sketch's codebooks from the dense model (KL on generic text)")
@@ -368,8 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-text", help="also measure perplexity on this held-out text before and after")
     p.add_argument("--eval-windows", type=int, default=20, help="512-token windows of --eval-text")
-    p.add_argument("--allow-sketched-teacher", action="store_true",
-                   help="accept a sketched teacher (it passes its own errors on)")
+    p.add_argument(
+        "--allow-sketched-teacher", action="store_true", help="accept a sketched teacher (it passes its own errors on)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace --out and discard an unfinished heal")
     p.add_argument("--json", help="also write the heal record to this JSON file")
     p.set_defaults(func=cmd_heal)
@@ -402,34 +492,57 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--batch-size", type=int, default=8)
         p.add_argument("--max-new-tokens", type=int, default=256 if task == "math" else 32)
         p.add_argument("--task-name", help="task or answer kind (default: from the file name)")
-        p.add_argument("--reference-rule", action="store_true",
-                       help="extract answers exactly as the reference does (last number), not 'The answer is' first")
+        p.add_argument(
+            "--reference-rule",
+            action="store_true",
+            help="extract answers exactly as the reference does (last number), not 'The answer is' first",
+        )
         p.add_argument("--out", help="directory for per-item predictions (JSONL) and the summary")
         p.add_argument("--json", help="also write the summary to this JSON file")
         if task == "commonsense":
-            p.add_argument("--scoring", choices=("generate", "loglik"), default="generate",
-                           help="generate and extract the answer, or pick the choice of highest log-likelihood")
-            p.add_argument("--continuation", choices=("response", "option", "question"), default="response",
-                           help="loglik: score 'the correct answer is answerK', the option's text, or the option's "
-                                "text after 'Question: ...\\nAnswer:' (lm-evaluation-harness's ARC format)")
+            p.add_argument(
+                "--scoring",
+                choices=("generate", "loglik"),
+                default="generate",
+                help="generate and extract the answer, or pick the choice of highest log-likelihood",
+            )
+            p.add_argument(
+                "--continuation",
+                choices=("response", "option", "question"),
+                default="response",
+                help="loglik: score 'the correct answer is answerK', the option's text, or the option's "
+                "text after 'Question: ...\\nAnswer:' (lm-evaluation-harness's ARC format)",
+            )
         p.set_defaults(func=cmd_eval_task)
 
     p = sub.add_parser("finetune", help="fine-tune a sketch's codebooks, or a dense model by LoRA, QLoRA or fully")
     _add_model_args(p)
-    p.add_argument("--method", choices=("sketch", "lora", "qlora", "full"),
-                   help="what trains: sketch (codebooks; the default for a sketched model), lora, qlora "
-                        "(adapters on an NF4/INT4 base) or full (every weight) for a dense model")
-    p.add_argument("--lora-rank", default="auto",
-                   help="adapter rank, or 'auto': the rank whose trainable count is closest to an INT4 GPR4 sketch's")
+    p.add_argument(
+        "--method",
+        choices=("sketch", "lora", "qlora", "full"),
+        help="what trains: sketch (codebooks; the default for a sketched model), lora, qlora "
+        "(adapters on an NF4/INT4 base) or full (every weight) for a dense model",
+    )
+    p.add_argument(
+        "--lora-rank",
+        default="auto",
+        help="adapter rank, or 'auto': the rank whose trainable count is closest to an INT4 GPR4 sketch's",
+    )
     p.add_argument("--lora-alpha", type=float, help="adapter scale numerator (default: 2 x rank)")
     p.add_argument("--lora-dropout", type=float, default=0.0)
-    p.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
-                   help="comma-separated projections that get adapters")
+    p.add_argument(
+        "--lora-targets",
+        default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+        help="comma-separated projections that get adapters",
+    )
     p.add_argument("--qlora-qtype", choices=("nf4", "int4"), default="nf4", help="storage of QLoRA's frozen base")
     p.add_argument("--qlora-tile-size", type=int, default=64, help="input columns per QLoRA quantization scale")
     p.add_argument("--data", required=True, help="JSON/JSONL records {instruction, input, output}")
-    p.add_argument("--out", required=True,
-                   help="run directory (logs, checkpoints, codebooks); must be empty unless --resume or --overwrite")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="run directory (logs, checkpoints, codebooks); must be empty unless --resume or --overwrite",
+    )
     p.add_argument("--codebooks", help="start from these fine-tuned codebooks")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (overrides --epochs)")
@@ -442,14 +555,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--val-fraction", type=float, default=0.0)
-    p.add_argument("--pad-multiple", type=int, default=64,
-                   help="pad batches to a multiple of this many tokens (each length compiles once)")
+    p.add_argument(
+        "--pad-multiple",
+        type=int,
+        default=64,
+        help="pad batches to a multiple of this many tokens (each length compiles once)",
+    )
     p.add_argument("--save-every", type=int, default=200)
     p.add_argument("--eval-every", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--remat", action="store_true", help="recompute layer activations in the backward pass")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its latest checkpoint (same batch size, seed, seq len)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its latest checkpoint (same batch size, seed, seq len)",
+    )
     p.add_argument("--overwrite", action="store_true", help="delete the run in --out and start over")
     p.set_defaults(func=cmd_finetune)
     return parser

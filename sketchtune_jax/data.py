@@ -25,8 +25,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 PROMPT_HEADER = (
-    "Below is an instruction that describes a task. "
-    "Write a response that appropriately completes the request."
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 )
 REQUIRED_FIELDS = ("instruction", "input", "output")
 
@@ -263,9 +262,7 @@ def tokenize_dataset(
     return out
 
 
-def train_val_split(
-    items: Sequence[Any], val_fraction: float, *, seed: int = 0
-) -> tuple[list[Any], list[Any]]:
+def train_val_split(items: Sequence[Any], val_fraction: float, *, seed: int = 0) -> tuple[list[Any], list[Any]]:
     """Seeded random split; ``val_fraction`` in ``[0, 1)``. Validation gets ``round(n * f)`` items."""
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
@@ -295,9 +292,7 @@ class DataPosition:
         return cls(int(d["epoch"]), int(d["index"]))
 
 
-def pad_batch(
-    examples: Sequence[TokenizedExample], *, pad_id: int, length: int
-) -> dict[str, np.ndarray]:
+def pad_batch(examples: Sequence[TokenizedExample], *, pad_id: int, length: int) -> dict[str, np.ndarray]:
     """Right-pad examples to ``length``: ``input_ids``, ``attention_mask``, ``loss_mask`` ``[B, length]`` int32."""
     b = len(examples)
     ids = np.full((b, length), pad_id, np.int32)
@@ -358,9 +353,7 @@ class BucketedBatches:
                 f"example {int(self._lengths.argmax())} has {self._lengths.max()} tokens, longer than seq_len={seq_len}"
             )
         if self.num_batches == 0:
-            raise DataError(
-                f"{len(self.examples)} examples make no full batch of {batch_size} with drop_last=True"
-            )
+            raise DataError(f"{len(self.examples)} examples make no full batch of {batch_size} with drop_last=True")
 
     @property
     def num_batches(self) -> int:

@@ -21,9 +21,17 @@ from sketchtune_jax.models import LlamaForCausalLM, init_cache
 _PROMPT_BUCKET = 64
 
 
-def generate(model: LlamaForCausalLM, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int,
-             eos_token_id: int | Sequence[int] | None, pad_token_id: int, temperature: float = 0.0,
-             top_p: float = 1.0, seed: int = 0) -> list[list[int]]:
+def generate(
+    model: LlamaForCausalLM,
+    prompt_ids: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    eos_token_id: int | Sequence[int] | None,
+    pad_token_id: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+) -> list[list[int]]:
     """Continue each prompt; returns only the new tokens of each row.
 
     Prompts of unequal length are left-padded with ``pad_token_id``. A row stops after
@@ -38,8 +46,12 @@ def generate(model: LlamaForCausalLM, prompt_ids: Sequence[Sequence[int]], *, ma
         return [[] for _ in prompt_ids]
     if temperature < 0 or not 0 < top_p <= 1:
         raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
-    eos = () if eos_token_id is None else (
-        (int(eos_token_id),) if isinstance(eos_token_id, (int, np.integer)) else tuple(int(e) for e in eos_token_id)
+    eos = (
+        ()
+        if eos_token_id is None
+        else (
+            (int(eos_token_id),) if isinstance(eos_token_id, (int, np.integer)) else tuple(int(e) for e in eos_token_id)
+        )
     )
     batch = len(prompt_ids)
     # Rows up to a power of two (filled with copies of the first prompt) and prompt
@@ -51,13 +63,21 @@ def generate(model: LlamaForCausalLM, prompt_ids: Sequence[Sequence[int]], *, ma
     ids = np.full((rows, width), pad_token_id, np.int32)
     mask = np.zeros((rows, width), np.int32)
     for row, prompt in enumerate(prompt_ids):
-        ids[row, width - len(prompt):] = prompt
-        mask[row, width - len(prompt):] = 1
+        ids[row, width - len(prompt) :] = prompt
+        mask[row, width - len(prompt) :] = 1
     graphdef, state = nnx.split(model)
     tokens = _generate(
-        graphdef, state, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(eos or (-1,), jnp.int32),
-        jax.random.key(seed), jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p),
-        max_new_tokens=max_new_tokens, pad=int(pad_token_id), sample=temperature > 0,
+        graphdef,
+        state,
+        jnp.asarray(ids),
+        jnp.asarray(mask),
+        jnp.asarray(eos or (-1,), jnp.int32),
+        jax.random.key(seed),
+        jnp.float32(max(temperature, 1e-6)),
+        jnp.float32(top_p),
+        max_new_tokens=max_new_tokens,
+        pad=int(pad_token_id),
+        sample=temperature > 0,
     )
     out = []
     for row in np.asarray(tokens)[:batch].tolist():
@@ -67,8 +87,20 @@ def generate(model: LlamaForCausalLM, prompt_ids: Sequence[Sequence[int]], *, ma
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "pad", "sample"))
-def _generate(graphdef, state, ids: jax.Array, mask: jax.Array, eos_ids: jax.Array, key: jax.Array,
-              temperature: jax.Array, top_p: jax.Array, *, max_new_tokens: int, pad: int, sample: bool) -> jax.Array:
+def _generate(
+    graphdef,
+    state,
+    ids: jax.Array,
+    mask: jax.Array,
+    eos_ids: jax.Array,
+    key: jax.Array,
+    temperature: jax.Array,
+    top_p: jax.Array,
+    *,
+    max_new_tokens: int,
+    pad: int,
+    sample: bool,
+) -> jax.Array:
     """int32 ``[B, max_new_tokens]`` new tokens; rows that stopped are filled with ``pad``.
 
     ``eos_ids`` is int32 ``[n]`` (-1 when there is none), traced so that changing it does
@@ -115,9 +147,18 @@ def _sample_top_p(logits: jax.Array, key: jax.Array, temperature: jax.Array, top
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-def generate_text(model: LlamaForCausalLM, tokenizer, prompts: Sequence[str], *, max_new_tokens: int,
-                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, chat: bool = False,
-                  add_bos: bool = True) -> list[str]:
+def generate_text(
+    model: LlamaForCausalLM,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    chat: bool = False,
+    add_bos: bool = True,
+) -> list[str]:
     """Continue each text prompt and return the decoded new text (special tokens dropped).
 
     ``chat`` wraps each prompt in the tokenizer's chat template as a user turn.
@@ -127,8 +168,9 @@ def generate_text(model: LlamaForCausalLM, tokenizer, prompts: Sequence[str], *,
     prompt_ids = []
     for prompt in prompts:
         if chat:
-            ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                                tokenize=True)
+            ids = tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+            )
             ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
         else:
             ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -138,6 +180,14 @@ def generate_text(model: LlamaForCausalLM, tokenizer, prompts: Sequence[str], *,
         prompt_ids.append(list(ids))
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    outs = generate(model, prompt_ids, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad,
-                    temperature=temperature, top_p=top_p, seed=seed)
+    outs = generate(
+        model,
+        prompt_ids,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=eos,
+        pad_token_id=pad,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+    )
     return [tokenizer.decode(o, skip_special_tokens=True) for o in outs]

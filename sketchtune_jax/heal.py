@@ -35,9 +35,21 @@ from sketchtune_jax.train.trainer import Trainer, TrainResult
 
 # What must agree between a sketch and its teacher for next-token distributions to be comparable.
 ARCHITECTURE_FIELDS = (
-    "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "rope_scaling", "tie_word_embeddings",
-    "attention_bias", "mlp_bias", "sliding_window",
+    "model_type",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "rms_norm_eps",
+    "rope_theta",
+    "rope_scaling",
+    "tie_word_embeddings",
+    "attention_bias",
+    "mlp_bias",
+    "sliding_window",
 )
 
 
@@ -58,24 +70,40 @@ def window_batches(windows: np.ndarray, batch_size: int) -> list[dict[str, np.nd
     if windows.ndim != 2:
         raise ValueError(f"windows must be [N, T] token ids, got shape {windows.shape}")
     if len(windows) < batch_size:
-        raise ValueError(f"{len(windows)} windows cannot fill one batch of {batch_size}; "
-                         "give more calibration text or lower the batch size")
+        raise ValueError(
+            f"{len(windows)} windows cannot fill one batch of {batch_size}; "
+            "give more calibration text or lower the batch size"
+        )
     ones = np.ones((batch_size, windows.shape[1]), np.int32)
-    return [{"input_ids": windows[i : i + batch_size], "attention_mask": ones, "loss_mask": ones}
-            for i in range(0, len(windows) - batch_size + 1, batch_size)]
+    return [
+        {"input_ids": windows[i : i + batch_size], "attention_mask": ones, "loss_mask": ones}
+        for i in range(0, len(windows) - batch_size + 1, batch_size)
+    ]
 
 
-def heal_windows(ids: np.ndarray, *, steps: int, batch_size: int, seq_len: int, windows: int | None = None,
-                 seed: int = 0, source: str = "the calibration text") -> np.ndarray:
+def heal_windows(
+    ids: np.ndarray,
+    *,
+    steps: int,
+    batch_size: int,
+    seq_len: int,
+    windows: int | None = None,
+    seed: int = 0,
+    source: str = "the calibration text",
+) -> np.ndarray:
     """``[N, seq_len]`` windows of token ``ids`` for a heal: ``windows`` of them (default ``steps * batch_size``,
     each seen once), at most as many as ``ids`` holds without overlap; ValueError if not one batch's worth."""
     from sketchtune_jax.calibration import sample_windows
 
     room = len(ids) // seq_len
     if room < batch_size:
-        raise SettingError("seq_len", f"of {seq_len} leaves room for {room} windows in the {len(ids)} tokens of "
-                           f"{source}, fewer than one batch of {batch_size}; give more text or lower {{seq_len}} "
-                           "or {batch_size}", ("seq_len", "batch_size"))
+        raise SettingError(
+            "seq_len",
+            f"of {seq_len} leaves room for {room} windows in the {len(ids)} tokens of "
+            f"{source}, fewer than one batch of {batch_size}; give more text or lower {{seq_len}} "
+            "or {batch_size}",
+            ("seq_len", "batch_size"),
+        )
     return sample_windows(ids, nsamples=min(windows or steps * batch_size, room), seq_len=seq_len, seed=seed)
 
 
@@ -108,25 +136,54 @@ def heal(
         raise SettingError("seq_len", f"is {config.seq_len} but the windows are {windows.shape}; they must agree")
     if hasattr(student, "config") and hasattr(teacher, "config"):
         if mismatch := architecture_mismatch(student.config, teacher.config):
-            raise ValueError(f"the teacher's architecture differs from the sketch's ({mismatch}); "
-                             "heal against the dense model the sketch was made from")
+            raise ValueError(
+                f"the teacher's architecture differs from the sketch's ({mismatch}); "
+                "heal against the dense model the sketch was made from"
+            )
     loss_fn, teacher_state = teacher_kl(teacher)
     val = None if val_windows is None else window_batches(val_windows, min(config.batch_size, len(val_windows)))
-    trainer = Trainer(student, window_batches(windows, config.batch_size), config, out_dir, val_batches=val,
-                      progress=progress, wrt=Codebook, save_result=save_result, loss_fn=loss_fn,
-                      loss_inputs=teacher_state)
+    trainer = Trainer(
+        student,
+        window_batches(windows, config.batch_size),
+        config,
+        out_dir,
+        val_batches=val,
+        progress=progress,
+        wrt=Codebook,
+        save_result=save_result,
+        loss_fn=loss_fn,
+        loss_inputs=teacher_state,
+    )
     return trainer.run()
 
 
-def heal_config(*, steps: int, batch_size: int = 4, seq_len: int = 512, lr: float = 1e-4,
-                schedule: str = "cosine", warmup_steps: int = 0, save_every: int = 50, seed: int = 0,
-                **overrides: Any) -> TrainConfig:
+def heal_config(
+    *,
+    steps: int,
+    batch_size: int = 4,
+    seq_len: int = 512,
+    lr: float = 1e-4,
+    schedule: str = "cosine",
+    warmup_steps: int = 0,
+    save_every: int = 50,
+    seed: int = 0,
+    **overrides: Any,
+) -> TrainConfig:
     """The `TrainConfig` of a heal of ``steps`` optimizer steps (validated; `SettingError` names the field)."""
     if not isinstance(steps, int) or steps < 1:
         raise SettingError("steps", f"must be a positive number of optimizer steps, got {steps!r}")
-    return dataclasses.replace(TrainConfig(), lr=lr, schedule=schedule, warmup_steps=warmup_steps,
-                               batch_size=batch_size, max_steps=steps, seq_len=seq_len, save_every=save_every,
-                               seed=seed, **overrides)
+    return dataclasses.replace(
+        TrainConfig(),
+        lr=lr,
+        schedule=schedule,
+        warmup_steps=warmup_steps,
+        batch_size=batch_size,
+        max_steps=steps,
+        seq_len=seq_len,
+        save_every=save_every,
+        seed=seed,
+        **overrides,
+    )
 
 
 __all__ = ["ARCHITECTURE_FIELDS", "architecture_mismatch", "heal", "heal_config", "heal_windows", "window_batches"]

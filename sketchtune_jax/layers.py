@@ -110,9 +110,7 @@ class SketchedLinear(nnx.Module):
         cols = in_features // groups
         codebook = jnp.asarray(codebook)
         if codebook.shape != (out_features, groups, 2**bits):
-            raise ValueError(
-                f"codebook must be {(out_features, groups, 2**bits)}, got {codebook.shape}"
-            )
+            raise ValueError(f"codebook must be {(out_features, groups, 2**bits)}, got {codebook.shape}")
         codes = jnp.asarray(codes)
         unpacked_shape = (out_features, groups, cols)
         packed_shape = (out_features, groups, packed_words(cols, bits))
@@ -173,8 +171,12 @@ class SketchedLinear(nnx.Module):
 
     @classmethod
     def from_linear(
-        cls, linear: Linear, codebook: jax.Array, codes_unpacked: jax.Array,
-        *, backend: Backend | None = None,
+        cls,
+        linear: Linear,
+        codebook: jax.Array,
+        codes_unpacked: jax.Array,
+        *,
+        backend: Backend | None = None,
     ) -> SketchedLinear:
         """Sketch of ``linear``: bits and groups from ``codebook [out, groups, 2**bits]``,
         codes ``uint8 [out, groups, in // groups]`` (or already packed uint32); bias and
@@ -197,20 +199,25 @@ class SketchedLinear(nnx.Module):
 
     def dense_weight(self) -> jax.Array:
         """``W_hat [out, in]`` in the codebook's dtype."""
-        return dequantize(
-            self.codebook[...], self.codes[...], self.bits, self.in_features, backend=self.backend
-        )
+        return dequantize(self.codebook[...], self.codes[...], self.bits, self.in_features, backend=self.backend)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dtype = self.dtype or x.dtype
         if self.sharding is None:
             y = sketched_matmul(
-                x.astype(dtype), self.codebook[...], self.codes[...], self.bits,
+                x.astype(dtype),
+                self.codebook[...],
+                self.codes[...],
+                self.bits,
                 backend=self.backend,
             )
         else:
             y = sharded_sketched_matmul(
-                x.astype(dtype), self.codebook[...], self.codes[...], self.bits, self.sharding,
+                x.astype(dtype),
+                self.codebook[...],
+                self.codes[...],
+                self.bits,
+                self.sharding,
                 backend=self.backend,
             )
         if self.bias is not None:

@@ -28,8 +28,9 @@ def load_any(
     ``adapter``: a LoRA/QLoRA adapter directory (PEFT format) applied, unmerged, on top of a dense model.
     """
     if adapter and is_sketched_dir(source):
-        raise SettingError("adapter", f"applies to a dense model, and {source} is sketched (use {{codebooks}})",
-                           ("codebooks",))
+        raise SettingError(
+            "adapter", f"applies to a dense model, and {source} is sketched (use {{codebooks}})", ("codebooks",)
+        )
     if adapter:
         from sketchtune_jax.lora import load_adapter, read_adapter_settings
 

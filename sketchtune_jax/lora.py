@@ -91,8 +91,11 @@ def target_linears(model: nnx.Module, targets: tuple[str, ...]) -> dict[str, Lin
 
     Raises ValueError when a target matches no projection (a typo would otherwise train nothing).
     """
-    found = {name: m for name, m in iter_modules(model, Linear)
-             if name.startswith("model.") and name.rpartition(".")[2] in targets}
+    found = {
+        name: m
+        for name, m in iter_modules(model, Linear)
+        if name.startswith("model.") and name.rpartition(".")[2] in targets
+    }
     matched = {name.rpartition(".")[2] for name in found}
     unmatched = [t for t in targets if t not in matched]
     if unmatched:
@@ -103,8 +106,9 @@ def target_linears(model: nnx.Module, targets: tuple[str, ...]) -> dict[str, Lin
     return found
 
 
-def sketch_parameter_count(model: nnx.Module, targets: tuple[str, ...] = PROJECTIONS, *, bits: int = 4,
-                           groups_per_row: int = 4) -> int:
+def sketch_parameter_count(
+    model: nnx.Module, targets: tuple[str, ...] = PROJECTIONS, *, bits: int = 4, groups_per_row: int = 4
+) -> int:
     """Trainable scalars of a sketch of ``targets``: ``out * groups * 2**bits`` per projection."""
     return sum(m.out_features * groups_per_row * 2**bits for m in target_linears(model, targets).values())
 
@@ -114,8 +118,9 @@ def lora_parameter_count(model: nnx.Module, rank: int, targets: tuple[str, ...] 
     return sum(rank * (m.in_features + m.out_features) for m in target_linears(model, targets).values())
 
 
-def auto_rank(model: nnx.Module, targets: tuple[str, ...] = PROJECTIONS, *, bits: int = 4,
-              groups_per_row: int = 4) -> int:
+def auto_rank(
+    model: nnx.Module, targets: tuple[str, ...] = PROJECTIONS, *, bits: int = 4, groups_per_row: int = 4
+) -> int:
     """The rank whose trainable count is closest to a ``bits``/``groups_per_row`` sketch's on the same
     projections (the smaller rank on a tie). SmolLM2-135M, all seven projections, INT4 GPR4: 33."""
     budget = sketch_parameter_count(model, targets, bits=bits, groups_per_row=groups_per_row)
@@ -141,7 +146,10 @@ def apply_lora(model: LlamaForCausalLM, settings: LoraSettings) -> LlamaForCausa
     quant = dict(weight_qtype=settings.qtype, tile_size=settings.tile_size) if settings.qtype else {}
     provider = qwix.LoraProvider(
         module_path=r"model/.*(" + "|".join(settings.targets) + ")",
-        rank=settings.rank, alpha=float(settings.alpha), dropout=settings.dropout, **quant,
+        rank=settings.rank,
+        alpha=float(settings.alpha),
+        dropout=settings.dropout,
+        **quant,
     )
     sample = jnp.zeros((1, 2), jnp.int32)
     lora_model = qwix.apply_lora_to_model(model, provider, sample, rngs=nnx.Rngs(settings.seed))
@@ -166,8 +174,11 @@ def base_weight(linear: Linear) -> jax.Array:
         return weight[...]
     import qwix
 
-    array = jax.tree.map(lambda v: v[...] if isinstance(v, nnx.Variable) else v, weight.array,
-                         is_leaf=lambda v: isinstance(v, nnx.Variable))
+    array = jax.tree.map(
+        lambda v: v[...] if isinstance(v, nnx.Variable) else v,
+        weight.array,
+        is_leaf=lambda v: isinstance(v, nnx.Variable),
+    )
     return qwix.dequantize(array)
 
 
@@ -182,8 +193,9 @@ def merged_weight(linear: Linear, scale: float) -> jax.Array:
 def merge_lora(model: LlamaForCausalLM, settings: LoraSettings) -> LlamaForCausalLM:
     """A plain `LlamaForCausalLM` whose targeted weights are ``W + alpha/rank (A B)^T``."""
     param_dtype = model.model.embed_tokens.weight.dtype
-    merged = nnx.eval_shape(lambda: LlamaForCausalLM(model.config, dtype=model.dtype, param_dtype=param_dtype,
-                                                     rngs=nnx.Rngs(0)))
+    merged = nnx.eval_shape(
+        lambda: LlamaForCausalLM(model.config, dtype=model.dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
+    )
     adapted = adapter_modules(model)
     for path, var in nnx.to_flat_state(nnx.state(merged)):
         name = ".".join(str(p) for p in path)
@@ -232,8 +244,14 @@ def peft_config(settings: LoraSettings, base_model: str | None = None) -> dict[s
     }
 
 
-def save_adapter(model: nnx.Module, settings: LoraSettings, out_dir: str | os.PathLike, *,
-                 base_model: str | None = None, overwrite: bool = False) -> Path:
+def save_adapter(
+    model: nnx.Module,
+    settings: LoraSettings,
+    out_dir: str | os.PathLike,
+    *,
+    base_model: str | None = None,
+    overwrite: bool = False,
+) -> Path:
     """Write ``out_dir/adapter_config.json`` and ``adapter_model.safetensors`` (PEFT's format,
     loadable by ``peft.PeftModel.from_pretrained``) plus our ``sketchtune_adapter.json`` (QLoRA base)."""
     from safetensors.numpy import save_file
@@ -260,14 +278,19 @@ def read_adapter_settings(adapter_dir: str | os.PathLike) -> LoraSettings:
     ours = json.loads((adapter_dir / BASE_CONFIG).read_text()) if (adapter_dir / BASE_CONFIG).is_file() else {}
     targets = config["target_modules"]
     return LoraSettings(
-        rank=int(config["r"]), alpha=float(config["lora_alpha"]), dropout=float(config.get("lora_dropout") or 0.0),
+        rank=int(config["r"]),
+        alpha=float(config["lora_alpha"]),
+        dropout=float(config.get("lora_dropout") or 0.0),
         targets=tuple([targets] if isinstance(targets, str) else targets),
-        qtype=ours.get("qtype"), tile_size=int(ours.get("tile_size", 64)), seed=int(ours.get("seed", 0)),
+        qtype=ours.get("qtype"),
+        tile_size=int(ours.get("tile_size", 64)),
+        seed=int(ours.get("seed", 0)),
     )
 
 
-def load_adapter(model: LlamaForCausalLM, adapter_dir: str | os.PathLike, *,
-                 for_training: bool = False) -> tuple[LlamaForCausalLM, LoraSettings]:
+def load_adapter(
+    model: LlamaForCausalLM, adapter_dir: str | os.PathLike, *, for_training: bool = False
+) -> tuple[LlamaForCausalLM, LoraSettings]:
     """``model`` with the adapter in ``adapter_dir`` applied (unmerged), and its settings.
 
     Every key and shape is checked against the model before anything is built. Dropout
@@ -295,12 +318,16 @@ def load_adapter(model: LlamaForCausalLM, adapter_dir: str | os.PathLike, *,
         problems.append(f"not in the model: {', '.join(unexpected[:5])}" + (" ..." if len(unexpected) > 5 else ""))
     if missing := sorted(set(expected) - set(tensors)):
         problems.append(f"missing from the adapter: {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
-    shapes = [f"{k}: shape {tuple(tensors[k].shape)} in the adapter, {v} in the model"
-              for k, v in expected.items() if k in tensors and tuple(tensors[k].shape) != v]
+    shapes = [
+        f"{k}: shape {tuple(tensors[k].shape)} in the adapter, {v} in the model"
+        for k, v in expected.items()
+        if k in tensors and tuple(tensors[k].shape) != v
+    ]
     problems += shapes[:3] + ([f"... {len(shapes) - 3} more shape mismatches"] if len(shapes) > 3 else [])
     if problems:
-        raise AdapterMismatchError(f"{adapter_dir} does not fit the model (an adapter for another model?): "
-                                   + "; ".join(problems))
+        raise AdapterMismatchError(
+            f"{adapter_dir} does not fit the model (an adapter for another model?): " + "; ".join(problems)
+        )
     lora_model = apply_lora(model, settings)
     for name, m in adapter_modules(lora_model).items():
         a = tensors[f"{_PEFT_PREFIX}{name}.lora_A.weight"].T

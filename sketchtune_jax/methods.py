@@ -44,19 +44,26 @@ def check_method_fits(name: str, *, sketched: bool, model: str = "this model") -
     """Raise `SettingError` (field ``method``) unless method ``name`` trains a model of this kind:
     sketch a sketched model, every other method a dense one. ``model`` names it in the message."""
     if name == "sketch" and not sketched:
-        raise SettingError("method", f"sketch needs a sketched model and {model} is dense; make one with "
-                           "`sketchtune sketch`, or choose lora, qlora or full")
+        raise SettingError(
+            "method",
+            f"sketch needs a sketched model and {model} is dense; make one with "
+            "`sketchtune sketch`, or choose lora, qlora or full",
+        )
     if name != "sketch" and sketched:
-        raise SettingError("method", f"{name} trains a dense model and {model} is sketched; "
-                           "use sketch, or give the dense model")
+        raise SettingError(
+            "method", f"{name} trains a dense model and {model} is sketched; use sketch, or give the dense model"
+        )
 
 
 def default_method(sketched: bool, model: str = "this model") -> str:
     """The method a model is fine-tuned by when none is named: sketch for a sketched model; a dense
     model has no default (`SettingError`), since LoRA, QLoRA and full tuning are different trade-offs."""
     if not sketched:
-        raise SettingError("method", f"is needed for {model}, a dense model: choose lora, qlora or full "
-                           "(or sketch it first with `sketchtune sketch` and tune its codebooks)")
+        raise SettingError(
+            "method",
+            f"is needed for {model}, a dense model: choose lora, qlora or full "
+            "(or sketch it first with `sketchtune sketch` and tune its codebooks)",
+        )
     return "sketch"
 
 
@@ -94,8 +101,9 @@ class FinetuneMethod:
             return apply_lora(model, self.lora)
         return model
 
-    def result_writer(self, *, config: Any = None, tokenizer: Any = None,
-                      base_model: str | None = None) -> Callable[[nnx.Module, str], str]:
+    def result_writer(
+        self, *, config: Any = None, tokenizer: Any = None, base_model: str | None = None
+    ) -> Callable[[nnx.Module, str], str]:
         """``(trained model, out_dir) -> path`` writing what a finished run keeps (see the table above)."""
 
         def write(model: nnx.Module, out_dir: str) -> str:

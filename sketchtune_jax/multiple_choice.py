@@ -69,8 +69,7 @@ def parse_choices(instruction: str) -> Choices:
     m = _ANSWER_FORMAT.search(text)
     if not m:
         raise ValueError(
-            f"cannot find the choices: the instruction does not end with 'Answer format: w1/w2/...': "
-            f"{text[-80:]!r}"
+            f"cannot find the choices: the instruction does not end with 'Answer format: w1/w2/...': {text[-80:]!r}"
         )
     words = tuple(w.strip().lower() for w in m.group(1).split("/"))
     if len(set(words)) != len(words):
@@ -260,16 +259,18 @@ def evaluate_multiple_choice(
         ll = logliks[lo:hi]
         norm = ll / np.asarray(lengths, np.float32)
         pred, pred_norm = int(np.argmax(ll)), int(np.argmax(norm))
-        items.append({
-            "index": index,
-            "label": choices.words[label],
-            "prediction": choices.words[pred],
-            "prediction_norm": choices.words[pred_norm],
-            "correct": pred == label,
-            "correct_norm": pred_norm == label,
-            "logliks": [float(x) for x in ll],
-            "lengths": lengths,
-        })
+        items.append(
+            {
+                "index": index,
+                "label": choices.words[label],
+                "prediction": choices.words[pred],
+                "prediction_norm": choices.words[pred_norm],
+                "correct": pred == label,
+                "correct_norm": pred_norm == label,
+                "logliks": [float(x) for x in ll],
+                "lengths": lengths,
+            }
+        )
     if out_jsonl is not None:
         out_jsonl = os.fspath(out_jsonl)
         atomic_write_bytes(out_jsonl, "".join(json.dumps(item) + "\n" for item in items).encode("utf-8"))

@@ -58,8 +58,10 @@ def tokenize_windows(tokenizer, text: str, seq_len: int, max_windows: int | None
         n_windows = min(n_windows, max_windows)
     if n_windows == 0:
         raise SettingError(
-            "seq_len", f"of {seq_len} is longer than the text ({len(ids)} tokens); give a longer text or a "
-            "smaller {seq_len}", ("seq_len",))
+            "seq_len",
+            f"of {seq_len} is longer than the text ({len(ids)} tokens); give a longer text or a smaller {{seq_len}}",
+            ("seq_len",),
+        )
     return np.asarray(ids[: n_windows * seq_len], dtype=np.int32).reshape(n_windows, seq_len)
 
 

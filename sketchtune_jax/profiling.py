@@ -1,4 +1,4 @@
-"""What the benches measure, in one place: state bytes, compiled train-step memory, serving speed.
+"""What the benches measure, in one place: state bytes, compiled train-step memory and speed, serving speed.
 
 `bench/train_step.py` and `bench/compare.py` both report these for every fine-tuning method.
 """
@@ -14,7 +14,7 @@ import numpy as np
 from flax import nnx
 
 from sketchtune_jax.generate import generate
-from sketchtune_jax.train.step import Batch, compile_train_step
+from sketchtune_jax.train.step import Batch, compile_train_step, train_step
 
 
 def state_bytes(model: nnx.Module, *filters: Any) -> int:
@@ -40,13 +40,50 @@ def train_step_memory(model: nnx.Module, optimizer: nnx.Optimizer, batch: Batch)
     out: dict[str, float] = {"compile_s": time.perf_counter() - t0}
     analysis = compiled.memory_analysis()
     if analysis is not None:
-        out.update(argument_bytes=int(analysis.argument_size_in_bytes), temp_bytes=int(analysis.temp_size_in_bytes),
-                   output_bytes=int(analysis.output_size_in_bytes))
+        out.update(
+            argument_bytes=int(analysis.argument_size_in_bytes),
+            temp_bytes=int(analysis.temp_size_in_bytes),
+            output_bytes=int(analysis.output_size_in_bytes),
+        )
     return out
 
 
-def serving_speed(model: nnx.Module, *, prompt_len: int = 128, new_tokens: int = 32, batch: int = 1,
-                  vocab: int | None = None, repeats: int = 3) -> dict[str, float]:
+def train_step_speed(
+    model: nnx.Module, optimizer: nnx.Optimizer, batch: Batch, *, steps: int = 3, warmup: int = 1
+) -> dict[str, float]:
+    """Time ``steps`` train steps on ``batch`` after the first (compiling) step and ``warmup`` more.
+
+    The steps update ``model``: time a copy that is not needed afterwards. Returns
+    ``first_step_s``, ``step_ms``, ``tokens_per_s`` (``input_ids`` tokens, all micro-batches) and
+    the last ``loss``.
+    """
+    t0 = time.perf_counter()
+    jax.block_until_ready(train_step(model, optimizer, batch))
+    first = time.perf_counter() - t0
+    for _ in range(warmup):
+        jax.block_until_ready(train_step(model, optimizer, batch))
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        metrics = train_step(model, optimizer, batch)
+    jax.block_until_ready(metrics)
+    elapsed = time.perf_counter() - t0
+    return {
+        "first_step_s": first,
+        "step_ms": 1e3 * elapsed / steps,
+        "tokens_per_s": int(np.prod(np.shape(batch["input_ids"]))) * steps / elapsed,
+        "loss": float(metrics["loss"]),
+    }
+
+
+def serving_speed(
+    model: nnx.Module,
+    *,
+    prompt_len: int = 128,
+    new_tokens: int = 32,
+    batch: int = 1,
+    vocab: int | None = None,
+    repeats: int = 3,
+) -> dict[str, float]:
     """Greedy generation speed with the KV cache: time to first token and decode tokens/s.
 
     Both programs (1 and ``1 + new_tokens`` new tokens) are compiled and run once before
@@ -66,5 +103,10 @@ def serving_speed(model: nnx.Module, *, prompt_len: int = 128, new_tokens: int =
 
     first = timed(1)
     full = timed(1 + new_tokens)
-    return {"ttft_s": first, "decode_tokens_per_s": batch * new_tokens / max(full - first, 1e-9),
-            "prompt_len": prompt_len, "new_tokens": new_tokens, "batch": batch}
+    return {
+        "ttft_s": first,
+        "decode_tokens_per_s": batch * new_tokens / max(full - first, 1e-9),
+        "prompt_len": prompt_len,
+        "new_tokens": new_tokens,
+        "batch": batch,
+    }

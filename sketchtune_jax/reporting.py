@@ -6,7 +6,6 @@ from typing import Iterable, Iterator, Mapping, TypeVar
 
 from tqdm.auto import tqdm
 
-
 T = TypeVar("T")
 
 

@@ -81,8 +81,7 @@ def shard_batch(batch: A, mesh: Mesh, data_axis: str | tuple[str, ...] = "data")
             return jax.device_put(leaf, NamedSharding(mesh, PartitionSpec()))
         if leaf.shape[0] % size:
             raise ValueError(
-                f"batch dimension {leaf.shape[0]} is not divisible by the {size} devices "
-                f"of mesh axis {data_axis!r}"
+                f"batch dimension {leaf.shape[0]} is not divisible by the {size} devices of mesh axis {data_axis!r}"
             )
         return jax.device_put(leaf, NamedSharding(mesh, PartitionSpec(data_axis)))
 

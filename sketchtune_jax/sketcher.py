@@ -43,7 +43,6 @@ from sketchtune_jax.sketch import (
 )
 
 
-
 @dataclass(frozen=True)
 class SketchSettings:
     """Everything that decides the result of a sketch; a resumed run must have the same.
@@ -69,12 +68,19 @@ class SketchSettings:
     calib_range: tuple[float, float] = (0.0, 1.0)
 
     def __post_init__(self):
-        require(self.bits in SUPPORTED_BITS, "bits", f"must be one of {', '.join(map(str, SUPPORTED_BITS))}, got {self.bits}")
+        require(
+            self.bits in SUPPORTED_BITS,
+            "bits",
+            f"must be one of {', '.join(map(str, SUPPORTED_BITS))}, got {self.bits}",
+        )
         require_positive(self, "groups_per_row", "block_size", "kmeans_iters", "kmeans_restarts", "nsamples")
         require_positive(self, "percdamp", finite=True)
         require(self.seq_len >= 2, "seq_len", f"must be >= 2, got {self.seq_len}")
-        require(math.isfinite(self.hessian_exponent) and self.hessian_exponent >= 0, "hessian_exponent",
-                f"must be a finite number >= 0, got {self.hessian_exponent}")
+        require(
+            math.isfinite(self.hessian_exponent) and self.hessian_exponent >= 0,
+            "hessian_exponent",
+            f"must be a finite number >= 0, got {self.hessian_exponent}",
+        )
         lo, hi = self.calib_range
         require(0 <= lo < hi <= 1, "calib_range", f"must be fractions 0 <= START < END <= 1, got {lo}:{hi}")
 
@@ -120,8 +126,9 @@ class HessianProbe(nnx.Module):
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _run_layer(graphdef: nnx.GraphDef, stats: nnx.State, rest: nnx.State, hidden: jax.Array,
-               positions: jax.Array) -> tuple[jax.Array, nnx.State]:
+def _run_layer(
+    graphdef: nnx.GraphDef, stats: nnx.State, rest: nnx.State, hidden: jax.Array, positions: jax.Array
+) -> tuple[jax.Array, nnx.State]:
     # Only the probe statistics go out again: the layer's weights are inputs only.
     layer = nnx.merge(graphdef, stats, rest)
     out = layer(hidden, positions=positions, attention_mask=None)
@@ -145,8 +152,9 @@ def _forward_layer(layer: nnx.Module, hidden: jax.Array, batch_size: int) -> jax
     return jnp.concatenate(outs, axis=0)
 
 
-def _stage_hessians(layer: nnx.Module, stages: tuple[tuple[str, ...], ...], hidden: jax.Array,
-                    batch_size: int) -> dict[tuple[str, ...], jax.Array]:
+def _stage_hessians(
+    layer: nnx.Module, stages: tuple[tuple[str, ...], ...], hidden: jax.Array, batch_size: int
+) -> dict[tuple[str, ...], jax.Array]:
     """One pass of ``layer`` over the calibration rows with a probe on the first module of each stage."""
     probes = {}
     for stage in stages:
@@ -161,8 +169,9 @@ def _stage_hessians(layer: nnx.Module, stages: tuple[tuple[str, ...], ...], hidd
     return {stage: probe.hessian[...] for stage, probe in probes.items()}
 
 
-def _sketch_stage(layer: nnx.Module, stage: tuple[str, ...], hessian: jax.Array, settings: SketchSettings,
-                  seed: int) -> list[dict[str, Any]]:
+def _sketch_stage(
+    layer: nnx.Module, stage: tuple[str, ...], hessian: jax.Array, settings: SketchSettings, seed: int
+) -> list[dict[str, Any]]:
     """Sketch the projections of one stage (one shared input, so one H) and swap them in.
 
     Rows are independent problems, so the stage's weights are stacked by rows and
@@ -175,8 +184,7 @@ def _sketch_stage(layer: nnx.Module, stage: tuple[str, ...], hessian: jax.Array,
             raise TypeError(f"{name} is a {type(linear).__name__}, expected a dense Linear to sketch")
     weights = [linear.weight[...].astype(jnp.float32) for linear in linears]
     try:
-        hinv_upper, w_prepared = prepare_hessian(hessian, jnp.concatenate(weights, axis=0),
-                                                 percdamp=settings.percdamp)
+        hinv_upper, w_prepared = prepare_hessian(hessian, jnp.concatenate(weights, axis=0), percdamp=settings.percdamp)
         result = sketch_matrix(
             w_prepared,
             hinv_upper,
@@ -203,8 +211,9 @@ def _sketch_stage(layer: nnx.Module, stage: tuple[str, ...], hessian: jax.Array,
     return rows
 
 
-def _sketch_layer(layer: nnx.Module, hidden: jax.Array, settings: SketchSettings, batch_size: int,
-                  seed: int) -> list[dict[str, Any]]:
+def _sketch_layer(
+    layer: nnx.Module, hidden: jax.Array, settings: SketchSettings, batch_size: int, seed: int
+) -> list[dict[str, Any]]:
     """Sketch every projection of one decoder layer in place; one report row per module.
 
     With ``true_sequential`` each stage's Hessian is measured after the stages before
@@ -240,9 +249,17 @@ def sketch_model(
     calib_ids = check_calibration_ids(calib_ids)
     resume = ResumeDir(work_dir, settings, calib_ids) if work_dir is not None else None
     layers = model.model.layers
-    return sketch_layers(model.model.embed_tokens, len(layers), lambda index: layers[index], calib_ids, settings,
-                         resume=resume, batch_size=batch_size, show_progress=show_progress,
-                         on_layer_done=on_layer_done)
+    return sketch_layers(
+        model.model.embed_tokens,
+        len(layers),
+        lambda index: layers[index],
+        calib_ids,
+        settings,
+        resume=resume,
+        batch_size=batch_size,
+        show_progress=show_progress,
+        on_layer_done=on_layer_done,
+    )
 
 
 def check_calibration_ids(calib_ids: np.ndarray) -> np.ndarray:
@@ -282,8 +299,10 @@ def sketch_layers(
             tensors, rows = done
             swap_in_sketches(layer, tensors)
         else:
-            rows = [{"layer": index, **r} for r in
-                    _sketch_layer(layer, hidden, settings, batch_size, settings.seed + 1000 * index)]
+            rows = [
+                {"layer": index, **r}
+                for r in _sketch_layer(layer, hidden, settings, batch_size, settings.seed + 1000 * index)
+            ]
             if resume:
                 resume.save_layer(index, layer, rows)
         report += rows
@@ -304,8 +323,9 @@ def swap_in_sketches(layer: nnx.Module, tensors: dict[str, np.ndarray]) -> None:
     """Replace each projection of decoder ``layer`` by its sketch from ``<name>.codebook`` / ``<name>.codes``."""
     for name in layer.sketch_projections():
         linear = get_submodule(layer, name)
-        set_submodule(layer, name, SketchedLinear.from_linear(
-            linear, tensors[f"{name}.codebook"], tensors[f"{name}.codes"]))
+        set_submodule(
+            layer, name, SketchedLinear.from_linear(linear, tensors[f"{name}.codebook"], tensors[f"{name}.codes"])
+        )
 
 
 def _check_finite(x: jax.Array, what: str) -> None:
@@ -319,16 +339,22 @@ class ResumeDir:
     def __init__(self, path: str | os.PathLike, settings: SketchSettings, calib_ids: np.ndarray):
         self.path = Path(path)
         # Through JSON and back, so that it compares equal to what a previous run wrote.
-        self.fingerprint = json.loads(json.dumps({
-            "settings": dataclasses.asdict(settings),
-            "calib_sha": _sha(calib_ids.tobytes()),
-        }))
+        self.fingerprint = json.loads(
+            json.dumps(
+                {
+                    "settings": dataclasses.asdict(settings),
+                    "calib_sha": _sha(calib_ids.tobytes()),
+                }
+            )
+        )
         meta = self.path / "settings.json"
         if meta.is_file():
             if json.loads(meta.read_text()) != self.fingerprint:
                 raise OutputExistsError(
                     f"{self.path} holds an unfinished sketch made with other settings or calibration data; "
-                    "delete it or set {overwrite} to start again", ("overwrite",))
+                    "delete it or set {overwrite} to start again",
+                    ("overwrite",),
+                )
         else:
             self.path.mkdir(parents=True, exist_ok=True)
             write_json_atomic(meta, self.fingerprint)

@@ -57,17 +57,26 @@ def sketch_streaming(
 
     config = tensors.config
     settings.validate(config)
-    check_names(dict(iter_params(abstract_model(config, dtype, param_dtype))), tensors.names(), tensors.where,
-                tensors.ignorable)
+    check_names(
+        dict(iter_params(abstract_model(config, dtype, param_dtype))), tensors.names(), tensors.where, tensors.ignorable
+    )
     calib_ids = check_calibration_ids(calib_ids)
     resume = ResumeDir(work_dir, settings, calib_ids)
-    embed = nnx.eval_shape(lambda: Embedding(config.vocab_size, config.hidden_size, dtype=dtype,
-                                             param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+    embed = nnx.eval_shape(
+        lambda: Embedding(config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
+    )
     fill_params(embed, "model.embed_tokens.", tensors)
     tensors.release()
     return sketch_layers(
-        embed, config.num_hidden_layers, lambda index: _dense_layer(tensors, index, dtype, param_dtype), calib_ids,
-        settings, resume=resume, batch_size=batch_size, show_progress=show_progress, on_layer_done=on_layer_done,
+        embed,
+        config.num_hidden_layers,
+        lambda index: _dense_layer(tensors, index, dtype, param_dtype),
+        calib_ids,
+        settings,
+        resume=resume,
+        batch_size=batch_size,
+        show_progress=show_progress,
+        on_layer_done=on_layer_done,
     )
 
 
@@ -90,8 +99,11 @@ def assemble_sketch(
 
     config = tensors.config
     resume_layers = ResumeDir.existing(work_dir)
-    globals_ = [(name, var) for name, var in _flat(abstract_model(config, dtype, param_dtype))
-                if not name.startswith(LAYER_PREFIX)]
+    globals_ = [
+        (name, var)
+        for name, var in _flat(abstract_model(config, dtype, param_dtype))
+        if not name.startswith(LAYER_PREFIX)
+    ]
     layer = _abstract_sketched_layer(config, dtype, param_dtype, settings)
     layer_specs = [(name, _spec(var)) for name, var in _flat(layer)]
     specs = {name: _spec(var) for name, var in globals_}
@@ -113,33 +125,50 @@ def assemble_sketch(
             for name, var in _flat(finished):
                 yield f"{LAYER_PREFIX}{index}.{name}", var[...]
 
-    write_sketched_dir(out_dir, config, tensors.tokenizer, modules, specs, arrays(),
-                       settings=dataclasses.asdict(settings), report=report, overwrite=overwrite)
+    write_sketched_dir(
+        out_dir,
+        config,
+        tensors.tokenizer,
+        modules,
+        specs,
+        arrays(),
+        settings=dataclasses.asdict(settings),
+        report=report,
+        overwrite=overwrite,
+    )
 
 
 def _dense_layer(tensors: TensorSource, index: int, dtype: jnp.dtype, param_dtype: jnp.dtype) -> nnx.Module:
     """Decoder layer ``index`` read from ``tensors``; the pages read are handed back at once."""
     from converters import fill_params
 
-    layer = nnx.eval_shape(lambda: DecoderLayer(tensors.config, dtype=dtype, param_dtype=param_dtype,
-                                                rngs=nnx.Rngs(0)))
+    layer = nnx.eval_shape(lambda: DecoderLayer(tensors.config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
     fill_params(layer, f"{LAYER_PREFIX}{index}.", tensors)
     tensors.release()
     return layer
 
 
-def _abstract_sketched_layer(config, dtype: jnp.dtype, param_dtype: jnp.dtype,
-                             settings: SketchSettings) -> nnx.Module:
+def _abstract_sketched_layer(config, dtype: jnp.dtype, param_dtype: jnp.dtype, settings: SketchSettings) -> nnx.Module:
     """A decoder layer with every projection a `SketchedLinear` of ``settings``, shapes only."""
 
     def build() -> nnx.Module:
         layer = DecoderLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
         for name in layer.sketch_projections():
             linear = get_submodule(layer, name)
-            set_submodule(layer, name, SketchedLinear.empty(
-                linear.in_features, linear.out_features, settings.bits, settings.groups_per_row,
-                use_bias=linear.bias is not None, dtype=linear.dtype, codebook_dtype=jnp.float32,
-                bias_dtype=param_dtype))
+            set_submodule(
+                layer,
+                name,
+                SketchedLinear.empty(
+                    linear.in_features,
+                    linear.out_features,
+                    settings.bits,
+                    settings.groups_per_row,
+                    use_bias=linear.bias is not None,
+                    dtype=linear.dtype,
+                    codebook_dtype=jnp.float32,
+                    bias_dtype=param_dtype,
+                ),
+            )
         return layer
 
     return nnx.eval_shape(build)

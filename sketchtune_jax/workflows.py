@@ -16,10 +16,10 @@ from typing import Any
 
 from sketchtune_jax.checkpoint import SKETCH_CONFIG, is_sketched_dir, save_sketched
 from sketchtune_jax.fileio import write_json_atomic
+from sketchtune_jax.methods import FinetuneMethod, check_method_fits, default_method
 from sketchtune_jax.settings import DTYPES, OutputExistsError, SettingError
 from sketchtune_jax.sketcher import SketchSettings, partial_dir_for, prepare_sketch_output, sketch_model
 from sketchtune_jax.train.config import TrainConfig
-from sketchtune_jax.methods import FinetuneMethod, check_method_fits, default_method
 
 logger = logging.getLogger(__name__)
 
@@ -80,28 +80,54 @@ def sketch_to_dir(
         try:
             settings.validate(tensors.config)
             calib = calibration_windows(
-                settings.calib, tensors.tokenizer, nsamples=settings.nsamples, seq_len=settings.seq_len,
-                seed=settings.seed, text_range=settings.calib_range,
+                settings.calib,
+                tensors.tokenizer,
+                nsamples=settings.nsamples,
+                seq_len=settings.seq_len,
+                seed=settings.seed,
+                text_range=settings.calib_range,
             )
-            report = sketch_streaming(tensors, calib, settings, work_dir=partial, dtype=dtype_, param_dtype=dtype_,
-                                      batch_size=batch_size, show_progress=show_progress)
+            report = sketch_streaming(
+                tensors,
+                calib,
+                settings,
+                work_dir=partial,
+                dtype=dtype_,
+                param_dtype=dtype_,
+                batch_size=batch_size,
+                show_progress=show_progress,
+            )
             report["source"] = model_ref
-            assemble_sketch(tensors, partial, out_dir, settings, report=report, dtype=dtype_, param_dtype=dtype_,
-                            overwrite=True)
+            assemble_sketch(
+                tensors, partial, out_dir, settings, report=report, dtype=dtype_, param_dtype=dtype_, overwrite=True
+            )
         finally:
             tensors.close()
     else:
         loaded = _load(model_ref, dtype)
         settings.validate(loaded.config)
         calib = calibration_windows(
-            settings.calib, loaded.tokenizer, nsamples=settings.nsamples, seq_len=settings.seq_len,
-            seed=settings.seed, model=loaded.model, text_range=settings.calib_range,
+            settings.calib,
+            loaded.tokenizer,
+            nsamples=settings.nsamples,
+            seq_len=settings.seq_len,
+            seed=settings.seed,
+            model=loaded.model,
+            text_range=settings.calib_range,
         )
-        report = sketch_model(loaded.model, calib, settings, work_dir=partial, batch_size=batch_size,
-                              show_progress=show_progress)
+        report = sketch_model(
+            loaded.model, calib, settings, work_dir=partial, batch_size=batch_size, show_progress=show_progress
+        )
         report["source"] = model_ref
-        save_sketched(loaded.model, loaded.config, loaded.tokenizer, out_dir,
-                      settings=dataclasses.asdict(settings), report=report, overwrite=True)
+        save_sketched(
+            loaded.model,
+            loaded.config,
+            loaded.tokenizer,
+            out_dir,
+            settings=dataclasses.asdict(settings),
+            report=report,
+            overwrite=True,
+        )
     write_json_atomic(Path(out_dir) / "sketch_report.json", report)
     shutil.rmtree(partial_dir_for(out_dir), ignore_errors=True)
     return report
@@ -117,7 +143,9 @@ def check_run_dir(out_dir: str | os.PathLike, *, resume: bool, overwrite: bool) 
     if path.is_dir() and any(path.iterdir()) and not (resume or overwrite):
         raise OutputExistsError(
             f"{path} already holds a run; continue it ({{resume}}), start it over ({{overwrite}}), "
-            "or pick a new directory", ("resume", "overwrite"))
+            "or pick a new directory",
+            ("resume", "overwrite"),
+        )
 
 
 def finetune_to_dir(
@@ -166,14 +194,22 @@ def finetune_to_dir(
         alpha = 2.0 * rank if lora_alpha is None else lora_alpha
         method = FinetuneMethod(method.name, lora=dataclasses.replace(method.lora, rank=rank, alpha=alpha))
     model = method.prepare(loaded.model)
-    train, val = build_batches(records, loaded.tokenizer, batch_size=config.batch_size, seq_len=config.seq_len,
-                               val_fraction=val_fraction, seed=config.seed, on_long_prompt="skip",
-                               pad_multiple=pad_multiple)
+    train, val = build_batches(
+        records,
+        loaded.tokenizer,
+        batch_size=config.batch_size,
+        seq_len=config.seq_len,
+        val_fraction=val_fraction,
+        seed=config.seed,
+        on_long_prompt="skip",
+        pad_multiple=pad_multiple,
+    )
     if overwrite:
         shutil.rmtree(out_dir, ignore_errors=True)
     writer = method.result_writer(config=loaded.config, tokenizer=loaded.tokenizer, base_model=model_ref)
-    result = finetune(model, train, config, out_dir, val_batches=val, progress=progress, wrt=method.wrt,
-                      save_result=writer)
+    result = finetune(
+        model, train, config, out_dir, val_batches=val, progress=progress, wrt=method.wrt, save_result=writer
+    )
     summary = {
         "method": method.name,
         "step": result.step,
@@ -190,8 +226,9 @@ def finetune_to_dir(
     return summary
 
 
-def calibration_overlap(model_ref: str, text_source: str, text: str, tokenizer: Any, *, seq_len: int,
-                        max_windows: int | None) -> str | None:
+def calibration_overlap(
+    model_ref: str, text_source: str, text: str, tokenizer: Any, *, seq_len: int, max_windows: int | None
+) -> str | None:
     """Why the evaluation windows of ``text`` are not held out from ``model_ref``'s calibration, or None.
 
     Perplexity reads ``text`` from its start; a sketch calibrated on the same file with a
@@ -273,20 +310,35 @@ def heal_to_dir(
     from sketchtune_jax.fileio import check_output_dir
     from sketchtune_jax.heal import architecture_mismatch, heal, heal_config, heal_windows
 
-    config = heal_config(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, schedule=schedule,
-                         warmup_steps=warmup_steps, save_every=save_every, seed=seed)
+    config = heal_config(
+        steps=steps,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        lr=lr,
+        schedule=schedule,
+        warmup_steps=warmup_steps,
+        save_every=save_every,
+        seed=seed,
+    )
     lo, hi = calib_range
     if not 0 <= lo < hi <= 1:
         raise SettingError("calib_range", f"must be fractions 0 <= start < end <= 1, got {lo}:{hi}")
     if windows is not None and windows < batch_size:
         raise SettingError("windows", f"must be at least one batch ({batch_size}), got {windows}")
     if eval_text is not None and (eval_windows < 1 or eval_seq_len < 2):
-        raise SettingError("eval_windows", f"and eval_seq_len must be >= 1 and >= 2, got {eval_windows}, {eval_seq_len}")
+        raise SettingError(
+            "eval_windows", f"and eval_seq_len must be >= 1 and >= 2, got {eval_windows}, {eval_seq_len}"
+        )
     if not is_sketched_dir(sketch_dir):
-        raise ValueError(f"{sketch_dir} is not a sketched model (no {SKETCH_CONFIG}); make one with `sketchtune sketch`")
+        raise ValueError(
+            f"{sketch_dir} is not a sketched model (no {SKETCH_CONFIG}); make one with `sketchtune sketch`"
+        )
     if is_sketched_dir(teacher_ref) and not allow_sketched_teacher:
-        raise SettingError("allow_sketched_teacher", f"is off and the teacher {teacher_ref} is itself a sketch; "
-                           "heal against the dense model the sketch was made from")
+        raise SettingError(
+            "allow_sketched_teacher",
+            f"is off and the teacher {teacher_ref} is itself a sketch; "
+            "heal against the dense model the sketch was made from",
+        )
     if _is_file_source(calib):
         if not Path(calib).is_file():
             raise FileNotFoundError(f"calibration file not found: {calib}")
@@ -295,8 +347,10 @@ def heal_to_dir(
         raise FileNotFoundError(f"evaluation text not found: {eval_text}")
     in_place = Path(out_dir).resolve() == Path(sketch_dir).resolve()
     if in_place and not overwrite:
-        raise OutputExistsError(f"healing {sketch_dir} in place replaces it; set {{overwrite}}, "
-                                "or write the healed sketch elsewhere", ("overwrite",))
+        raise OutputExistsError(
+            f"healing {sketch_dir} in place replaces it; set {{overwrite}}, or write the healed sketch elsewhere",
+            ("overwrite",),
+        )
     if not in_place:
         check_output_dir(out_dir, overwrite=overwrite)
     run_dir = heal_run_dir(out_dir)
@@ -304,30 +358,44 @@ def heal_to_dir(
         shutil.rmtree(run_dir)
 
     sketch_config = json.loads((Path(sketch_dir) / SKETCH_CONFIG).read_text())
-    student = load_sketched(sketch_dir, dtype=DTYPES[dtype], param_dtype=DTYPES[dtype], codebook_dtype=DTYPES["float32"])
+    student = load_sketched(
+        sketch_dir, dtype=DTYPES[dtype], param_dtype=DTYPES[dtype], codebook_dtype=DTYPES["float32"]
+    )
     tokenizer = student.tokenizer
     if tokenizer is None:
         raise ValueError(f"{sketch_dir} has no tokenizer files, and the calibration text must be tokenized")
     wanted = windows or steps * batch_size
     if calib != "self":
         ids = calibration_token_ids(calib, tokenizer, text_range=(lo, hi))
-        calib_windows = heal_windows(ids, steps=steps, batch_size=batch_size, seq_len=seq_len, windows=windows,
-                                     seed=seed, source=f"calibration text {calib} (range {lo:g}:{hi:g})")
+        calib_windows = heal_windows(
+            ids,
+            steps=steps,
+            batch_size=batch_size,
+            seq_len=seq_len,
+            windows=windows,
+            seed=seed,
+            source=f"calibration text {calib} (range {lo:g}:{hi:g})",
+        )
     teacher = _load(teacher_ref, dtype)
     if mismatch := architecture_mismatch(student.config, teacher.config):
-        raise ValueError(f"the teacher {teacher_ref} differs from the sketch {sketch_dir} ({mismatch}); "
-                         "heal against the dense model the sketch was made from")
+        raise ValueError(
+            f"the teacher {teacher_ref} differs from the sketch {sketch_dir} ({mismatch}); "
+            "heal against the dense model the sketch was made from"
+        )
     if teacher.tokenizer is not None and teacher.tokenizer.get_vocab() != tokenizer.get_vocab():
-        raise ValueError(f"the teacher {teacher_ref} and the sketch {sketch_dir} have different vocabularies; "
-                         "heal against the dense model the sketch was made from")
+        raise ValueError(
+            f"the teacher {teacher_ref} and the sketch {sketch_dir} have different vocabularies; "
+            "heal against the dense model the sketch was made from"
+        )
     if calib == "self":
         calib_windows = self_generated_windows(teacher.model, tokenizer, nsamples=wanted, seq_len=seq_len, seed=seed)
 
     def held_out_ppl() -> float:
         from sketchtune_jax.perplexity import perplexity, read_text
 
-        return perplexity(student.model, tokenizer, read_text(eval_text), seq_len=eval_seq_len,
-                          max_windows=eval_windows).ppl
+        return perplexity(
+            student.model, tokenizer, read_text(eval_text), seq_len=eval_seq_len, max_windows=eval_windows
+        ).ppl
 
     record: dict[str, Any] = {}
     if eval_text is not None:
@@ -339,16 +407,37 @@ def heal_to_dir(
 
     losses = [r["loss"] for r in read_log(result.log_path) if "loss" in r]
     record.update(
-        teacher=teacher_ref, calib=calib, calib_range=[lo, hi], windows=len(calib_windows), steps=result.step,
-        batch_size=batch_size, seq_len=seq_len, lr=lr, schedule=schedule, warmup_steps=warmup_steps, seed=seed,
-        seconds=wall, cpu_seconds=cpu, resumed_from=result.resumed_from,
-        first_kl=losses[0] if losses else None, final_kl=result.loss,
+        teacher=teacher_ref,
+        calib=calib,
+        calib_range=[lo, hi],
+        windows=len(calib_windows),
+        steps=result.step,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        lr=lr,
+        schedule=schedule,
+        warmup_steps=warmup_steps,
+        seed=seed,
+        seconds=wall,
+        cpu_seconds=cpu,
+        resumed_from=result.resumed_from,
+        first_kl=losses[0] if losses else None,
+        final_kl=result.loss,
     )
     if eval_text is not None:
-        record.update(ppl_after=held_out_ppl(), eval_text=eval_text, eval_windows=eval_windows,
-                      eval_seq_len=eval_seq_len)
-    save_sketched(student.model, student.config, student.tokenizer, out_dir, settings=sketch_config.get("settings"),
-                  report=sketch_config.get("report"), heal=record, overwrite=True)
+        record.update(
+            ppl_after=held_out_ppl(), eval_text=eval_text, eval_windows=eval_windows, eval_seq_len=eval_seq_len
+        )
+    save_sketched(
+        student.model,
+        student.config,
+        student.tokenizer,
+        out_dir,
+        settings=sketch_config.get("settings"),
+        report=sketch_config.get("report"),
+        heal=record,
+        overwrite=True,
+    )
     shutil.copyfile(result.log_path, Path(out_dir) / "heal_log.jsonl")
     shutil.rmtree(run_dir, ignore_errors=True)
     return record

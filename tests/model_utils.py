@@ -7,15 +7,35 @@ import torch
 from flax import nnx
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
-_BASE = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
-             pad_token_id=0, attn_implementation="eager")
+_BASE = dict(
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    rms_norm_eps=1e-5,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+    attn_implementation="eager",
+)
 
 TINY_CONFIGS = {
     "llama_gqa": dict(model_type="llama"),
-    "llama3_rope": dict(model_type="llama", head_dim=16, rope_theta=500000.0, rope_scaling={
-        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 16}),
+    "llama3_rope": dict(
+        model_type="llama",
+        head_dim=16,
+        rope_theta=500000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+        },
+    ),
     "linear_rope": dict(model_type="llama", rope_scaling={"rope_type": "linear", "factor": 4.0}),
     "mistral_window": dict(model_type="mistral", sliding_window=5),
     "bias_untied": dict(model_type="llama", attention_bias=True, mlp_bias=True, tie_word_embeddings=False),
@@ -79,9 +99,14 @@ def save_tiny_model_with_tokenizer(path, texts: list[str], vocab_size: int = 100
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=["<pad>", "<s>", "</s>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
     tiny_hf_model("llama_gqa", vocab_size=len(tokenizer)).save_pretrained(path)
     tokenizer.save_pretrained(path)

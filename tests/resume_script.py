@@ -16,10 +16,10 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
+from tiny_lm import TinyCausalLM  # noqa: E402
 
 from sketchtune_jax.data import BucketedBatches, DataPosition, TokenizedExample  # noqa: E402
 from sketchtune_jax.train import TrainConfig, finetune  # noqa: E402
-from tiny_lm import TinyCausalLM  # noqa: E402
 
 
 class SlowBatches(BucketedBatches):
@@ -48,8 +48,18 @@ def main() -> None:
         examples.append(TokenizedExample(rng.integers(0, 64, n).astype(np.int32), mask, n // 2))
     batches = SlowBatches(examples, 4, seq_len=32, pad_id=0, seed=1, pad_multiple=16)
     batches.sleep = args.sleep
-    config = TrainConfig(lr=3e-3, schedule="cosine", warmup_steps=2, epochs=2, grad_accum=2, batch_size=4,
-                         seq_len=32, save_every=2, keep_checkpoints=2, seed=1)
+    config = TrainConfig(
+        lr=3e-3,
+        schedule="cosine",
+        warmup_steps=2,
+        epochs=2,
+        grad_accum=2,
+        batch_size=4,
+        seq_len=32,
+        save_every=2,
+        keep_checkpoints=2,
+        seed=1,
+    )
     if args.method == "sketch":
         result = finetune(TinyCausalLM(), batches, config, args.out_dir, progress=False)
     else:
@@ -59,12 +69,28 @@ def main() -> None:
         from sketchtune_jax.methods import FinetuneMethod
         from sketchtune_jax.models import LlamaForCausalLM, ModelConfig
 
-        dense = LlamaForCausalLM(ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                             num_attention_heads=4, num_key_value_heads=2, head_dim=8),
-                                 rngs=nnx.Rngs(0))
+        dense = LlamaForCausalLM(
+            ModelConfig(
+                vocab_size=64,
+                hidden_size=32,
+                intermediate_size=48,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                head_dim=8,
+            ),
+            rngs=nnx.Rngs(0),
+        )
         method = FinetuneMethod("lora", lora=LoraSettings(rank=2, alpha=4.0, dropout=0.1))
-        result = finetune(method.prepare(dense), batches, config, args.out_dir, progress=False, wrt=method.wrt,
-                          save_result=method.result_writer())
+        result = finetune(
+            method.prepare(dense),
+            batches,
+            config,
+            args.out_dir,
+            progress=False,
+            wrt=method.wrt,
+            save_result=method.result_writer(),
+        )
     print(f"resumed_from={result.resumed_from} step={result.step}", flush=True)
 
 

@@ -28,8 +28,15 @@ def main() -> None:
     config = ModelConfig.from_hf(hf.config.to_dict())
     model = from_state_dict(config, hf.state_dict())
     calib = random_ids(8, 32, seed=3)
-    sketch_model(model, calib, SketchSettings(bits=3, groups_per_row=2), work_dir=work_dir, batch_size=4,
-                 show_progress=False, on_layer_done=lambda i: time.sleep(pause))
+    sketch_model(
+        model,
+        calib,
+        SketchSettings(bits=3, groups_per_row=2),
+        work_dir=work_dir,
+        batch_size=4,
+        show_progress=False,
+        on_layer_done=lambda i: time.sleep(pause),
+    )
     np.savez(out, **flat_arrays(model, Codebook), **flat_arrays(model, Codes))
 
 

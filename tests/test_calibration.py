@@ -58,9 +58,9 @@ def test_bad_sources_are_named(tmp_path):
 
 
 def test_self_calibration_samples_the_model():
-    from converters import from_state_dict
     from model_utils import tiny_hf_model
 
+    from converters import from_state_dict
     from sketchtune_jax.models import ModelConfig
 
     class VocabTokenizer:

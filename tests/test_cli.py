@@ -20,10 +20,12 @@ def hf_dir(tmp_path_factory):
     return path
 
 
-
 def test_sketch_rejects_bad_bits_before_loading(tmp_path, capsys):
-    assert_cli_refuses(["sketch", "no/such/model", "--bits", "5", "--calib", str(WIKI), "--out", str(tmp_path / "o")],
-           capsys, "--bits must be one of 2, 3, 4")
+    assert_cli_refuses(
+        ["sketch", "no/such/model", "--bits", "5", "--calib", str(WIKI), "--out", str(tmp_path / "o")],
+        capsys,
+        "--bits must be one of 2, 3, 4",
+    )
     assert not (tmp_path / "o").exists()
 
 
@@ -36,16 +38,25 @@ def test_sketch_refuses_an_existing_output(tmp_path, capsys, hf_dir):
 
 
 def test_sketch_names_a_missing_calibration_file(tmp_path, capsys, hf_dir):
-    assert_cli_refuses(["sketch", str(hf_dir), "--calib", str(tmp_path / "none.txt"), "--out", str(tmp_path / "o")],
-           capsys, "calibration file not found")
-    assert_cli_refuses(["sketch", str(hf_dir), "--calib", str(WIKI), "--calib-range", "0.9:0.1", "--out", str(tmp_path / "o")],
-           capsys, "--calib-range")
+    assert_cli_refuses(
+        ["sketch", str(hf_dir), "--calib", str(tmp_path / "none.txt"), "--out", str(tmp_path / "o")],
+        capsys,
+        "calibration file not found",
+    )
+    assert_cli_refuses(
+        ["sketch", str(hf_dir), "--calib", str(WIKI), "--calib-range", "0.9:0.1", "--out", str(tmp_path / "o")],
+        capsys,
+        "--calib-range",
+    )
     assert not (tmp_path / "o").exists()
 
 
 def test_sketch_rejects_groups_that_do_not_divide_the_widths(tmp_path, capsys, hf_dir):
-    assert_cli_refuses(["sketch", str(hf_dir), "--groups-per-row", "5", "--calib", str(WIKI), "--out", str(tmp_path / "o")],
-           capsys, "does not divide")
+    assert_cli_refuses(
+        ["sketch", str(hf_dir), "--groups-per-row", "5", "--calib", str(WIKI), "--out", str(tmp_path / "o")],
+        capsys,
+        "does not divide",
+    )
     assert not (tmp_path / "o").exists()
 
 
@@ -57,10 +68,14 @@ def test_model_errors_are_one_line(tmp_path, capsys):
 
 
 def test_finetune_of_a_dense_model_asks_for_a_method(tmp_path, capsys, hf_dir):
-    assert_cli_refuses(["finetune", str(hf_dir), "--data", str(WIKI), "--out", str(tmp_path / "run")], capsys,
-           "--method is needed for")
-    assert_cli_refuses(["finetune", str(hf_dir), "--data", str(WIKI), "--out", str(tmp_path / "run")], capsys,
-           "a dense model: choose lora, qlora or full")
+    assert_cli_refuses(
+        ["finetune", str(hf_dir), "--data", str(WIKI), "--out", str(tmp_path / "run")], capsys, "--method is needed for"
+    )
+    assert_cli_refuses(
+        ["finetune", str(hf_dir), "--data", str(WIKI), "--out", str(tmp_path / "run")],
+        capsys,
+        "a dense model: choose lora, qlora or full",
+    )
     assert not (tmp_path / "run").exists()
 
 
@@ -70,8 +85,11 @@ def test_eval_commands_name_missing_files(tmp_path, capsys, hf_dir):
 
 
 def test_codebooks_only_apply_to_sketches(tmp_path, capsys, hf_dir):
-    assert_cli_refuses(["export", str(hf_dir), "--codebooks", str(tmp_path / "c.safetensors"), "--out", str(tmp_path / "o")],
-           capsys, "not one")
+    assert_cli_refuses(
+        ["export", str(hf_dir), "--codebooks", str(tmp_path / "c.safetensors"), "--out", str(tmp_path / "o")],
+        capsys,
+        "not one",
+    )
 
 
 def test_info_prints_and_writes_json(tmp_path, capsys, hf_dir):

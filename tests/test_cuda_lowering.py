@@ -109,8 +109,16 @@ def test_sharded_kernels_lower_for_cuda():
 # A whole sketched Llama. Projection shapes [out, in] are chosen to be unlike any other
 # 2-D tensor of the step (16 tokens, vocab 96, padded kernel operands are multiples of 16
 # rows of tokens), so finding one in the module means a dequantized W_hat buffer.
-CONFIG = ModelConfig(vocab_size=96, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, head_dim=12, tie_word_embeddings=False)
+CONFIG = ModelConfig(
+    vocab_size=96,
+    hidden_size=48,
+    intermediate_size=80,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=12,
+    tie_word_embeddings=False,
+)
 PROJECTION_SHAPES = {(48, 48), (24, 48), (80, 48), (48, 80)}
 
 
@@ -119,8 +127,16 @@ def sketched_llama(dtype, backend=None) -> LlamaForCausalLM:
     projections = [(name, m) for name, m in iter_modules(model, Linear) if not name.startswith("lm_head")]
     for i, (name, linear) in enumerate(projections):
         codebook, codes = sketch_arrays(linear.out_features, linear.in_features, 4, 3, jnp.float32, seed=i)
-        layer = SketchedLinear(linear.in_features, linear.out_features, bits=3, groups=4, codebook=codebook,
-                               codes=codes, dtype=dtype, backend=backend)
+        layer = SketchedLinear(
+            linear.in_features,
+            linear.out_features,
+            bits=3,
+            groups=4,
+            codebook=codebook,
+            codes=codes,
+            dtype=dtype,
+            backend=backend,
+        )
         set_submodule(model, name, layer)
     assert {(m.out_features, m.in_features) for _, m in iter_modules(model, SketchedLinear)} == PROJECTION_SHAPES
     return model
@@ -140,8 +156,11 @@ def train_step_module(dtype, backend=None) -> str:
     optimizer = nnx.Optimizer(model, optax.adamw(1e-3), wrt=Codebook)
     graphdef, state = nnx.split((model, optimizer))
     rng = np.random.default_rng(0)
-    batch = {"input_ids": jnp.asarray(rng.integers(0, 96, (2, 8)), jnp.int32),
-             "attention_mask": jnp.ones((2, 8), jnp.int32), "loss_mask": jnp.ones((2, 8), jnp.int32)}
+    batch = {
+        "input_ids": jnp.asarray(rng.integers(0, 96, (2, 8)), jnp.int32),
+        "attention_mask": jnp.ones((2, 8), jnp.int32),
+        "loss_mask": jnp.ones((2, 8), jnp.int32),
+    }
 
     def step(state, batch):
         model, optimizer = nnx.merge(graphdef, state)
@@ -156,8 +175,9 @@ def test_sketched_llama_train_step_lowers_for_cuda_without_dense_weights():
     calls = triton_calls(module)
     # Identical kernels (same shapes) share one function in the module: one forward, dx and
     # dcodebook kernel per distinct projection shape.
-    assert sorted(calls) == sorted(["sketch_matmul", "sketch_matmul_dcodebook", "sketch_matmul_dx"]
-                                   * len(PROJECTION_SHAPES))
+    assert sorted(calls) == sorted(
+        ["sketch_matmul", "sketch_matmul_dcodebook", "sketch_matmul_dx"] * len(PROJECTION_SHAPES)
+    )
     assert weight_buffers(module) == set(), "a dequantized W_hat [out, in] buffer reaches HBM"
 
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
+from model_utils import random_ids, tiny_hf_model
 
 from converters import from_state_dict
-from model_utils import random_ids, tiny_hf_model
 from sketchtune_jax.generate import generate
 from sketchtune_jax.models import ModelConfig
 
@@ -21,11 +21,12 @@ def _hf_greedy(hf, prompts, max_new_tokens, eos):
     ids = torch.zeros((len(prompts), width), dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
     with torch.no_grad():
-        out = hf.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                          eos_token_id=eos, pad_token_id=0)
+        out = hf.generate(
+            ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=0
+        )
     rows = []
     for row in out[:, width:].tolist():
         stop = next((i + 1 for i, t in enumerate(row) if t == eos), len(row))
@@ -49,8 +50,9 @@ def test_sampling_is_seeded_and_top_p_keeps_the_top_token():
     _, model = _models()
     prompts = [random_ids(1, 6, seed=2)[0].tolist(), random_ids(1, 3, seed=3)[0].tolist()]
     greedy = generate(model, prompts, max_new_tokens=8, eos_token_id=2, pad_token_id=0)
-    nucleus = generate(model, prompts, max_new_tokens=8, eos_token_id=2, pad_token_id=0,
-                       temperature=1.0, top_p=1e-6, seed=5)
+    nucleus = generate(
+        model, prompts, max_new_tokens=8, eos_token_id=2, pad_token_id=0, temperature=1.0, top_p=1e-6, seed=5
+    )
     assert nucleus == greedy
     a = generate(model, prompts, max_new_tokens=8, eos_token_id=None, pad_token_id=0, temperature=1.5, seed=7)
     b = generate(model, prompts, max_new_tokens=8, eos_token_id=None, pad_token_id=0, temperature=1.5, seed=7)

@@ -162,9 +162,15 @@ def test_interrupted_heal_resumes_to_the_unbroken_result(tmp_path):
             raise Interrupt
         return {k: jnp.asarray(v) for k, v in b.items()}
 
-    trainer = Trainer(_copy(student), window_batches(train, 8), config, tmp_path / "b",
-                                  progress=False, put_batch=put_batch,
-                                  **dict(zip(("loss_fn", "loss_inputs"), teacher_kl(teacher))))
+    trainer = Trainer(
+        _copy(student),
+        window_batches(train, 8),
+        config,
+        tmp_path / "b",
+        progress=False,
+        put_batch=put_batch,
+        **dict(zip(("loss_fn", "loss_inputs"), teacher_kl(teacher))),
+    )
     with pytest.raises(Interrupt):
         trainer.run()
     resumed_model = _copy(student)
@@ -184,8 +190,13 @@ def test_window_batches_and_seq_len_checked():
     from sketchtune_jax.settings import SettingError
 
     with pytest.raises(SettingError, match="seq_len"):
-        heal(nnx.clone(teacher), teacher, np.zeros((8, 5), np.int32), TrainConfig(max_steps=1, seq_len=6, batch_size=4),
-             "/nonexistent/never-written")
+        heal(
+            nnx.clone(teacher),
+            teacher,
+            np.zeros((8, 5), np.int32),
+            TrainConfig(max_steps=1, seq_len=6, batch_size=4),
+            "/nonexistent/never-written",
+        )
 
 
 # ---------------------------------------------------------------- the workflow, from directories
@@ -204,8 +215,31 @@ def tiny(tmp_path_factory):
     calib.write_text("\n".join(" ".join(WORDS[(i * 7 + s) % len(WORDS)] for i in range(60)) for s in range(40)))
     save_tiny_model_with_tokenizer(root / "hf", [calib.read_text()])
     sketch = root / "sketch"
-    assert main(["sketch", str(root / "hf"), "--bits", "2", "--groups-per-row", "2", "--calib", str(calib),
-                 "--nsamples", "4", "--seq-len", "32", "--kmeans-iters", "5", "--out", str(sketch), "--heal-steps", "2"]) == 0
+    assert (
+        main(
+            [
+                "sketch",
+                str(root / "hf"),
+                "--bits",
+                "2",
+                "--groups-per-row",
+                "2",
+                "--calib",
+                str(calib),
+                "--nsamples",
+                "4",
+                "--seq-len",
+                "32",
+                "--kmeans-iters",
+                "5",
+                "--out",
+                str(sketch),
+                "--heal-steps",
+                "2",
+            ]
+        )
+        == 0
+    )
     return {"root": root, "calib": calib, "sketch": sketch, "hf": root / "hf"}
 
 
@@ -227,9 +261,30 @@ def test_heal_command_writes_a_healed_sketch_with_the_same_codes(tiny, tmp_path)
     from sketchtune_jax.cli import main
 
     out = tmp_path / "healed"
-    argv = ["heal", str(tiny["sketch"]), "--teacher", str(tiny["hf"]), "--calib", str(tiny["calib"]),
-            "--out", str(out), "--steps", "4", "--batch-size", "2", "--seq-len", "32", "--lr", "1e-3",
-            "--calib-range", "0.5:1", "--eval-text", str(tiny["calib"]), "--eval-windows", "2"]
+    argv = [
+        "heal",
+        str(tiny["sketch"]),
+        "--teacher",
+        str(tiny["hf"]),
+        "--calib",
+        str(tiny["calib"]),
+        "--out",
+        str(out),
+        "--steps",
+        "4",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "32",
+        "--lr",
+        "1e-3",
+        "--calib-range",
+        "0.5:1",
+        "--eval-text",
+        str(tiny["calib"]),
+        "--eval-windows",
+        "2",
+    ]
     assert main(argv) == 0
     record = json.loads((out / "sketch_config.json").read_text())["heal"]
     assert record["steps"] == 4 and record["batch_size"] == 2 and record["calib_range"] == [0.5, 1.0]
@@ -253,8 +308,20 @@ def test_bad_heal_inputs_are_refused_before_any_work(tiny, tmp_path, capsys):
     short.write_text("the cat sat")
     other = tmp_path / "other"
     tiny_hf_model("llama_gqa", hidden_size=48).save_pretrained(other)
-    base = ["heal", str(tiny["sketch"]), "--teacher", str(tiny["hf"]), "--calib", str(tiny["calib"]),
-            "--out", str(tmp_path / "out"), "--steps", "2", "--seq-len", "32"]
+    base = [
+        "heal",
+        str(tiny["sketch"]),
+        "--teacher",
+        str(tiny["hf"]),
+        "--calib",
+        str(tiny["calib"]),
+        "--out",
+        str(tmp_path / "out"),
+        "--steps",
+        "2",
+        "--seq-len",
+        "32",
+    ]
 
     def refused(argv: list[str], message: str) -> None:
         assert main(argv) == 2

@@ -40,8 +40,7 @@ def naive_weight(codebook, codes_unpacked):
 
 def naive_matmul(x, codebook, codes_unpacked):
     w = naive_weight(codebook, codes_unpacked).astype(x.dtype)
-    y = jnp.einsum("...i,oi->...o", x, w, preferred_element_type=jnp.float32,
-                   precision=jax.lax.Precision.HIGHEST)
+    y = jnp.einsum("...i,oi->...o", x, w, preferred_element_type=jnp.float32, precision=jax.lax.Precision.HIGHEST)
     return y.astype(x.dtype)
 
 
@@ -93,8 +92,9 @@ def test_reference_forward_and_grads(batch, out, k, groups, bits):
     def loss(f):
         return lambda x, cb: jnp.sum(f(x, cb) * dy)
 
-    dx, dcb = jax.grad(loss(lambda x, cb: sketched_matmul(x, cb, codes, bits, backend="reference")),
-                       (0, 1))(x, codebook)
+    dx, dcb = jax.grad(loss(lambda x, cb: sketched_matmul(x, cb, codes, bits, backend="reference")), (0, 1))(
+        x, codebook
+    )
     ndx, ndcb = jax.grad(loss(lambda x, cb: naive_matmul(x, cb, raw)), (0, 1))(x, codebook)
     assert rel_err(dx, ndx) < 1e-5
     assert rel_err(dcb, ndcb) < 1e-5
@@ -117,11 +117,9 @@ def test_interpret_matches_reference(batch, out, k, groups, bits, dtype):
     assert y.dtype == dtype and y.shape == (*batch, out)
     assert rel_err(y, sketched_matmul_reference(x, codebook, codes, bits)) < tol
 
-    dx, dcb = sketched_matmul_grads(x, codebook, codes, bits, dy, backend=KERNEL_BACKEND,
-                                    block_sizes=blocks)
+    dx, dcb = sketched_matmul_grads(x, codebook, codes, bits, dy, backend=KERNEL_BACKEND, block_sizes=blocks)
     f32 = lambda a: a.astype(jnp.float32)
-    ndx, ndcb = jax.grad(lambda x, cb: jnp.sum(naive_matmul(x, cb, raw) * f32(dy)), (0, 1))(
-        f32(x), f32(codebook))
+    ndx, ndcb = jax.grad(lambda x, cb: jnp.sum(naive_matmul(x, cb, raw) * f32(dy)), (0, 1))(f32(x), f32(codebook))
     assert dx.dtype == dtype and dcb.dtype == dtype
     assert rel_err(dx, ndx) < tol
     assert rel_err(dcb, ndcb) < tol
@@ -134,8 +132,9 @@ def test_interpret_default_tiles_and_custom_vjp_under_jit():
 
     @jax.jit
     def grads(x, cb):
-        return jax.grad(lambda x, cb: jnp.sum(
-            jnp.sin(sketched_matmul(x, cb, codes, 4, backend=KERNEL_BACKEND))), (0, 1))(x, cb)
+        return jax.grad(
+            lambda x, cb: jnp.sum(jnp.sin(sketched_matmul(x, cb, codes, 4, backend=KERNEL_BACKEND))), (0, 1)
+        )(x, cb)
 
     dx, dcb = grads(x, codebook)
     ndx, ndcb = jax.grad(lambda x, cb: jnp.sum(jnp.sin(naive_matmul(x, cb, raw))), (0, 1))(x, codebook)
@@ -153,8 +152,9 @@ def test_bf16_reference_rounds_weights_to_x_dtype():
     y = sketched_matmul(x, codebook, codes, 4, backend="reference")
     assert y.dtype == jnp.bfloat16
     assert rel_err(y, naive_matmul(x, codebook, raw)) < 1e-2
-    dcb = jax.grad(lambda cb: jnp.sum(sketched_matmul(x, cb, codes, 4, backend="reference")
-                                      .astype(jnp.float32)))(codebook)
+    dcb = jax.grad(lambda cb: jnp.sum(sketched_matmul(x, cb, codes, 4, backend="reference").astype(jnp.float32)))(
+        codebook
+    )
     assert dcb.dtype == jnp.float32
 
 
@@ -163,8 +163,9 @@ def test_vmap_and_remat():
     xs = jnp.asarray(np.random.default_rng(5).normal(size=(3, 4, 24)), jnp.float32)
     f = lambda x: sketched_matmul(x, codebook, codes, 2, backend="reference")
     np.testing.assert_allclose(jax.vmap(f)(xs), f(xs), rtol=1e-6)
-    g = jax.grad(lambda cb: jnp.sum(jax.checkpoint(
-        lambda cb: sketched_matmul(xs, cb, codes, 2, backend="reference"))(cb) ** 2))(codebook)
+    g = jax.grad(
+        lambda cb: jnp.sum(jax.checkpoint(lambda cb: sketched_matmul(xs, cb, codes, 2, backend="reference"))(cb) ** 2)
+    )(codebook)
     ng = jax.grad(lambda cb: jnp.sum(naive_matmul(xs, cb, raw) ** 2))(codebook)
     assert rel_err(g, ng) < 1e-5
     # Codebooks and codes batched together (e.g. a stack of layers).
@@ -230,8 +231,9 @@ def test_explicit_block_sizes_per_kernel():
     codebook, codes, raw = make_sketch(40, 48, 2, 4)
     x = jnp.asarray(np.random.default_rng(7).normal(size=(20, 48)), jnp.float32)
     blocks = BlockSizes(forward=ForwardBlockSizes(16, 32, 16), dx=DxBlockSizes(16, 16, 32))
-    y, vjp = jax.vjp(lambda x, cb: sketched_matmul(x, cb, codes, 4, backend=KERNEL_BACKEND,
-                                                   block_sizes=blocks), x, codebook)
+    y, vjp = jax.vjp(
+        lambda x, cb: sketched_matmul(x, cb, codes, 4, backend=KERNEL_BACKEND, block_sizes=blocks), x, codebook
+    )
     dy = jnp.ones_like(y)
     dx, dcb = vjp(dy)
     ny, nvjp = jax.vjp(lambda x, cb: naive_matmul(x, cb, raw), x, codebook)

@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from model_utils import jax_logits, random_ids, tiny_hf_model
 
 from converters import from_state_dict
-from model_utils import jax_logits, random_ids, tiny_hf_model
 from sketchtune_jax.lora import (
     AdapterMismatchError,
     LoraSettings,
@@ -25,13 +25,31 @@ from sketchtune_jax.lora import (
     sketch_parameter_count,
 )
 from sketchtune_jax.models import ModelConfig
-from sketchtune_jax.settings import SettingError
 from sketchtune_jax.module_paths import get_submodule
+from sketchtune_jax.settings import SettingError
 from sketchtune_jax.train import TrainConfig, make_optimizer, train_step
 
 # NF4's 16 levels on [-1, 1]; no weight is further than half the widest gap from its level.
-NF4_LEVELS = np.array([-1.0, -0.6961928, -0.52507305, -0.39491749, -0.28444138, -0.18477343, -0.09105004, 0.0,
-                       0.0795803, 0.1609302, 0.2461123, 0.33791524, 0.44070983, 0.562617, 0.72295684, 1.0])
+NF4_LEVELS = np.array(
+    [
+        -1.0,
+        -0.6961928,
+        -0.52507305,
+        -0.39491749,
+        -0.28444138,
+        -0.18477343,
+        -0.09105004,
+        0.0,
+        0.0795803,
+        0.1609302,
+        0.2461123,
+        0.33791524,
+        0.44070983,
+        0.562617,
+        0.72295684,
+        1.0,
+    ]
+)
 
 
 def _pair(seed: int = 0, **overrides):
@@ -160,8 +178,15 @@ def test_auto_rank_matches_the_int4_gpr4_sketch_budget():
         if other > 0:
             assert abs(lora_parameter_count(model, r) - budget) <= abs(lora_parameter_count(model, other) - budget)
     # SmolLM2-135M: hidden 576, intermediate 1536, 9 heads / 3 kv heads of 64: 64 * 5184 / 10176 -> 33.
-    smol = ModelConfig(vocab_size=64, hidden_size=576, intermediate_size=1536, num_hidden_layers=1,
-                       num_attention_heads=9, num_key_value_heads=3, head_dim=64)
+    smol = ModelConfig(
+        vocab_size=64,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=1,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+    )
     from sketchtune_jax.models import LlamaForCausalLM
 
     abstract = nnx.eval_shape(lambda: LlamaForCausalLM(smol, rngs=nnx.Rngs(0)))

@@ -14,8 +14,22 @@ from sketchtune_jax.cli import main
 from sketchtune_jax.loading import load_any
 from sketchtune_jax.lora import LoraSettings, apply_lora, lora_parameter_count, save_adapter
 
-STEPS = ["--max-steps", "2", "--batch-size", "4", "--seq-len", "32", "--warmup-steps", "0", "--pad-multiple", "32",
-         "--save-every", "0", "--lr", "1e-2"]
+STEPS = [
+    "--max-steps",
+    "2",
+    "--batch-size",
+    "4",
+    "--seq-len",
+    "32",
+    "--warmup-steps",
+    "0",
+    "--pad-multiple",
+    "32",
+    "--save-every",
+    "0",
+    "--lr",
+    "1e-2",
+]
 
 
 def _save_dense(path: Path, **overrides) -> Path:
@@ -32,18 +46,39 @@ def dense_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory):
     rng = np.random.default_rng(0)
-    records = [{"instruction": " ".join(f"w{i}" for i in rng.integers(3, 96, 6)), "input": "",
-                "output": " ".join(f"w{i}" for i in rng.integers(3, 96, 4))} for _ in range(16)]
+    records = [
+        {
+            "instruction": " ".join(f"w{i}" for i in rng.integers(3, 96, 6)),
+            "input": "",
+            "output": " ".join(f"w{i}" for i in rng.integers(3, 96, 4)),
+        }
+        for _ in range(16)
+    ]
     path = tmp_path_factory.mktemp("data") / "train.json"
     path.write_text(json.dumps(records))
     return path
 
 
-
 def test_lora_run_writes_a_peft_adapter_that_eval_and_export_apply(dense_dir, data_file, tmp_path, capsys):
     run = tmp_path / "run"
-    assert main(["finetune", str(dense_dir), "--method", "lora", "--lora-rank", "2", "--data", str(data_file),
-                 "--out", str(run), *STEPS]) == 0
+    assert (
+        main(
+            [
+                "finetune",
+                str(dense_dir),
+                "--method",
+                "lora",
+                "--lora-rank",
+                "2",
+                "--data",
+                str(data_file),
+                "--out",
+                str(run),
+                *STEPS,
+            ]
+        )
+        == 0
+    )
     summary = json.loads((run / "summary.json").read_text())
     loaded = load_any(str(dense_dir))
     assert summary["method"] == "lora" and summary["step"] == 2
@@ -61,16 +96,44 @@ def test_lora_run_writes_a_peft_adapter_that_eval_and_export_apply(dense_dir, da
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", attn_implementation="eager")
     np.testing.assert_allclose(hf_logits(merged, ids), unmerged, atol=1e-4 * np.abs(unmerged).max())
     capsys.readouterr()
-    assert main(["generate", str(dense_dir), "--adapter", str(run / "adapter"), "--prompt", "w3 w4",
-                 "--max-new-tokens", "2"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                str(dense_dir),
+                "--adapter",
+                str(run / "adapter"),
+                "--prompt",
+                "w3 w4",
+                "--max-new-tokens",
+                "2",
+            ]
+        )
+        == 0
+    )
 
 
 @pytest.mark.parametrize("method, result", [("qlora", "adapter"), ("full", "model")])
 def test_qlora_and_full_runs_write_their_results(method, result, dense_dir, data_file, tmp_path):
     run = tmp_path / "run"
     extra = ["--lora-rank", "auto", "--qlora-tile-size", "16"] if method == "qlora" else []
-    assert main(["finetune", str(dense_dir), "--method", method, "--data", str(data_file), "--out", str(run),
-                 *extra, *STEPS]) == 0
+    assert (
+        main(
+            [
+                "finetune",
+                str(dense_dir),
+                "--method",
+                method,
+                "--data",
+                str(data_file),
+                "--out",
+                str(run),
+                *extra,
+                *STEPS,
+            ]
+        )
+        == 0
+    )
     summary = json.loads((run / "summary.json").read_text())
     assert (run / result).is_dir() and summary["method"] == method
     if method == "qlora":
@@ -78,9 +141,9 @@ def test_qlora_and_full_runs_write_their_results(method, result, dense_dir, data
         assert json.loads((run / "adapter" / "sketchtune_adapter.json").read_text())["qtype"] == "nf4"
     else:
         dense = load_any(str(dense_dir)).model
-        assert summary["trainable_params"] == sum(int(np.prod(v.shape)) for _, v in
-                                                  __import__("flax").nnx.to_flat_state(
-                                                      __import__("flax").nnx.state(dense)))
+        assert summary["trainable_params"] == sum(
+            int(np.prod(v.shape)) for _, v in __import__("flax").nnx.to_flat_state(__import__("flax").nnx.state(dense))
+        )
         tuned = load_any(str(run / "model"))
         ids = random_ids(1, 6)
         assert np.abs(jax_logits(tuned.model, ids) - jax_logits(dense, ids)).max() > 1e-4
@@ -95,19 +158,29 @@ def test_bad_method_inputs_fail_before_any_work(dense_dir, data_file, tmp_path, 
     assert_cli_refuses(["finetune", str(sketched), "--method", "lora", *base], capsys, "trains a dense model")
     assert_cli_refuses(["finetune", str(dense_dir), "--method", "sketch", *base], capsys, "needs a sketched model")
     assert_cli_refuses(["finetune", str(dense_dir), *base], capsys, "--method is needed")
-    assert_cli_refuses(["finetune", str(dense_dir), "--method", "lora", "--lora-rank", "0", *base], capsys, "--lora-rank")
-    assert_cli_refuses(["finetune", str(dense_dir), "--method", "lora", "--lora-targets", "qkv", *base], capsys,
-           "not projections")
-    assert_cli_refuses(["finetune", str(dense_dir), "--method", "qlora", "--qlora-tile-size", "24", *base], capsys,
-           "tile size")
+    assert_cli_refuses(
+        ["finetune", str(dense_dir), "--method", "lora", "--lora-rank", "0", *base], capsys, "--lora-rank"
+    )
+    assert_cli_refuses(
+        ["finetune", str(dense_dir), "--method", "lora", "--lora-targets", "qkv", *base], capsys, "not projections"
+    )
+    assert_cli_refuses(
+        ["finetune", str(dense_dir), "--method", "qlora", "--qlora-tile-size", "24", *base], capsys, "tile size"
+    )
     assert not out.exists()
 
     other = _save_dense(tmp_path / "wider", intermediate_size=64)
     settings = LoraSettings(rank=2)
     save_adapter(apply_lora(load_any(str(other)).model, settings), settings, tmp_path / "adapter")
     capsys.readouterr()
-    assert_cli_refuses(["generate", str(dense_dir), "--adapter", str(tmp_path / "adapter"), "--prompt", "w3"], capsys,
-           "does not fit the model")
-    assert_cli_refuses(["export", str(dense_dir), "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "e")],
-           capsys, "does not fit the model")
+    assert_cli_refuses(
+        ["generate", str(dense_dir), "--adapter", str(tmp_path / "adapter"), "--prompt", "w3"],
+        capsys,
+        "does not fit the model",
+    )
+    assert_cli_refuses(
+        ["export", str(dense_dir), "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "e")],
+        capsys,
+        "does not fit the model",
+    )
     assert not (tmp_path / "e").exists()

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from flax import nnx
+from model_utils import TINY_CONFIGS, hf_logits, jax_logits, random_ids, tiny_hf_model
 
 from converters import from_state_dict
-from model_utils import TINY_CONFIGS, hf_logits, jax_logits, random_ids, tiny_hf_model
 from sketchtune_jax.layers import Linear
 from sketchtune_jax.models import ModelConfig, RopeScaling, init_cache
 
@@ -37,21 +37,41 @@ def test_config_fields_parsed():
 
 
 def test_config_reads_transformers4_layout_and_round_trips():
-    legacy = {"model_type": "llama", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
-              "num_hidden_layers": 1, "num_attention_heads": 2, "rope_theta": 5e5,
-              "rope_scaling": {"type": "linear", "factor": 2.0}, "eos_token_id": [2, 7]}
+    legacy = {
+        "model_type": "llama",
+        "vocab_size": 10,
+        "hidden_size": 8,
+        "intermediate_size": 16,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "rope_theta": 5e5,
+        "rope_scaling": {"type": "linear", "factor": 2.0},
+        "eos_token_id": [2, 7],
+    }
     config = ModelConfig.from_hf(legacy)
     assert config.rope_theta == 5e5 and config.rope_scaling == RopeScaling("linear", 2.0)
     assert config.num_key_value_heads == 2 and config.head_dim == 4 and config.eos_token_ids == (2, 7)
     assert ModelConfig.from_hf(config.to_hf()) == config
 
 
-@pytest.mark.parametrize("hf, message", [
-    ({"model_type": "gpt2"}, "unsupported model_type 'gpt2'; supported: llama, mistral"),
-    ({"model_type": "llama", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
-      "num_hidden_layers": 1, "num_attention_heads": 2, "rope_scaling": {"rope_type": "yarn", "factor": 2.0}},
-     "unsupported RoPE type 'yarn'"),
-])
+@pytest.mark.parametrize(
+    "hf, message",
+    [
+        ({"model_type": "gpt2"}, "unsupported model_type 'gpt2'; supported: llama, mistral"),
+        (
+            {
+                "model_type": "llama",
+                "vocab_size": 10,
+                "hidden_size": 8,
+                "intermediate_size": 16,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "rope_scaling": {"rope_type": "yarn", "factor": 2.0},
+            },
+            "unsupported RoPE type 'yarn'",
+        ),
+    ],
+)
 def test_config_rejects_unsupported(hf, message):
     with pytest.raises(ValueError, match=message):
         ModelConfig.from_hf(hf)
@@ -65,13 +85,13 @@ def test_left_padded_batch_equals_unpadded_rows(name):
     ids = np.zeros((3, 16), np.int32)
     mask = np.zeros((3, 16), np.int32)
     for i, row in enumerate(rows):
-        ids[i, 16 - len(row):] = row
-        mask[i, 16 - len(row):] = 1
+        ids[i, 16 - len(row) :] = row
+        mask[i, 16 - len(row) :] = 1
     batch = jax_logits(model, ids, mask)
     assert np.isfinite(batch).all()
     for i, row in enumerate(rows):
         alone = jax_logits(model, row[None])
-        np.testing.assert_allclose(batch[i, 16 - len(row):], alone[0], atol=ATOL, rtol=0)
+        np.testing.assert_allclose(batch[i, 16 - len(row) :], alone[0], atol=ATOL, rtol=0)
 
 
 @nnx.jit
@@ -91,7 +111,7 @@ def test_kv_cache_decode_equals_full_forward(name):
     logits, cache = _step(model, ids[:, :prefill], mask[:, :prefill], cache)
     steps = [np.asarray(logits)]
     for t in range(prefill, ids.shape[1]):
-        logits, cache = _step(model, ids[:, t:t + 1], mask[:, t:t + 1], cache)
+        logits, cache = _step(model, ids[:, t : t + 1], mask[:, t : t + 1], cache)
         steps.append(np.asarray(logits))
     assert int(cache.index) == 14 and cache.lengths.tolist() == [14, 11]
     decoded = np.concatenate(steps, axis=1)
@@ -119,8 +139,15 @@ def test_layers_run_on_their_own():
 def test_every_projection_is_a_swappable_linear():
     _, _, model = _pair("bias_untied")
     names = {".".join(map(str, p)) for p, n in nnx.iter_graph(model) if isinstance(n, Linear)}
-    per_layer = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
+    per_layer = {
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    }
     assert names == {f"model.layers.{i}.{n}" for i in range(2) for n in per_layer} | {"lm_head"}
 
     class Doubled(nnx.Module):

@@ -10,9 +10,9 @@ import zlib
 
 import numpy as np
 import pytest
+from model_utils import hf_logits, tiny_hf_model
 
 from converters import from_state_dict
-from model_utils import hf_logits, tiny_hf_model
 from sketchtune_jax.data import format_prompt
 from sketchtune_jax.models import ModelConfig
 from sketchtune_jax.multiple_choice import (
@@ -69,10 +69,14 @@ def test_parse_choices_real_records():
             choices = parse_choices(r["instruction"])
             assert r["answer"] in choices.words and all(choices.texts)
             assert r["output"] == RESPONSE_TEMPLATE.format(r["answer"])
-    assert question_of(load("ARC-Easy.train.json")[0]["instruction"]) == \
-        "Which factor will most likely cause a person to develop a fever?"
+    assert (
+        question_of(load("ARC-Easy.train.json")[0]["instruction"])
+        == "Which factor will most likely cause a person to develop a fever?"
+    )
     assert question_of(load("boolq.test.json")[0]["instruction"]) == "does ethanol take more energy make that produces?"
-    piqa = parse_choices("Pick one: x\n\nSolution1: heat it\n\nSolution2: cool it\n\nAnswer format: solution1/solution2")
+    piqa = parse_choices(
+        "Pick one: x\n\nSolution1: heat it\n\nSolution2: cool it\n\nAnswer format: solution1/solution2"
+    )
     assert piqa.texts == ("heat it", "cool it")
 
 
@@ -105,15 +109,18 @@ def test_batched_choice_equals_brute_force(tiny_pair, continuation, tmp_path):
     hf, tiny = tiny_pair
     records = short_records()
     out = tmp_path / "items.jsonl"
-    summary = evaluate_multiple_choice(tiny, WordTokenizer(), records, continuation=continuation, batch_size=4,
-                                       out_jsonl=out)
+    summary = evaluate_multiple_choice(
+        tiny, WordTokenizer(), records, continuation=continuation, batch_size=4, out_jsonl=out
+    )
     items = [json.loads(line) for line in out.read_text().splitlines()]
     assert summary["n"] == len(items) == len(records) and summary["choices"] == [2, 4]
     correct = correct_norm = 0
     for r, item in zip(records, items):
         choices = parse_choices(r["instruction"])
         prompt = format_prompt(r["instruction"], r["input"])
-        texts = [RESPONSE_TEMPLATE.format(w) for w in choices.words] if continuation == "response" else list(choices.texts)
+        texts = (
+            [RESPONSE_TEMPLATE.format(w) for w in choices.words] if continuation == "response" else list(choices.texts)
+        )
         if continuation == "question":
             prompt = f"Question: {question_of(r['instruction'])}\nAnswer:"
             texts = [" " + t for t in texts]
@@ -145,8 +152,14 @@ def test_padding_and_batch_size_do_not_change_scores(tiny):
 @pytest.mark.slow
 def test_smollm2_above_chance_on_arc_easy(smollm2):
     # Measured: acc 20/40, acc_norm 19/40 (chance 10/40). A chance-level scorer reaches 17/40 with p ~ 0.015.
-    summary = evaluate_multiple_choice(smollm2.model, smollm2.tokenizer, os.path.join(DATA, "ARC-Easy.test.json"),
-                                       continuation="question", limit=40, batch_size=16)
+    summary = evaluate_multiple_choice(
+        smollm2.model,
+        smollm2.tokenizer,
+        os.path.join(DATA, "ARC-Easy.test.json"),
+        continuation="question",
+        limit=40,
+        batch_size=16,
+    )
     assert summary["n"] == 40 and summary["chance"] == pytest.approx(0.25)
     assert summary["correct"] >= 17 and summary["correct_norm"] >= 17
 
@@ -158,8 +171,17 @@ def test_cli_rejects_unparseable_records_before_loading(tmp_path, capsys):
     data = tmp_path / "mc.json"
     data.write_text(json.dumps([good, {**good, "answer": "answer7"}]))
     out = tmp_path / "out"
-    argv = ["eval", "commonsense", str(tmp_path / "no-such-model"), "--data", str(data), "--scoring", "loglik",
-            "--out", str(out)]
+    argv = [
+        "eval",
+        "commonsense",
+        str(tmp_path / "no-such-model"),
+        "--data",
+        str(data),
+        "--scoring",
+        "loglik",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert "record 1: answer 'answer7' is not one of" in err and len(err.splitlines()) == 1, err

@@ -17,16 +17,15 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from pallas_kernels import SketchSharding, sharded_sketched_matmul, sketched_matmul
 from sketchtune_jax.layers import Codebook, Linear, SketchedLinear
 from sketchtune_jax.sharding import shard_batch, shard_model
 
 DEVICES = 8
-needs_8 = pytest.mark.skipif(
-    jax.device_count() < DEVICES, reason="needs 8 devices (run by test_sharded_in_subprocess)"
-)
+needs_8 = pytest.mark.skipif(jax.device_count() < DEVICES, reason="needs 8 devices (run by test_sharded_in_subprocess)")
 AXIS_TYPES = {"auto": AxisType.Auto, "explicit": AxisType.Explicit}
 TOL = dict(rtol=2e-5, atol=2e-5)
 
@@ -34,13 +33,27 @@ TOL = dict(rtol=2e-5, atol=2e-5)
 def test_sharded_in_subprocess():
     if jax.device_count() >= DEVICES:
         pytest.skip("already on 8 devices: the tests below run in this process")
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} "
-                         f"--xla_force_host_platform_device_count={DEVICES}")
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={DEVICES}",
+    )
     run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-         "-k", "not test_sharded_in_subprocess"],
-        env=env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            __file__,
+            "-k",
+            "not test_sharded_in_subprocess",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
     assert " passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-2000:]
@@ -50,15 +63,22 @@ def make_mesh(axis_type: str = "auto"):
     return jax.make_mesh((2, 4), ("data", "model"), axis_types=(AXIS_TYPES[axis_type],) * 2)
 
 
-def sketched(in_features: int, out_features: int, seed: int, backend: str, groups: int = 2,
-             bits: int = 4) -> SketchedLinear:
+def sketched(
+    in_features: int, out_features: int, seed: int, backend: str, groups: int = 2, bits: int = 4
+) -> SketchedLinear:
     rng = np.random.default_rng(seed)
     codebook = rng.normal(size=(out_features, groups, 2**bits)).astype(np.float32)
     codes = rng.integers(0, 2**bits, (out_features, groups, in_features // groups), np.uint8)
-    return SketchedLinear(in_features, out_features, bits=bits, groups=groups,
-                          codebook=jnp.asarray(codebook), codes=jnp.asarray(codes),
-                          bias=jnp.asarray(rng.normal(size=out_features), jnp.float32),
-                          backend=backend)
+    return SketchedLinear(
+        in_features,
+        out_features,
+        bits=bits,
+        groups=groups,
+        codebook=jnp.asarray(codebook),
+        codes=jnp.asarray(codes),
+        bias=jnp.asarray(rng.normal(size=out_features), jnp.float32),
+        backend=backend,
+    )
 
 
 def batch(shape: tuple[int, ...], seed: int = 1) -> jax.Array:
@@ -166,9 +186,7 @@ def model_loss(model: TinyModel, x: jax.Array, target: jax.Array) -> jax.Array:
 
 @nnx.jit
 def train_step(model, optimizer, x, target):
-    loss, grads = nnx.value_and_grad(model_loss, argnums=nnx.DiffState(0, Codebook))(
-        model, x, target
-    )
+    loss, grads = nnx.value_and_grad(model_loss, argnums=nnx.DiffState(0, Codebook))(model, x, target)
     optimizer.update(model, grads)
     return loss, grads
 
@@ -218,6 +236,5 @@ def test_sketch_sharding_checks_axes():
         SketchSharding(mesh, data_axis=("data", "model"))
     x = batch((4, 24))
     layer = sketched(24, 16, seed=0, backend="reference")
-    y = sharded_sketched_matmul(x, layer.codebook[...], layer.codes[...], 4,
-                                SketchSharding(mesh, data_axis=None))
+    y = sharded_sketched_matmul(x, layer.codebook[...], layer.codes[...], 4, SketchSharding(mesh, data_axis=None))
     assert y.sharding.spec == P(None, "model")

@@ -264,8 +264,15 @@ def _reference_sketch(wp, u, groups, k, seed):
             vals = jnp.asarray(w[:, j : j + cpg], jnp.float32)
             wts = jnp.broadcast_to(gw[g], vals.shape)
             c = kmeans_batched(
-                vals, wts, ids[g], jnp.uint32(seed), jnp.float32(1e-6),
-                k=k, iters=100, init="kmeans++", chunk_size=out,
+                vals,
+                wts,
+                ids[g],
+                jnp.uint32(seed),
+                jnp.float32(1e-6),
+                k=k,
+                iters=100,
+                init="kmeans++",
+                chunk_size=out,
             )
             books[:, g] = np.asarray(c)
         code = np.abs(w[:, j : j + 1] - books[:, g]).argmin(1)

@@ -49,8 +49,7 @@ def test_from_linear_and_state(layer_and_parts):
 def test_constructor_accepts_packed_codes_and_checks_shapes():
     codebook, codes = sketch_parts(bits=3)
     a = SketchedLinear(IN, OUT, bits=3, groups=GROUPS, codebook=codebook, codes=codes)
-    b = SketchedLinear(IN, OUT, bits=3, groups=GROUPS, codebook=codebook,
-                       codes=pack_codes(codes, 3))
+    b = SketchedLinear(IN, OUT, bits=3, groups=GROUPS, codebook=codebook, codes=pack_codes(codes, 3))
     np.testing.assert_array_equal(a.codes[...], b.codes[...])
     with pytest.raises(ValueError, match="codebook must be"):
         SketchedLinear(IN, OUT, bits=4, groups=GROUPS, codebook=codebook, codes=codes)
@@ -61,8 +60,9 @@ def test_constructor_accepts_packed_codes_and_checks_shapes():
 
 
 def test_empty_under_eval_shape():
-    abstract = nnx.eval_shape(lambda: SketchedLinear.empty(
-        IN, OUT, 3, GROUPS, dtype=jnp.bfloat16, codebook_dtype=jnp.bfloat16))
+    abstract = nnx.eval_shape(
+        lambda: SketchedLinear.empty(IN, OUT, 3, GROUPS, dtype=jnp.bfloat16, codebook_dtype=jnp.bfloat16)
+    )
     assert abstract.codebook.shape == (OUT, GROUPS, 8)
     assert abstract.codebook.dtype == jnp.bfloat16
     # 12 columns a group at 3 bits: one block of 32 codes, three words.
@@ -118,8 +118,7 @@ def test_jit_grad_vmap_remat(layer_and_parts):
 
 def test_interpret_backend_forward_and_grad():
     codebook, codes = sketch_parts(bits=2)
-    layer = SketchedLinear(IN, OUT, bits=2, groups=GROUPS, codebook=codebook, codes=codes,
-                           backend="interpret")
+    layer = SketchedLinear(IN, OUT, bits=2, groups=GROUPS, codebook=codebook, codes=codes, backend="interpret")
     x = jnp.asarray(np.random.default_rng(3).normal(size=(3, IN)), jnp.float32)
     np.testing.assert_allclose(layer(x), naive(codebook, codes, x), rtol=1e-5, atol=1e-5)
     g = nnx.grad(lambda m: jnp.sum(m(x) ** 2), argnums=nnx.DiffState(0, Codebook))(layer)

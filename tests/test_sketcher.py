@@ -19,9 +19,8 @@ from model_utils import hf_logits, random_ids, tiny_hf_model
 from converters import export_hf, from_state_dict
 from sketchtune_jax.checkpoint import load_sketched, save_sketched
 from sketchtune_jax.layers import Linear, SketchedLinear
-from sketchtune_jax.models import ModelConfig
+from sketchtune_jax.models import DecoderLayer, ModelConfig
 from sketchtune_jax.module_paths import iter_modules
-from sketchtune_jax.models import DecoderLayer
 from sketchtune_jax.sketcher import SketchSettings, sketch_model
 from sketchtune_jax.train import trainable_parameter_count
 
@@ -39,15 +38,18 @@ def sketched():
     config, model = _tiny("bias_untied")
     ids = jnp.asarray(random_ids(2, 24))
     dense_logits, _ = model(ids)
-    report = sketch_model(model, random_ids(16, 32, seed=1), SketchSettings(bits=3, groups_per_row=2),
-                          show_progress=False)
+    report = sketch_model(
+        model, random_ids(16, 32, seed=1), SketchSettings(bits=3, groups_per_row=2), show_progress=False
+    )
     return config, model, ids, np.asarray(dense_logits), report
 
 
 def test_every_decoder_projection_is_sketched_and_the_head_is_not(sketched):
     config, model, _, _, report = sketched
     names = {name for name, _ in iter_modules(model, SketchedLinear)}
-    expected = {f"model.layers.{i}.{m}" for i in range(config.num_hidden_layers) for m in sum(DecoderLayer.SKETCH_STAGES, ())}
+    expected = {
+        f"model.layers.{i}.{m}" for i in range(config.num_hidden_layers) for m in sum(DecoderLayer.SKETCH_STAGES, ())
+    }
     assert names == expected
     assert isinstance(model.lm_head, Linear)
     assert len(report["modules"]) == len(expected)
@@ -56,8 +58,12 @@ def test_every_decoder_projection_is_sketched_and_the_head_is_not(sketched):
 
 def test_trainable_count_is_rows_times_groups_times_codebook_size(sketched):
     config, model, *_ = sketched
-    rows_per_layer = (config.num_attention_heads + 2 * config.num_key_value_heads) * config.head_dim \
-        + config.hidden_size + 2 * config.intermediate_size + config.hidden_size
+    rows_per_layer = (
+        (config.num_attention_heads + 2 * config.num_key_value_heads) * config.head_dim
+        + config.hidden_size
+        + 2 * config.intermediate_size
+        + config.hidden_size
+    )
     assert trainable_parameter_count(model) == config.num_hidden_layers * rows_per_layer * 2 * 2**3
 
 
@@ -82,7 +88,9 @@ def test_dense_export_loads_in_transformers_with_the_same_logits(sketched, tmp_p
 
     config, model, ids, _, _ = sketched
     export_hf(model, config, None, tmp_path / "dense")
-    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", torch_dtype=torch.float32, attn_implementation="eager")
+    hf = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "dense", torch_dtype=torch.float32, attn_implementation="eager"
+    )
     np.testing.assert_allclose(hf_logits(hf, np.asarray(ids)), np.asarray(model(ids)[0]), atol=1e-4, rtol=0)
 
 
@@ -142,14 +150,19 @@ def test_error_feedback_lowers_the_model_error():
     }.items():
         _, model = _tiny()
         errors[name] = sketch_model(model, random_ids(16, 32, seed=1), settings, show_progress=False)[
-            "mean_rel_output_error"]
+            "mean_rel_output_error"
+        ]
     assert errors["full"] < errors["no_feedback"]
 
 
 def _run(work: Path, out: Path, pause: float) -> subprocess.Popen:
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    return subprocess.Popen([sys.executable, str(HERE / "sketch_resume_script.py"), str(work), str(out), str(pause)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [sys.executable, str(HERE / "sketch_resume_script.py"), str(work), str(out), str(pause)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
 
 
 def test_a_killed_sketch_resumes_to_the_same_result(tmp_path):

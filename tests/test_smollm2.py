@@ -5,13 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from model_utils import jax_logits
+
 from sketchtune_jax.generate import generate
 
 pytestmark = pytest.mark.slow
 
-SENTENCE = "The tower is 324 metres tall, about the same height as an 81-storey building, and the tallest structure in Paris."
+SENTENCE = (
+    "The tower is 324 metres tall, about the same height as an 81-storey building, and the tallest structure in Paris."
+)
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +54,14 @@ def test_greedy_generation_matches_transformers(smollm2, reference):
     prompt = smollm2.tokenizer("The Eiffel Tower is in the city of")["input_ids"]
     ours = generate(smollm2.model, [prompt], max_new_tokens=32, eos_token_id=2, pad_token_id=2)[0]
     with torch.no_grad():
-        out = reference.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                                 max_new_tokens=32, do_sample=False, eos_token_id=2, pad_token_id=2)
-    theirs = out[0, len(prompt):].tolist()
+        out = reference.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=32,
+            do_sample=False,
+            eos_token_id=2,
+            pad_token_id=2,
+        )
+    theirs = out[0, len(prompt) :].tolist()
     assert ours == theirs[: theirs.index(2) + 1] if 2 in theirs else ours == theirs
     assert len(ours) > 4

@@ -24,15 +24,52 @@ DENSE_PPL = 29.31  # transformers (PyTorch fp32, GGUF loader), first 20 windows 
 def sketch_dir(tmp_path_factory):
     """SmolLM2 sketched INT4, 4 groups per row, calibrated on the second half of WikiText-2 only."""
     out = tmp_path_factory.mktemp("smol") / "int4-g4"
-    assert main(["sketch", "smollm2-135m", "--bits", "4", "--groups-per-row", "4", "--calib", str(WIKI),
-                 "--calib-range", "0.5:1", "--nsamples", "16", "--seq-len", "512", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "sketch",
+                "smollm2-135m",
+                "--bits",
+                "4",
+                "--groups-per-row",
+                "4",
+                "--calib",
+                str(WIKI),
+                "--calib-range",
+                "0.5:1",
+                "--nsamples",
+                "16",
+                "--seq-len",
+                "512",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     return out
 
 
 def test_dense_perplexity_matches_transformers(tmp_path):
     out = tmp_path / "ppl.json"
-    assert main(["eval", "ppl", "smollm2-135m", "--text", str(WIKI), "--seq-len", "512", "--max-windows", "20",
-                 "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "ppl",
+                "smollm2-135m",
+                "--text",
+                str(WIKI),
+                "--seq-len",
+                "512",
+                "--max-windows",
+                "20",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     result = json.loads(out.read_text())
     assert result["tokens"] == 20 * 511 and result["tokens_per_s"] > 0
     assert abs(result["ppl"] / DENSE_PPL - 1) < 0.005
@@ -67,18 +104,61 @@ def test_exported_dense_model_gives_the_same_logits_in_transformers(sketch_dir, 
 
 def test_finetuning_the_codebooks_lowers_the_loss_and_evaluates(sketch_dir, tmp_path):
     run = tmp_path / "run"
-    assert main(["finetune", str(sketch_dir), "--data", str(DATA / "math" / "math_data.train.json"),
-                 "--out", str(run), "--max-steps", "30", "--batch-size", "4", "--seq-len", "256", "--lr", "3e-4",
-                 "--warmup-steps", "4", "--save-every", "15", "--pad-multiple", "256"]) == 0
+    assert (
+        main(
+            [
+                "finetune",
+                str(sketch_dir),
+                "--data",
+                str(DATA / "math" / "math_data.train.json"),
+                "--out",
+                str(run),
+                "--max-steps",
+                "30",
+                "--batch-size",
+                "4",
+                "--seq-len",
+                "256",
+                "--lr",
+                "3e-4",
+                "--warmup-steps",
+                "4",
+                "--save-every",
+                "15",
+                "--pad-multiple",
+                "256",
+            ]
+        )
+        == 0
+    )
     losses = [r["loss"] for r in map(json.loads, (run / "train_log.jsonl").read_text().splitlines()) if "loss" in r]
     assert len(losses) == 30
     assert np.mean(losses[-10:]) < 0.85 * np.mean(losses[:5])
     assert (run / "codebooks.safetensors").is_file() and (run / "loss_curve.png").is_file()
 
     summary = tmp_path / "gsm8k.json"
-    assert main(["eval", "math", str(sketch_dir), "--codebooks", str(run / "codebooks.safetensors"),
-                 "--data", str(DATA / "math" / "gsm8k.test.json"), "--limit", "8", "--max-new-tokens", "96",
-                 "--out", str(tmp_path / "eval"), "--json", str(summary)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "math",
+                str(sketch_dir),
+                "--codebooks",
+                str(run / "codebooks.safetensors"),
+                "--data",
+                str(DATA / "math" / "gsm8k.test.json"),
+                "--limit",
+                "8",
+                "--max-new-tokens",
+                "96",
+                "--out",
+                str(tmp_path / "eval"),
+                "--json",
+                str(summary),
+            ]
+        )
+        == 0
+    )
     result = json.loads(summary.read_text())
     assert result["n"] == 8 and 0.0 <= result["accuracy"] <= 1.0
     predictions = (tmp_path / "eval" / "gsm8k.predictions.jsonl").read_text().splitlines()

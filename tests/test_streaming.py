@@ -19,8 +19,10 @@ SETTINGS = SketchSettings(bits=3, groups_per_row=2, kmeans_iters=20)
 
 
 def _assert_same_checkpoint(a, b):
-    ta, tb = safetensors.numpy.load_file(str(a / "model.safetensors")), safetensors.numpy.load_file(
-        str(b / "model.safetensors"))
+    ta, tb = (
+        safetensors.numpy.load_file(str(a / "model.safetensors")),
+        safetensors.numpy.load_file(str(b / "model.safetensors")),
+    )
     assert sorted(ta) == sorted(tb)
     assert sum(k.endswith(".codes") for k in ta) == 2 * 7
     for key in ta:
@@ -53,7 +55,8 @@ def test_streamed_sketch_equals_the_in_memory_sketch(sharded, tmp_path):
     assemble_sketch(tensors, tmp_path / "work", tmp_path / "stream", SETTINGS, report=streamed)
     _assert_same_checkpoint(tmp_path / "memory", tmp_path / "stream")
     assert [r["rel_output_error"] for r in streamed["modules"]] == pytest.approx(
-        [r["rel_output_error"] for r in report["modules"]], rel=1e-5)
+        [r["rel_output_error"] for r in report["modules"]], rel=1e-5
+    )
 
 
 def test_an_interrupted_streamed_sketch_resumes_to_the_same_result(sharded, tmp_path):
@@ -81,8 +84,20 @@ def test_the_cli_streams_by_default_and_matches_the_in_memory_path(tmp_path):
     words = " ".join(f"word{i % 50} thing{i % 7}" for i in range(400))
     save_tiny_model_with_tokenizer(tmp_path / "hf", [words], vocab_size=200)
     (tmp_path / "calib.txt").write_text(words)
-    common = ["--calib", str(tmp_path / "calib.txt"), "--nsamples", "4", "--seq-len", "16", "--bits", "3",
-              "--groups-per-row", "2", "--kmeans-iters", "10"]
+    common = [
+        "--calib",
+        str(tmp_path / "calib.txt"),
+        "--nsamples",
+        "4",
+        "--seq-len",
+        "16",
+        "--bits",
+        "3",
+        "--groups-per-row",
+        "2",
+        "--kmeans-iters",
+        "10",
+    ]
     assert main(["sketch", str(tmp_path / "hf"), "--out", str(tmp_path / "stream"), *common]) == 0
     assert main(["sketch", str(tmp_path / "hf"), "--out", str(tmp_path / "memory"), "--no-streaming", *common]) == 0
     _assert_same_checkpoint(tmp_path / "memory", tmp_path / "stream")
@@ -94,6 +109,10 @@ def test_converters_can_be_imported_before_the_library():
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-c", "import converters; converters.open_tensors"],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", "import converters; converters.open_tensors"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr

@@ -17,6 +17,8 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from tiny_lm import TinyCausalLM  # noqa: E402
+
 from sketchtune_jax.data import DataPosition  # noqa: E402
 from sketchtune_jax.layers import Codebook  # noqa: E402
 from sketchtune_jax.train import (  # noqa: E402
@@ -36,7 +38,6 @@ from sketchtune_jax.train import (  # noqa: E402
     train_step,
     trainable_parameter_count,
 )
-from tiny_lm import TinyCausalLM  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VOCAB = 64
@@ -165,7 +166,9 @@ def test_nan_loss_stops_naming_step_and_batch(tmp_path):
     batches[4]["input_ids"][0, 0] = PoisonedLM.POISON
     config = TrainConfig(lr=1e-3, max_steps=6, save_every=2, batch_size=2, seq_len=16)
     model = PoisonedLM()
-    with pytest.raises(NonFiniteLossError, match=r"loss is nan.* at step 5 \(batch: epoch 0, index 4\).*step 4") as info:
+    with pytest.raises(
+        NonFiniteLossError, match=r"loss is nan.* at step 5 \(batch: epoch 0, index 4\).*step 4"
+    ) as info:
         finetune(model, batches, config, tmp_path / "run", progress=False)
     assert info.value.step == 5 and info.value.position == DataPosition(0, 4)
     steps = sorted(int(p) for p in os.listdir(tmp_path / "run" / "checkpoints") if p.isdigit())
@@ -202,7 +205,9 @@ def test_finetune_outputs_and_resume_in_process(tmp_path):
     for k, v in codebook_state(model).items():
         assert np.array_equal(v, codebook_state(again)[k])
     with pytest.raises(ValueError, match="batch_size"):
-        finetune(TinyCausalLM(), batches, TrainConfig(batch_size=3, epochs=2, seq_len=16), tmp_path / "run", progress=False)
+        finetune(
+            TinyCausalLM(), batches, TrainConfig(batch_size=3, epochs=2, seq_len=16), tmp_path / "run", progress=False
+        )
 
 
 def test_remat_and_dtypes_switch_on(tmp_path):
@@ -223,7 +228,9 @@ def test_remat_and_dtypes_switch_on(tmp_path):
     bf = TinyCausalLM()
     for _, var in nnx.to_flat_state(nnx.state(bf, Codebook)):
         var.set_value(var[...].astype(jnp.bfloat16))
-    Trainer(bf, [make_batch(1, 4)], TrainConfig(max_steps=1, codebook_dtype="float32"), tmp_path / "dtype").checkpoints.close()
+    Trainer(
+        bf, [make_batch(1, 4)], TrainConfig(max_steps=1, codebook_dtype="float32"), tmp_path / "dtype"
+    ).checkpoints.close()
     assert all(v.dtype == np.float32 for v in codebook_state(bf).values())
 
 
@@ -244,7 +251,9 @@ def test_codebook_file_roundtrip_and_validation(tmp_path):
 
     untouched = codebook_state(TinyCausalLM(seed=2))
     wrong_shape = TinyCausalLM(d=32, groups=4, seed=2)
-    with pytest.raises(CodebookMismatchError, match=r"layers.0.q.codebook: shape \(32, 2, 16\) in the file, \(32, 4, 16\)"):
+    with pytest.raises(
+        CodebookMismatchError, match=r"layers.0.q.codebook: shape \(32, 2, 16\) in the file, \(32, 4, 16\)"
+    ):
         load_codebooks(wrong_shape, path)
     fewer = TinyCausalLM(layers=1, seed=2)
     before = codebook_state(fewer)
@@ -266,14 +275,18 @@ def _finalized_steps(ckpt_dir):
     return [int(p) for p in os.listdir(ckpt_dir) if p.isdigit()]
 
 
-@pytest.mark.parametrize("method, result", [("sketch", "codebooks.safetensors"),
-                                            ("lora", "adapter/adapter_model.safetensors")])
+@pytest.mark.parametrize(
+    "method, result", [("sketch", "codebooks.safetensors"), ("lora", "adapter/adapter_model.safetensors")]
+)
 def test_kill_and_resume_matches_unbroken_run(tmp_path, method, result):
     script = os.path.join(HERE, "resume_script.py")
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     unbroken = subprocess.run(
-        [sys.executable, script, str(tmp_path / "a"), "--method", method], env=env, capture_output=True, text=True,
-        timeout=300
+        [sys.executable, script, str(tmp_path / "a"), "--method", method],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert unbroken.returncode == 0, unbroken.stderr
     assert "resumed_from=None step=6" in unbroken.stdout

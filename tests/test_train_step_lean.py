@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from tiny_lm import TinyCausalLM
 
 from sketchtune_jax.layers import Codebook
 from sketchtune_jax.models import REMAT_POLICIES, LlamaForCausalLM, ModelConfig
@@ -21,12 +22,18 @@ from sketchtune_jax.train import (
 )
 from sketchtune_jax.train.optim import host_learning_rate
 from sketchtune_jax.train.step import chunked_token_nll_sum
-from tiny_lm import TinyCausalLM
 
 
 def tiny_llama(vocab: int = 96, **kw) -> LlamaForCausalLM:
-    config = ModelConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    config = ModelConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+    )
     return LlamaForCausalLM(config, rngs=nnx.Rngs(0), **kw)
 
 
@@ -39,7 +46,7 @@ def random_batch(rows: int, length: int, vocab: int, *, seed: int = 0, left_pad:
         if left_pad:
             attn[r, :r] = 0
         else:
-            attn[r, length - r:] = 0
+            attn[r, length - r :] = 0
     loss = attn.copy()
     loss[:, : length // 3] = 0
     return {k: jnp.asarray(v) for k, v in {"input_ids": ids, "attention_mask": attn, "loss_mask": loss}.items()}
@@ -60,8 +67,9 @@ def test_train_step_donates_trained_state_and_matches_an_undonated_step():
         assert old_codebooks and all(x.is_deleted() for x in old_codebooks)
         assert old_moments and all(x.is_deleted() for x in old_moments)
         np.testing.assert_allclose(float(metrics["loss"]), float(ref_metrics["loss"]), rtol=1e-6)
-    for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(model, Codebook)),
-                                 nnx.to_flat_state(nnx.state(reference, Codebook))):
+    for (path, a), (_, b) in zip(
+        nnx.to_flat_state(nnx.state(model, Codebook)), nnx.to_flat_state(nnx.state(reference, Codebook))
+    ):
         np.testing.assert_allclose(np.asarray(a[...]), np.asarray(b[...]), rtol=1e-5, atol=1e-7, err_msg=str(path))
 
 
@@ -80,8 +88,13 @@ def test_host_learning_rate_equals_the_optax_schedule(schedule, warmup, total):
     config = TrainConfig(lr=3e-4, schedule=schedule, warmup_steps=warmup, max_steps=0, epochs=1)
     optax_schedule = make_schedule(config, total)
     for step in range(total + 2):
-        np.testing.assert_allclose(host_learning_rate(config, total, step), float(optax_schedule(step)),
-                                   rtol=1e-6, atol=1e-12, err_msg=f"step {step}")
+        np.testing.assert_allclose(
+            host_learning_rate(config, total, step),
+            float(optax_schedule(step)),
+            rtol=1e-6,
+            atol=1e-12,
+            err_msg=f"step {step}",
+        )
 
 
 def _loss_fn(chunk: int | None):
@@ -92,6 +105,7 @@ def _loss_fn(chunk: int | None):
             hidden = model.hidden_states(batch["input_ids"], attention_mask=batch["attention_mask"])
             nll, n = chunked_token_nll_sum(hidden, model.logits_from_hidden, batch, chunk)
         return nll / n
+
     return loss
 
 

@@ -11,15 +11,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from model_utils import tiny_hf_model
 
 from converters import from_state_dict
-from model_utils import tiny_hf_model
 from sketchtune_jax.layers import Linear, SketchedLinear
 from sketchtune_jax.models import ModelConfig
 from sketchtune_jax.module_paths import get_submodule, iter_modules, set_submodule
 
 _spec = importlib.util.spec_from_file_location(
-    "update_analysis", Path(__file__).resolve().parents[1] / "bench" / "update_analysis.py")
+    "update_analysis", Path(__file__).resolve().parents[1] / "bench" / "update_analysis.py"
+)
 ua = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(ua)
 
@@ -53,7 +54,7 @@ def test_sketch_space_projection_is_the_cell_mean_and_idempotent():
     for r, j in [(0, 0), (5, 17), (11, 29)]:
         g = j // cols
         assert approx[r, j] == update[r, g, codes[r, g, j % cols]]
-        members = delta[r, g * cols:(g + 1) * cols][codes[r, g] == codes[r, g, j % cols]]
+        members = delta[r, g * cols : (g + 1) * cols][codes[r, g] == codes[r, g, j % cols]]
         assert approx[r, j] == pytest.approx(members.mean(), rel=1e-12)
     update2, approx2 = ua.sketch_space_update(approx, codes, n)
     np.testing.assert_allclose(approx2, approx, rtol=0, atol=1e-12)
@@ -117,8 +118,19 @@ def test_end_to_end_on_a_tiny_model_triple(tmp_path, capsys):
     dense.save_pretrained(tmp_path / "finetuned")
 
     out = tmp_path / "res" / "analysis.json"
-    assert ua.main([str(tmp_path / "dense"), str(tmp_path / "finetuned"), "--sketch", str(tmp_path / "sketch"),
-                    "--out", str(out)]) == 0
+    assert (
+        ua.main(
+            [
+                str(tmp_path / "dense"),
+                str(tmp_path / "finetuned"),
+                "--sketch",
+                str(tmp_path / "sketch"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     result = json.loads(out.read_text())
     assert list(result["per_type"]) == list(ua.LAYER_TYPES)
     assert len(result["per_module"]) == 7 * config.num_hidden_layers
@@ -136,6 +148,14 @@ def test_end_to_end_on_a_tiny_model_triple(tmp_path, capsys):
 def test_refuses_a_dense_model_as_the_sketch(tmp_path):
     tiny_hf_model("llama_gqa").save_pretrained(tmp_path / "dense")
     with pytest.raises(SystemExit):
-        ua.main([str(tmp_path / "dense"), str(tmp_path / "dense"), "--sketch", str(tmp_path / "dense"),
-                 "--out", str(tmp_path / "a.json")])
+        ua.main(
+            [
+                str(tmp_path / "dense"),
+                str(tmp_path / "dense"),
+                "--sketch",
+                str(tmp_path / "dense"),
+                "--out",
+                str(tmp_path / "a.json"),
+            ]
+        )
     assert not (tmp_path / "a.json").exists()

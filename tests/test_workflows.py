@@ -33,17 +33,55 @@ def tiny(tmp_path_factory):
 
     save_tiny_model_with_tokenizer(root / "hf", [calib.read_text(), format_prompt("x", "") * 20])
     data = root / "data.json"
-    data.write_text(json.dumps([{"instruction": _text(6, s), "input": "", "output": _text(4, s + 1)}
-                                for s in range(8)]))
+    data.write_text(
+        json.dumps([{"instruction": _text(6, s), "input": "", "output": _text(4, s + 1)} for s in range(8)])
+    )
     sketch = root / "sketch"
-    assert main(["sketch", str(root / "hf"), "--bits", "2", "--groups-per-row", "2", "--calib", str(calib),
-                 "--nsamples", "4", "--seq-len", "32", "--kmeans-iters", "5", "--out", str(sketch)]) == 0
+    assert (
+        main(
+            [
+                "sketch",
+                str(root / "hf"),
+                "--bits",
+                "2",
+                "--groups-per-row",
+                "2",
+                "--calib",
+                str(calib),
+                "--nsamples",
+                "4",
+                "--seq-len",
+                "32",
+                "--kmeans-iters",
+                "5",
+                "--out",
+                str(sketch),
+            ]
+        )
+        == 0
+    )
     return {"root": root, "calib": calib, "data": data, "sketch": sketch}
 
 
 def _finetune_argv(tiny, out) -> list[str]:
-    return ["finetune", str(tiny["sketch"]), "--data", str(tiny["data"]), "--out", str(out), "--max-steps", "2",
-            "--batch-size", "4", "--seq-len", "128", "--warmup-steps", "0", "--pad-multiple", "128"]
+    return [
+        "finetune",
+        str(tiny["sketch"]),
+        "--data",
+        str(tiny["data"]),
+        "--out",
+        str(out),
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--seq-len",
+        "128",
+        "--warmup-steps",
+        "0",
+        "--pad-multiple",
+        "128",
+    ]
 
 
 def test_sketch_records_its_calibration(tiny):
@@ -65,10 +103,18 @@ def test_finetune_without_matplotlib_finishes(tiny, tmp_path):
         "runpy.run_module('sketchtune_jax.cli', run_name='__main__')\n"
     )
     run = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-           "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, "-c", blocker, *_finetune_argv(tiny, run)], capture_output=True,
-                          text=True, env=env, timeout=300)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        "JAX_PLATFORMS": "cpu",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", blocker, *_finetune_argv(tiny, run)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "loss plot skipped: matplotlib not installed" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -89,16 +135,19 @@ def test_finetune_resumes_only_when_asked(tiny, tmp_path, capsys):
     assert json.loads((run / "summary.json").read_text())["resumed_from"] is None
 
 
-@pytest.mark.parametrize("flag, value, message", [
-    ("--lr", "-1", "--lr must be a finite number > 0"),
-    ("--lr", "nan", "--lr must be a finite number > 0"),
-    ("--max-steps", "-3", "--max-steps must be >= 0"),
-    ("--batch-size", "0", "--batch-size must be > 0"),
-    ("--seq-len", "0", "--seq-len must be > 0"),
-    ("--warmup-steps", "5", "--warmup-steps must be shorter than the run (2 steps)"),
-    ("--weight-decay", "-0.1", "--weight-decay must be >= 0"),
-    ("--max-grad-norm", "-1", "--max-grad-norm must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--lr", "-1", "--lr must be a finite number > 0"),
+        ("--lr", "nan", "--lr must be a finite number > 0"),
+        ("--max-steps", "-3", "--max-steps must be >= 0"),
+        ("--batch-size", "0", "--batch-size must be > 0"),
+        ("--seq-len", "0", "--seq-len must be > 0"),
+        ("--warmup-steps", "5", "--warmup-steps must be shorter than the run (2 steps)"),
+        ("--weight-decay", "-0.1", "--weight-decay must be >= 0"),
+        ("--max-grad-norm", "-1", "--max-grad-norm must be >= 0"),
+    ],
+)
 def test_finetune_rejects_bad_settings_before_any_work(tiny, tmp_path, capsys, flag, value, message):
     argv = _finetune_argv(tiny, tmp_path / "run")
     if flag in argv:

@@ -3,12 +3,12 @@
 from sketchtune_jax.models.config import SUPPORTED_MODEL_TYPES, ModelConfig, RopeScaling
 from sketchtune_jax.models.kv_cache import KVCache, init_cache
 from sketchtune_jax.models.llama import (
+    MLP,
     Attention,
     DecoderLayer,
     Embedding,
     LlamaForCausalLM,
     LlamaModel,
-    MLP,
     RMSNorm,
     attention_mask_for,
     positions_from_mask,

@@ -95,9 +95,7 @@ class ModelConfig:
         """
         model_type = hf.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(
-                f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-            )
+            raise ValueError(f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
         heads = int(hf["num_attention_heads"])
         hidden = int(hf["hidden_size"])
         rope_theta, rope_scaling = _parse_rope(hf)

@@ -36,8 +36,7 @@ Rope = tuple[jax.Array, jax.Array]
 class Embedding(nnx.Module):
     """Token embedding, ``weight [vocab, hidden]`` (HF's `embed_tokens.weight`)."""
 
-    def __init__(self, num_embeddings: int, features: int, *, dtype: jnp.dtype, param_dtype: jnp.dtype,
-                 rngs: nnx.Rngs):
+    def __init__(self, num_embeddings: int, features: int, *, dtype: jnp.dtype, param_dtype: jnp.dtype, rngs: nnx.Rngs):
         self.dtype = dtype
         init = nnx.initializers.normal(stddev=0.02)
         self.weight = nnx.Param(init(rngs.params(), (num_embeddings, features), param_dtype))
@@ -79,9 +78,9 @@ class Attention(nnx.Module):
         self.v_proj = Linear(d, self.num_kv_heads * hd, **kw)
         self.o_proj = Linear(self.num_heads * hd, d, **kw)
 
-    def __call__(self, x: jax.Array, rope: Rope, mask: jax.Array,
-                 past: tuple[jax.Array, jax.Array, jax.Array] | None = None
-                 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    def __call__(
+        self, x: jax.Array, rope: Rope, mask: jax.Array, past: tuple[jax.Array, jax.Array, jax.Array] | None = None
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         """Attend ``x [B, T, D]``; returns the output and the keys and values attended over.
 
         Without `past`, keys are the T new tokens and ``mask`` is bool ``[B, T, T]``.
@@ -154,12 +153,14 @@ class DecoderLayer(nnx.Module):
         self.dtype = dtype
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
         self.self_attn = Attention(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype,
-                                                param_dtype=param_dtype)
+        self.post_attention_layernorm = RMSNorm(
+            config.hidden_size, config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype
+        )
         self.mlp = MLP(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, hidden: jax.Array, positions: jax.Array | None = None,
-                 attention_mask: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self, hidden: jax.Array, positions: jax.Array | None = None, attention_mask: jax.Array | None = None
+    ) -> jax.Array:
         """Run the layer on its own (no cache): ``hidden [B, T, D]`` -> ``[B, T, D]``.
 
         ``positions [B, T]`` int (derived from the mask when None) and
@@ -174,9 +175,9 @@ class DecoderLayer(nnx.Module):
         out, _ = self.forward(hidden.astype(self.dtype), rope_for(self.config, positions), mask)
         return out
 
-    def forward(self, hidden: jax.Array, rope: Rope, mask: jax.Array,
-                past: tuple[jax.Array, jax.Array, jax.Array] | None = None
-                ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    def forward(
+        self, hidden: jax.Array, rope: Rope, mask: jax.Array, past: tuple[jax.Array, jax.Array, jax.Array] | None = None
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         """The model's entry: precomputed RoPE and mask; see `Attention.__call__`."""
         attn, kv = self.self_attn(self.input_layernorm(hidden), rope, mask, past)
         hidden = hidden + attn
@@ -191,21 +192,32 @@ class LlamaModel(nnx.Module):
     forward (training); see `sketchtune_jax.models.remat.REMAT_POLICIES`.
     """
 
-    def __init__(self, config: ModelConfig, *, dtype: jnp.dtype, param_dtype: jnp.dtype, rngs: nnx.Rngs,
-                 remat: str | bool = "none"):
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        dtype: jnp.dtype,
+        param_dtype: jnp.dtype,
+        rngs: nnx.Rngs,
+        remat: str | bool = "none",
+    ):
         remat = remat_name(remat)  # an unknown name fails before anything is built
         self.config = config
-        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=param_dtype,
-                                      rngs=rngs)
-        self.layers = nnx.List([
-            DecoderLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-            for _ in range(config.num_hidden_layers)
-        ])
+        self.embed_tokens = Embedding(
+            config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
+        self.layers = nnx.List(
+            [
+                DecoderLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                for _ in range(config.num_hidden_layers)
+            ]
+        )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
         self.remat = remat
 
-    def __call__(self, input_ids: jax.Array, positions: jax.Array | None, attention_mask: jax.Array | None,
-                 cache: KVCache | None) -> tuple[jax.Array, KVCache | None]:
+    def __call__(
+        self, input_ids: jax.Array, positions: jax.Array | None, attention_mask: jax.Array | None, cache: KVCache | None
+    ) -> tuple[jax.Array, KVCache | None]:
         """``input_ids [B, T]`` -> final-normed hidden ``[B, T, D]`` and the updated cache.
 
         Without a cache the keys are the ``T`` new tokens; with one they are its ``max_len``
@@ -227,8 +239,11 @@ class LlamaModel(nnx.Module):
         mask = attention_mask_for(index + jnp.arange(t), key_slots, key_valid, self.config.sliding_window)
         rope = rope_for(self.config, positions)
         # Training (no cache) recomputes layers by the remat policy and needs no keys back.
-        run = (with_remat(lambda layer, h, past: (layer.forward(h, rope, mask, past)[0], None), self.remat)
-               if cache is None else (lambda layer, h, past: layer.forward(h, rope, mask, past)))
+        run = (
+            with_remat(lambda layer, h, past: (layer.forward(h, rope, mask, past)[0], None), self.remat)
+            if cache is None
+            else (lambda layer, h, past: layer.forward(h, rope, mask, past))
+        )
         hidden = self.embed_tokens(input_ids)
         kv = []
         for layer, past in zip(self.layers, pasts):
@@ -237,7 +252,10 @@ class LlamaModel(nnx.Module):
         if cache is None:
             return self.norm(hidden), None
         new_cache = KVCache(
-            k=tuple(k for k, _ in kv), v=tuple(v for _, v in kv), mask=key_valid, index=index + t,
+            k=tuple(k for k, _ in kv),
+            v=tuple(v for _, v in kv),
+            mask=key_valid,
+            index=index + t,
             lengths=cache.lengths + token_mask.sum(axis=-1, dtype=jnp.int32),
         )
         return self.norm(hidden), new_cache
@@ -255,18 +273,32 @@ class LlamaForCausalLM(nnx.Module):
       rngs: initialisation randomness (use `nnx.eval_shape` to build without allocating).
     """
 
-    def __init__(self, config: ModelConfig, *, dtype: jnp.dtype = jnp.float32,
-                 param_dtype: jnp.dtype = jnp.float32, remat: str | bool = "none", rngs: nnx.Rngs):
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        dtype: jnp.dtype = jnp.float32,
+        param_dtype: jnp.dtype = jnp.float32,
+        remat: str | bool = "none",
+        rngs: nnx.Rngs,
+    ):
         self.config = config
         self.dtype = dtype
         self.model = LlamaModel(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs, remat=remat)
         if not config.tie_word_embeddings:
-            self.lm_head = Linear(config.hidden_size, config.vocab_size, dtype=dtype, param_dtype=param_dtype,
-                                  rngs=rngs)
+            self.lm_head = Linear(
+                config.hidden_size, config.vocab_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+            )
 
-    def __call__(self, inputs: jax.Array, *, positions: jax.Array | None = None,
-                 attention_mask: jax.Array | None = None, cache: KVCache | None = None,
-                 stage: str = "all") -> tuple[jax.Array, KVCache | None]:
+    def __call__(
+        self,
+        inputs: jax.Array,
+        *,
+        positions: jax.Array | None = None,
+        attention_mask: jax.Array | None = None,
+        cache: KVCache | None = None,
+        stage: str = "all",
+    ) -> tuple[jax.Array, KVCache | None]:
         """Logits for ``input_ids [B, T]`` (int32), or one half of that computation.
 
         Args:
@@ -297,8 +329,9 @@ class LlamaForCausalLM(nnx.Module):
             return hidden, cache
         return self(hidden, stage="head")[0], cache
 
-    def hidden_states(self, input_ids: jax.Array, *, positions: jax.Array | None = None,
-                      attention_mask: jax.Array | None = None) -> jax.Array:
+    def hidden_states(
+        self, input_ids: jax.Array, *, positions: jax.Array | None = None, attention_mask: jax.Array | None = None
+    ) -> jax.Array:
         """Final-normed hidden states ``[B, T, D]`` (compute dtype) for ``input_ids [B, T]``, no cache."""
         return self(input_ids, positions=positions, attention_mask=attention_mask, stage="trunk")[0]
 
@@ -318,8 +351,9 @@ def positions_from_mask(token_mask: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(token_mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
-def attention_mask_for(q_slots: jax.Array, k_slots: jax.Array, key_valid: jax.Array,
-                       sliding_window: int | None) -> jax.Array:
+def attention_mask_for(
+    q_slots: jax.Array, k_slots: jax.Array, key_valid: jax.Array, sliding_window: int | None
+) -> jax.Array:
     """Bool ``[B, T, S]``: causal over slots, within the sliding window, real keys only.
 
     ``q_slots [T]`` and ``k_slots [S]`` are sequence slots; ``key_valid [B, S]``.

@@ -121,8 +121,7 @@ def prepare_hessian(
                 f"(max_percdamp={max_percdamp:g}); check the calibration inputs"
             )
         warnings.warn(
-            f"Cholesky of the damped Hessian failed with percdamp={damp:g}; "
-            f"retrying with percdamp={damp * 10:g}",
+            f"Cholesky of the damped Hessian failed with percdamp={damp:g}; retrying with percdamp={damp * 10:g}",
             RuntimeWarning,
             stacklevel=2,
         )

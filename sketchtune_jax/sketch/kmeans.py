@@ -78,9 +78,7 @@ def _uniforms(ids: jax.Array, seed: jax.Array, shape: tuple[int, ...]) -> jax.Ar
     return ((h >> 8).astype(jnp.float32) * (1.0 / (1 << 24))).reshape(ids.shape[0], *shape)
 
 
-def _kmeanspp_init(
-    v: jax.Array, w: jax.Array, k: int, ids: jax.Array, seed: jax.Array
-) -> jax.Array:
+def _kmeanspp_init(v: jax.Array, w: jax.Array, k: int, ids: jax.Array, seed: jax.Array) -> jax.Array:
     # Greedy k-means++ (as scikit-learn): of 2 + ⌊ln k⌋ candidates drawn ∝ w·D²,
     # keep the one that lowers the weighted potential most.
     n_cand = 2 + int(math.log(k))
@@ -130,9 +128,7 @@ def _prefix_sums(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.concatenate([zero, hi], axis=1), jnp.concatenate([zero, lo], axis=1)
 
 
-def _range_sum(
-    prefix: tuple[jax.Array, jax.Array], lo_idx: jax.Array, hi_idx: jax.Array
-) -> jax.Array:
+def _range_sum(prefix: tuple[jax.Array, jax.Array], lo_idx: jax.Array, hi_idx: jax.Array) -> jax.Array:
     hi, lo = prefix
     take = functools.partial(jnp.take_along_axis, axis=1)
     return (take(hi, hi_idx) - take(hi, lo_idx)) + (take(lo, hi_idx) - take(lo, lo_idx))
@@ -221,9 +217,7 @@ def _weighted_sse(v: jax.Array, w: jax.Array, c: jax.Array) -> jax.Array:
     return jnp.sum(w * jnp.square(v - q), axis=1)
 
 
-@functools.partial(
-    jax.jit, static_argnames=("k", "iters", "init", "chunk_size", "restarts")
-)
+@functools.partial(jax.jit, static_argnames=("k", "iters", "init", "chunk_size", "restarts"))
 def kmeans_batched(
     values: jax.Array,
     weights: jax.Array,

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from sketchtune_jax.sketch.hessian import _check_finite
-from sketchtune_jax.sketch.kmeans import INITS, _CHUNK_ELEMENTS, assign_nearest, kmeans_batched
+from sketchtune_jax.sketch.kmeans import _CHUNK_ELEMENTS, INITS, assign_nearest, kmeans_batched
 
 _HIGHEST = lax.Precision.HIGHEST
 BITS = (2, 3, 4)
@@ -65,9 +65,7 @@ def problem_ids(groups: int, out: int) -> jax.Array:
     return jnp.arange(groups * out, dtype=jnp.uint32).reshape(groups, out)
 
 
-@functools.partial(
-    jax.jit, static_argnames=("k", "groups", "block", "iters", "init", "chunk", "restarts")
-)
+@functools.partial(jax.jit, static_argnames=("k", "groups", "block", "iters", "init", "chunk", "restarts"))
 def _sketch_feedback(w, u, seed, s, tol, *, k, groups, block, iters, init, chunk, restarts):
     out, inp = w.shape
     cpg = inp // groups
@@ -91,7 +89,15 @@ def _sketch_feedback(w, u, seed, s, tol, *, k, groups, block, iters, init, chunk
         vals = lax.dynamic_slice_in_dim(wc, g0, cpg, axis=1)
         weights = jnp.broadcast_to(gw[g], (out, cpg))
         centers = kmeans_batched(
-            vals, weights, ids[g], seed, tol, k=k, iters=iters, init=init, chunk_size=chunk,
+            vals,
+            weights,
+            ids[g],
+            seed,
+            tol,
+            k=k,
+            iters=iters,
+            init=init,
+            chunk_size=chunk,
             restarts=restarts,
         )
         books = lax.dynamic_update_slice(books, centers[:, None, :], (0, g, 0))
@@ -142,8 +148,16 @@ def _sketch_plain(w, u, seed, s, tol, *, k, groups, iters, init, chunk, restarts
     weights = jnp.broadcast_to(_group_weights(u, s, groups)[None], (out, groups, cpg))
     ids = problem_ids(groups, out).T.reshape(-1)
     centers = kmeans_batched(
-        vals, weights.reshape(out * groups, cpg), ids, seed, tol, k=k, iters=iters, init=init,
-        chunk_size=chunk, restarts=restarts,
+        vals,
+        weights.reshape(out * groups, cpg),
+        ids,
+        seed,
+        tol,
+        k=k,
+        iters=iters,
+        init=init,
+        chunk_size=chunk,
+        restarts=restarts,
     )
     codes = assign_nearest(vals, centers)
     return centers.reshape(out, groups, k), codes.reshape(out, groups, cpg)
@@ -284,9 +298,7 @@ def sketch_matrix(
     if refit_codebook:
         passes = 1 if groups == 1 else 3
         rchunk = max(1, min(out, _CHUNK_ELEMENTS // (cpg * k)))
-        books, codes = _refit(
-            w, hinv_upper, books, codes, groups=groups, passes=passes, chunk=rchunk
-        )
+        books, codes = _refit(w, hinv_upper, books, codes, groups=groups, passes=passes, chunk=rchunk)
     w_hat = jnp.take_along_axis(books, codes, axis=2).reshape(out, inp)
     return SketchResult(books, codes.astype(jnp.uint8), w_hat)
 

@@ -16,6 +16,8 @@ table of what is saved) and `metrics_log` (JSONL log, loss plot) are its parts;
 batch sources live in `sketchtune_jax.batches`.
 """
 
+from sketchtune_jax.batches import BatchSource, SequenceBatches, stack_micro_batches
+from sketchtune_jax.train.checkpointing import Checkpoints
 from sketchtune_jax.train.codebooks import (
     CodebookMismatchError,
     apply_codebooks,
@@ -26,6 +28,7 @@ from sketchtune_jax.train.codebooks import (
     trainable_parameter_count,
 )
 from sketchtune_jax.train.config import TrainConfig
+from sketchtune_jax.train.metrics_log import MetricsLog, plot_loss_curve, read_log
 from sketchtune_jax.train.optim import make_optimizer, make_schedule
 from sketchtune_jax.train.step import (
     LossFn,
@@ -37,9 +40,6 @@ from sketchtune_jax.train.step import (
     token_nll_sum,
     train_step,
 )
-from sketchtune_jax.batches import BatchSource, SequenceBatches, stack_micro_batches
-from sketchtune_jax.train.checkpointing import Checkpoints
-from sketchtune_jax.train.metrics_log import MetricsLog, plot_loss_curve, read_log
 from sketchtune_jax.train.trainer import NonFiniteLossError, Trainer, TrainResult, finetune
 
 __all__ = [

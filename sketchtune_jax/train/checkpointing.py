@@ -38,9 +38,7 @@ def _key_to_data(x: Any) -> Any:
 
 
 def _flatten(parts: dict[str, nnx.State]) -> dict[str, jax.Array]:
-    return {
-        f"{prefix}/{k}": _key_to_data(v[...]) for prefix, st in parts.items() for k, v in flat_state(st).items()
-    }
+    return {f"{prefix}/{k}": _key_to_data(v[...]) for prefix, st in parts.items() for k, v in flat_state(st).items()}
 
 
 def check_resumable(saved_config: dict[str, Any], config: Any, directory: Any) -> None:
@@ -106,4 +104,3 @@ class Checkpoints:
 
     def close(self) -> None:
         self.manager.close()
-

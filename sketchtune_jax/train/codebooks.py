@@ -14,9 +14,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import safetensors.numpy
 from flax import nnx
 from safetensors import safe_open
-import safetensors.numpy
 
 from sketchtune_jax.fileio import atomic_write_bytes
 from sketchtune_jax.layers import Codebook

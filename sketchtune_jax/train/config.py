@@ -57,8 +57,11 @@ class TrainConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "remat", remat_name(self.remat))
-        require(self.schedule in ("linear", "cosine", "constant"), "schedule",
-                f"must be linear, cosine or constant, got {self.schedule!r}")
+        require(
+            self.schedule in ("linear", "cosine", "constant"),
+            "schedule",
+            f"must be linear, cosine or constant, got {self.schedule!r}",
+        )
         require_positive(self, "lr", "adam_eps", finite=True)
         require_positive(self, "grad_accum", "batch_size", "seq_len", "log_every", "keep_checkpoints")
         require_non_negative(self, "warmup_steps", "max_steps", "save_every", "eval_every", "epochs", "weight_decay")
@@ -66,8 +69,11 @@ class TrainConfig:
             value = getattr(self, name)
             require(0 <= value < 1, name, f"must be in [0, 1), got {value}")
         if self.max_grad_norm is not None:
-            require(self.max_grad_norm >= 0 and math.isfinite(self.max_grad_norm), "max_grad_norm",
-                    f"must be >= 0 (0 or None: no clipping), got {self.max_grad_norm}")
+            require(
+                self.max_grad_norm >= 0 and math.isfinite(self.max_grad_norm),
+                "max_grad_norm",
+                f"must be >= 0 (0 or None: no clipping), got {self.max_grad_norm}",
+            )
         for name in ("compute_dtype", "codebook_dtype"):
             value = getattr(self, name)
             require(value is None or value in DTYPES, name, f"must be one of {sorted(DTYPES)} or None, got {value!r}")
@@ -78,8 +84,11 @@ class TrainConfig:
 
     def check_warmup(self, total_steps: int) -> None:
         """Raise `SettingError` unless the warmup is shorter than a run of ``total_steps``."""
-        require(self.warmup_steps < total_steps, "warmup_steps",
-                f"must be shorter than the run ({total_steps} steps), got {self.warmup_steps}")
+        require(
+            self.warmup_steps < total_steps,
+            "warmup_steps",
+            f"must be shorter than the run ({total_steps} steps), got {self.warmup_steps}",
+        )
 
     def dtype(self, name: str) -> Any:
         """The jnp dtype of field ``name`` (``compute_dtype`` or ``codebook_dtype``), or None."""

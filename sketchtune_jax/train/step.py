@@ -165,7 +165,10 @@ def _accumulated_grads(
 
 
 def apply_train_step(
-    model: nnx.Module, optimizer: nnx.Optimizer, batch: Batch, loss_fn: LossFn = next_token_nll,
+    model: nnx.Module,
+    optimizer: nnx.Optimizer,
+    batch: Batch,
+    loss_fn: LossFn = next_token_nll,
     loss_inputs: Any = None,
 ) -> dict[str, jax.Array]:
     """`train_step`'s body, unjitted, to compose inside a jitted function of your own."""
@@ -201,7 +204,11 @@ def pure_train_step(graphdef, mutable, frozen, batch, loss_inputs=None, *, loss_
 
 
 def train_step(
-    model: nnx.Module, optimizer: nnx.Optimizer, batch: Batch, *, loss_fn: LossFn = next_token_nll,
+    model: nnx.Module,
+    optimizer: nnx.Optimizer,
+    batch: Batch,
+    *,
+    loss_fn: LossFn = next_token_nll,
     loss_inputs: Any = None,
 ) -> dict[str, jax.Array]:
     """One optimizer update (jitted) of the variables the optimizer trains; all other state is untouched.
@@ -229,7 +236,11 @@ def train_step(
 
 
 def compile_train_step(
-    model: nnx.Module, optimizer: nnx.Optimizer, batch: Batch, *, loss_fn: LossFn = next_token_nll,
+    model: nnx.Module,
+    optimizer: nnx.Optimizer,
+    batch: Batch,
+    *,
+    loss_fn: LossFn = next_token_nll,
     loss_inputs: Any = None,
 ) -> jax.stages.Compiled:
     """The compiled executable `train_step` runs for these shapes (for ``memory_analysis()``, HLO).
@@ -263,7 +274,11 @@ def _pure_grads(graphdef, state, batch, wrt, loss_fn, loss_inputs):
 
 
 def loss_and_grads(
-    model: nnx.Module, batch: Batch, wrt: Any = Codebook, *, loss_fn: LossFn = next_token_nll,
+    model: nnx.Module,
+    batch: Batch,
+    wrt: Any = Codebook,
+    *,
+    loss_fn: LossFn = next_token_nll,
     loss_inputs: Any = None,
 ) -> tuple[jax.Array, nnx.State]:
     """Mean loss and gradients of the ``wrt`` variables (default `Codebook`) without an update."""

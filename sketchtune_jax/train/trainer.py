@@ -220,8 +220,11 @@ class Trainer:
         values = {k: float(v) for k, v in jax.device_get(metrics).items()}
         # A non-finite gradient norm means this step's update already poisoned the
         # codebooks even if its loss (computed before the update) was finite.
-        bad = [f"{name} is {values[key]}" for key, name in (("loss", "loss"), ("grad_norm", "gradient norm"))
-               if not math.isfinite(values[key])]
+        bad = [
+            f"{name} is {values[key]}"
+            for key, name in (("loss", "loss"), ("grad_norm", "gradient norm"))
+            if not math.isfinite(values[key])
+        ]
         if bad:
             good = (
                 f"the last good checkpoint is step {self.last_good_step} in {self.checkpoints.directory}"
@@ -293,8 +296,9 @@ class Trainer:
                 except StopIteration:
                     break
                 lr = host_learning_rate(self.config, self.total_steps, self.step)
-                mutable, metrics = pure_train_step(graphdef, mutable, frozen, self.put_batch(batch), self.loss_inputs,
-                                                   loss_fn=self.loss_fn)
+                mutable, metrics = pure_train_step(
+                    graphdef, mutable, frozen, self.put_batch(batch), self.loss_inputs, loss_fn=self.loss_fn
+                )
                 self.step += 1
                 self.position = nxt
                 # Check the previous step while this one runs, so the host does not stall the device.
@@ -317,7 +321,9 @@ class Trainer:
                 resolve(pending)
                 pending = None
             sync()
-            if self.val_batches is not None and not (self.config.eval_every and self.step % self.config.eval_every == 0):
+            if self.val_batches is not None and not (
+                self.config.eval_every and self.step % self.config.eval_every == 0
+            ):
                 val_loss = self.evaluate()
                 self.log.append({"step": self.step, "val_loss": val_loss})
             if self.last_good_step != self.step:
@@ -359,8 +365,17 @@ def finetune(
         NonFiniteLossError: the loss became NaN/Inf (names the step and batch; the
             NaN state is not saved).
     """
-    return Trainer(model, train_batches, config, out_dir, val_batches=val_batches, progress=progress, wrt=wrt,
-                   put_batch=put_batch, save_result=save_result).run()
+    return Trainer(
+        model,
+        train_batches,
+        config,
+        out_dir,
+        val_batches=val_batches,
+        progress=progress,
+        wrt=wrt,
+        put_batch=put_batch,
+        save_result=save_result,
+    ).run()
 
 
 def _save_codebooks(model: nnx.Module, out_dir: str) -> str:
