@@ -12,7 +12,7 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
-from converters._common import ConversionError, TensorSource, fill_params
+from converters._common import ConversionError, TensorSource, abstract_model, check_names, fill_params, iter_params
 from converters.export import export_hf
 from converters.gguf import GGUFTensors, load_gguf
 from converters.hf import HFTensors, from_state_dict, load_hf
@@ -68,8 +68,11 @@ __all__ = [
     "HFTensors",
     "LoadedModel",
     "TensorSource",
+    "abstract_model",
+    "check_names",
     "export_hf",
     "fill_params",
+    "iter_params",
     "from_state_dict",
     "load_gguf",
     "load_hf",

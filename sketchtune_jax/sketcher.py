@@ -36,11 +36,14 @@ from sketchtune_jax.reporting import progress
 from sketchtune_jax.settings import OutputExistsError, SettingError, require, require_positive
 from sketchtune_jax.sketch import (
     accumulate_hessian,
+    check_finite,
     init_hessian,
     prepare_hessian,
     relative_output_error,
     sketch_matrix,
 )
+
+_NOT_FINITE_HINT = "check the checkpoint's weights and the dtype (float32 if a half dtype overflows)"
 
 
 @dataclass(frozen=True)
@@ -289,7 +292,7 @@ def sketch_layers(
     reads it from the checkpoint) and the layer may be dropped once the next one is asked for.
     """
     hidden = embed(jnp.asarray(calib_ids)).astype(jnp.float32)
-    _check_finite(hidden, "the embeddings of the calibration tokens")
+    check_finite(hidden, "the embeddings of the calibration tokens", _NOT_FINITE_HINT)
     report: list[dict[str, Any]] = []
     start = time.perf_counter()
     for index in progress(range(num_layers), desc="sketching layers", disable=not show_progress):
@@ -307,7 +310,7 @@ def sketch_layers(
                 resume.save_layer(index, layer, rows)
         report += rows
         hidden = _forward_layer(layer, hidden, batch_size)
-        _check_finite(hidden, f"the output of decoder layer {index}")
+        check_finite(hidden, f"the output of decoder layer {index}", _NOT_FINITE_HINT)
         del layer
         if on_layer_done is not None:
             on_layer_done(index)
@@ -326,11 +329,6 @@ def swap_in_sketches(layer: nnx.Module, tensors: dict[str, np.ndarray]) -> None:
         set_submodule(
             layer, name, SketchedLinear.from_linear(linear, tensors[f"{name}.codebook"], tensors[f"{name}.codes"])
         )
-
-
-def _check_finite(x: jax.Array, what: str) -> None:
-    if not bool(jnp.all(jnp.isfinite(x))):
-        raise ValueError(f"NaN or Inf in {what}; check the checkpoint's weights and the dtype (try --dtype float32)")
 
 
 class ResumeDir:

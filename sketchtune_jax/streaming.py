@@ -53,7 +53,7 @@ def sketch_streaming(
     (and a run with the same settings resumes from it); `assemble_sketch` makes the checkpoint.
     """
     # converters imports this package, so it is imported when first used.
-    from converters._common import abstract_model, check_names, fill_params, iter_params
+    from converters import abstract_model, check_names, fill_params, iter_params
 
     config = tensors.config
     settings.validate(config)
@@ -95,7 +95,7 @@ def assemble_sketch(
 
     The result is the directory `save_sketched` writes for the same model sketched in memory.
     """
-    from converters._common import abstract_model
+    from converters import abstract_model
 
     config = tensors.config
     resume_layers = ResumeDir.existing(work_dir)

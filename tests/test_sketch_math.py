@@ -19,7 +19,7 @@ from sketchtune_jax.sketch import (
     weighted_kmeans,
 )
 from sketchtune_jax.sketch.kmeans import kmeans_batched
-from sketchtune_jax.sketch.sweep import _group_weights, problem_ids
+from sketchtune_jax.sketch.sweep import group_weights, problem_ids
 
 OUT, IN, TOKENS = 64, 256, 1024
 BITS, GROUPS = 3, 4
@@ -255,7 +255,7 @@ def _reference_sketch(wp, u, groups, k, seed):
     out, inp = w.shape
     cpg = inp // groups
     ids = problem_ids(groups, out)
-    gw = _group_weights(jnp.asarray(u, jnp.float32), jnp.float32(3.0), groups)
+    gw = group_weights(jnp.asarray(u, jnp.float32), jnp.float32(3.0), groups)
     codes = np.zeros((out, inp), np.int64)
     books = np.zeros((out, groups, k))
     for j in range(inp):

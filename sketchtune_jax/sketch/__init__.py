@@ -10,7 +10,7 @@ Typical use, per linear layer::
     relative_output_error(weight, result.w_hat, h)
 """
 
-from sketchtune_jax.sketch.hessian import accumulate_hessian, init_hessian, prepare_hessian
+from sketchtune_jax.sketch.hessian import accumulate_hessian, check_finite, init_hessian, prepare_hessian
 from sketchtune_jax.sketch.kmeans import assign_nearest, weighted_kmeans
 from sketchtune_jax.sketch.sweep import (
     SketchResult,
@@ -22,6 +22,7 @@ from sketchtune_jax.sketch.sweep import (
 __all__ = [
     "SketchResult",
     "accumulate_hessian",
+    "check_finite",
     "assign_nearest",
     "importance_weights",
     "init_hessian",

@@ -107,8 +107,8 @@ def prepare_hessian(
         raise ValueError(f"W must be [out, {h.shape[0]}] to match H, got shape {w.shape}")
     if percdamp <= 0:
         raise ValueError(f"percdamp must be positive, got {percdamp}")
-    _check_finite(h, "H")
-    _check_finite(w, "W")
+    check_finite(h, "H")
+    check_finite(w, "W")
     h, w = _fix_dead(h, w)
     damp = float(percdamp)
     while True:
@@ -128,15 +128,14 @@ def prepare_hessian(
         damp *= 10
 
 
-def _check_finite(x: jax.Array, name: str) -> None:
-    """Raise a ValueError naming ``x`` if it holds NaN or Inf (skipped under tracing)."""
+def check_finite(x: jax.Array, name: str, hint: str = "") -> None:
+    """Raise a ValueError naming ``x`` (and adding ``hint``) if it holds NaN or Inf; skipped under tracing."""
     if isinstance(x, jax.core.Tracer):
         return
     has_nan, has_inf = _nan_inf(x)
-    if bool(has_nan):
-        raise ValueError(f"{name} contains NaN")
-    if bool(has_inf):
-        raise ValueError(f"{name} contains Inf")
+    for found, what in ((has_nan, "NaN"), (has_inf, "Inf")):
+        if bool(found):
+            raise ValueError(f"{name} contains {what}" + (f"; {hint}" if hint else ""))
 
 
 @jax.jit

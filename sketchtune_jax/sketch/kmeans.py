@@ -19,7 +19,7 @@ INITS = ("quantile", "kmeans++")
 # Default bound on chunk·n·k, the problems solved at once times their size: it
 # caps the largest temporaries (k-means++'s [chunk, candidates, n] potentials,
 # the sort and the prefix sums) at a few hundred MB.
-_CHUNK_ELEMENTS = 1 << 26
+CHUNK_ELEMENTS = 1 << 26
 
 
 def assign_nearest(values: jax.Array, centers: jax.Array) -> jax.Array:
@@ -320,7 +320,7 @@ def weighted_kmeans(
     if restarts < 1:
         raise ValueError(f"restarts must be at least 1, got {restarts}")
     if chunk_size is None:
-        chunk_size = max(1, min(p, _CHUNK_ELEMENTS // max(1, n * k)))
+        chunk_size = max(1, min(p, CHUNK_ELEMENTS // max(1, n * k)))
     return kmeans_batched(
         values,
         weights,

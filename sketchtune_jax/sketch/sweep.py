@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from sketchtune_jax.sketch.hessian import _check_finite
-from sketchtune_jax.sketch.kmeans import _CHUNK_ELEMENTS, INITS, assign_nearest, kmeans_batched
+from sketchtune_jax.sketch.hessian import check_finite
+from sketchtune_jax.sketch.kmeans import CHUNK_ELEMENTS, INITS, assign_nearest, kmeans_batched
 
 _HIGHEST = lax.Precision.HIGHEST
 BITS = (2, 3, 4)
@@ -51,7 +51,9 @@ def importance_weights(hinv_upper: jax.Array, s: float) -> jax.Array:
     return jnp.exp(logw - jnp.max(logw))
 
 
-def _group_weights(hinv_upper: jax.Array, s: jax.Array, groups: int) -> jax.Array:
+def group_weights(hinv_upper: jax.Array, s: jax.Array, groups: int) -> jax.Array:
+    """Column weights of the Hessian-weighted k-means, ``diag(H^-1)^-s`` scaled to a maximum of 1 in
+    each group: ``[groups, in / groups]`` float32 from ``hinv_upper [in, in]``."""
     d = jnp.diagonal(hinv_upper).reshape(groups, -1)
     logw = -s * jnp.log(d)
     return jnp.exp(logw - jnp.max(logw, axis=1, keepdims=True))
@@ -76,7 +78,7 @@ def _sketch_feedback(w, u, seed, s, tol, *, k, groups, block, iters, init, chunk
     wc = jnp.pad(w, ((0, 0), (0, bsz)))
     pad_idx = jnp.arange(inp, inp + bsz)
     up = jnp.pad(u, ((0, bsz), (0, bsz))).at[pad_idx, pad_idx].set(1.0)
-    gw = _group_weights(u, s, groups)
+    gw = group_weights(u, s, groups)
     ids = problem_ids(groups, out)
     codes = jnp.zeros((out, inp + bsz), jnp.int32)
     books = jnp.zeros((out, groups, k), jnp.float32)
@@ -145,7 +147,7 @@ def _sketch_plain(w, u, seed, s, tol, *, k, groups, iters, init, chunk, restarts
     out, inp = w.shape
     cpg = inp // groups
     vals = w.reshape(out * groups, cpg)
-    weights = jnp.broadcast_to(_group_weights(u, s, groups)[None], (out, groups, cpg))
+    weights = jnp.broadcast_to(group_weights(u, s, groups)[None], (out, groups, cpg))
     ids = problem_ids(groups, out).T.reshape(-1)
     centers = kmeans_batched(
         vals,
@@ -282,11 +284,11 @@ def sketch_matrix(
         raise ValueError(f"s must be non-negative, got {s}")
     if kmeans_init not in INITS:
         raise ValueError(f"kmeans_init must be one of {INITS}, got {kmeans_init!r}")
-    _check_finite(w, "W")
-    _check_finite(hinv_upper, "Hinv_upper")
+    check_finite(w, "W")
+    check_finite(hinv_upper, "Hinv_upper")
     k = 2**bits
     cpg = inp // groups
-    chunk = chunk_size or max(1, min(out, _CHUNK_ELEMENTS // (cpg * k)))
+    chunk = chunk_size or max(1, min(out, CHUNK_ELEMENTS // (cpg * k)))
     args = (w, hinv_upper, jnp.uint32(seed % (1 << 32)), jnp.float32(s), jnp.float32(kmeans_tol))
     if kmeans_restarts < 1:
         raise ValueError(f"kmeans_restarts must be at least 1, got {kmeans_restarts}")
@@ -297,7 +299,7 @@ def sketch_matrix(
         books, codes = _sketch_plain(*args, chunk=min(chunk * groups, out * groups), **opts)
     if refit_codebook:
         passes = 1 if groups == 1 else 3
-        rchunk = max(1, min(out, _CHUNK_ELEMENTS // (cpg * k)))
+        rchunk = max(1, min(out, CHUNK_ELEMENTS // (cpg * k)))
         books, codes = _refit(w, hinv_upper, books, codes, groups=groups, passes=passes, chunk=rchunk)
     w_hat = jnp.take_along_axis(books, codes, axis=2).reshape(out, inp)
     return SketchResult(books, codes.astype(jnp.uint8), w_hat)
