@@ -7,15 +7,12 @@ fresh interpreter with ``--xla_force_host_platform_device_count=8``.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from fake_devices import rerun_on_fake_devices
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -33,32 +30,7 @@ TOL = dict(rtol=2e-5, atol=2e-5)
 
 
 def test_sharded_in_subprocess():
-    if jax.device_count() >= DEVICES:
-        pytest.skip("already on 8 devices: the tests below run in this process")
-    env = dict(
-        os.environ,
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={DEVICES}",
-    )
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            __file__,
-            "-k",
-            "not test_sharded_in_subprocess",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
-    assert " passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-2000:]
+    rerun_on_fake_devices(__file__, DEVICES, "test_sharded_in_subprocess")
 
 
 def make_mesh(axis_type: str = "auto"):
