@@ -74,7 +74,7 @@ def make_mesh(spec: str, devices: Sequence[jax.Device] | None = None) -> Mesh:
     if math.prod(shape) != len(devices):
         raise SettingError(
             "mesh",
-            f"{spec!r} has {math.prod(shape)} devices but there are {len(devices)}; the sizes must multiply to {len(devices)}",
+            f"{spec!r} multiplies to {math.prod(shape)} but the number of devices is {len(devices)}",
         )
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 

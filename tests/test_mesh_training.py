@@ -8,6 +8,7 @@ Meshes sum in other orders than one device does, so results agree to rounding, n
 from __future__ import annotations
 
 import functools
+import json
 import shutil
 
 import jax
@@ -133,3 +134,60 @@ def test_resume_on_another_mesh(one_device, tmp_path, resume_shape):
     print(f"resume on {resume_shape}: max |loss diff| {np.max(np.abs(got - want)):.2e}, codebooks {diff:.2e}")
     if resume_shape is not None:
         assert resumed.model.layers[0].mlp.down_proj.codebook[...].sharding.mesh.devices.size == 4
+
+
+WORDS = "the cat sat on a mat while two dogs ran past the red barn and a bird sang in the old tree".split()
+
+
+def _text(n: int, seed: int) -> str:
+    return " ".join(WORDS[(i * 7 + seed) % len(WORDS)] for i in range(n))
+
+
+@pytest.fixture(scope="module")
+def sketch_dir(tmp_path_factory):
+    """A sketched tiny Llama on disk (4 groups per row) and 7 instruction records (a short last batch)."""
+    from model_utils import save_tiny_model_with_tokenizer
+
+    from sketchtune_jax.cli import main
+
+    root = tmp_path_factory.mktemp("cli")
+    calib = root / "calib.txt"
+    calib.write_text("\n".join(_text(60, s) for s in range(40)))
+    from sketchtune_jax.data import format_prompt
+
+    save_tiny_model_with_tokenizer(root / "hf", [calib.read_text(), format_prompt("x", "") * 20])
+    argv = ["sketch", str(root / "hf"), "--bits", "3", "--groups-per-row", "4", "--calib", str(calib)]
+    assert (
+        main([*argv, "--nsamples", "4", "--seq-len", "32", "--kmeans-iters", "3", "--out", str(root / "sketch")]) == 0
+    )
+    data = root / "data.json"
+    records = [{"instruction": _text(6, s), "input": "", "output": _text(4, s + 1)} for s in range(7)]
+    data.write_text(json.dumps(records))
+    return root / "sketch", data
+
+
+def _cli_finetune(sketch_dir, out, *extra: str) -> int:
+    from sketchtune_jax.cli import main
+
+    sketch, data = sketch_dir
+    argv = ["finetune", str(sketch), "--data", str(data), "--out", str(out), "--max-steps", "2", "--batch-size", "4"]
+    return main([*argv, "--seq-len", "128", "--warmup-steps", "0", "--lr", "1e-2", "--pad-multiple", "128", *extra])
+
+
+@needs_8
+def test_cli_finetune_on_a_mesh_matches_one_device(sketch_dir, tmp_path):
+    """Two steps (the second a short batch of 3 rows, padded to split over data=2) give one device's losses."""
+    assert _cli_finetune(sketch_dir, tmp_path / "mesh", "--mesh", "data=2,model=4") == 0
+    with jax.default_device(jax.devices()[0]):
+        assert _cli_finetune(sketch_dir, tmp_path / "one") == 0
+    summary = json.loads((tmp_path / "mesh" / "summary.json").read_text())
+    assert summary["mesh"] == "data=2,model=4" and summary["step"] == 2
+    np.testing.assert_allclose(losses(tmp_path / "mesh"), losses(tmp_path / "one"), **TOL)
+
+
+@needs_8
+def test_cli_refuses_a_batch_the_data_axis_does_not_divide(sketch_dir, tmp_path, capsys):
+    assert _cli_finetune(sketch_dir, tmp_path / "run", "--mesh", "data=2,model=4", "--batch-size", "3") == 2
+    err = capsys.readouterr().err.strip()
+    assert "--batch-size must be divisible by the 2 devices of the data axis of --mesh, got 3" in err, err
+    assert not (tmp_path / "run").exists()

@@ -354,7 +354,7 @@ def test_make_mesh_from_spec():
         ("data=-2", "positive integer size"),
         ("data=2,data=1", "twice"),
         ("data2", "axis=size pairs"),
-        ("data=3,model=5", "there are"),
+        ("data=3,model=5", "multiplies to 15 but the number of devices is"),
     ],
 )
 def test_make_mesh_refuses(spec, message):

@@ -190,7 +190,7 @@ def test_finetune_on_a_mesh_of_one_device(tiny, tmp_path):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--mesh", "data=2,model=4"], "--mesh 'data=2,model=4' has 8 devices but there are 1"),
+        (["--mesh", "data=2,model=4"], "--mesh 'data=2,model=4' multiplies to 8 but the number of devices is 1"),
         (["--mesh", "data=1,tensor=1"], "--mesh has an unknown axis 'tensor'"),
         (["--mesh", "model=0"], "--mesh axis 'model' must have a positive integer size"),
     ],
