@@ -109,6 +109,7 @@ def shard_model(
     data_axis: Axis = "data",
     model_axis: Axis = "model",
     splits: Mapping[str, str] = MEGATRON_SPLITS,
+    shard_vocab: bool = True,
 ) -> A:
     """Place ``node`` (any NNX graph: a model, or a module within one) on ``mesh``, in
     place; returns ``node``.
@@ -118,7 +119,7 @@ def shard_model(
     ``[out, groups, 2**bits]`` and codes ``[out, groups, words]`` follow their layer
     (kept whole where ``model_axis`` does not divide them). The ``weight [vocab, ...]``
     of a dense module named in `VOCAB_MODULES` is split by vocabulary over ``data_axis``
-    when that divides it. Other variables with ``out_sharding`` metadata follow it; all
+    when that divides it (with ``shard_vocab``; else replicated). Other variables with ``out_sharding`` metadata follow it; all
     others are replicated. An `nnx.Optimizer` made afterwards copies each codebook's
     metadata into its moments, and Flax places them the same way as it creates them.
     """
@@ -126,7 +127,7 @@ def shard_model(
         name = str(path[-1]) if path else ""
         if isinstance(value, SketchedLinear):
             _shard_sketched(value, SketchSharding(mesh, data_axis, model_axis, splits.get(name, "rows")), mesh)
-        elif name in VOCAB_MODULES and isinstance(getattr(value, "weight", None), nnx.Variable):
+        elif shard_vocab and name in VOCAB_MODULES and isinstance(getattr(value, "weight", None), nnx.Variable):
             _shard_vocab(value.weight, mesh, data_axis)
     state = nnx.state(node)
     nnx.update(node, jax.device_put(state, nnx.get_named_sharding(state, mesh)))
