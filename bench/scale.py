@@ -1,6 +1,8 @@
-"""Peak host memory of `sketchtune sketch` as the checkpoint grows: streaming vs the whole model.
+"""Scaling figures: peak host memory of `sketchtune sketch` as the checkpoint grows
+(streaming vs the whole model), and with ``--collectives`` the bytes a sharded train step
+moves between devices.
 
-Writes random-weight Llama checkpoints (sharded safetensors, one shard per decoder layer,
+Memory: writes random-weight Llama checkpoints (sharded safetensors, one shard per decoder layer,
 a small BPE tokenizer trained on the calibration text) that differ only in depth, sketches
 each in a subprocess and reads the child's peak RSS (``wait4`` rusage ``ru_maxrss``).
 Random weights: the sketch quality means nothing here, only the memory does. Prints JSON
@@ -8,6 +10,18 @@ and writes it to ``--out``.
 
     python bench/scale.py --out bench/results/scale-cpu-<date>.json
     python bench/scale.py --layers 2 4 --hidden 256 --intermediate 704    # quick smoke run
+
+Collectives: compiles the sketch train step of a random-weight Llama-shaped sketched model
+(the first ``--layers`` value is its depth) on forced host devices (``--devices``, default
+8) and mesh ``--mesh`` (default data=2,model=4) for four layouts of
+`sketchtune_jax.sharding.shard_model` (`LAYOUTS`): every projection split by rows (the
+layout before Megatron pairing) or Megatron-paired, each with embeddings and ``lm_head``
+replicated or split by vocabulary over data. Sums the result sizes of the collectives in
+the compiled per-device HLO (`collective_bytes`); compile only, nothing runs, nothing
+about time is claimed.
+
+    python bench/scale.py --collectives --hidden 512 --intermediate 1376 --heads 8 --kv-heads 4 \
+        --vocab 2048 --layers 4 4 --out bench/results/collectives-mesh-cpu-8dev.json
 """
 
 from __future__ import annotations
@@ -17,6 +31,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -169,6 +184,124 @@ def sketch_peak_rss(
     return {"peak_rss_mib": round(usage.ru_maxrss / 1024, 1), "seconds": round(seconds, 1)}
 
 
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+# "%name = SHAPE op(" or "ROOT %name = SHAPE op-start(": SHAPE is an array or a (tuple).
+_COLLECTIVE_LINE = re.compile(
+    r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(?P<shape>\([^()]*\)|\S+)\s+"
+    r"(?P<op>" + "|".join(COLLECTIVES) + r")(?P<start>-start)?\(",
+    re.MULTILINE,
+)
+_ARRAY = re.compile(r"\b([a-z][a-z0-9]*)\[([\d,]*)\]")
+
+
+def _array_bytes(dtype: str, dims: str) -> int:
+    if dtype == "token":
+        return 0
+    bits = 8 if dtype == "pred" else int(re.match(r"[a-z]+(\d+)", dtype).group(1))
+    count = 1
+    for d in filter(None, dims.split(",")):
+        count *= int(d)
+    return count * bits // 8
+
+
+def collective_bytes(hlo: str) -> dict[str, dict[str, int]]:
+    """``{op: {"count": n, "bytes": b}}`` for the collectives of `COLLECTIVES` in HLO text:
+    ``bytes`` sums their result sizes (a tuple result: every array in it; an async
+    ``-start`` op: only its last array, the output buffer; ``-done`` ops are not counted
+    again). In a partitioned module the sizes are per device."""
+    out = {op: {"count": 0, "bytes": 0} for op in COLLECTIVES}
+    for m in _COLLECTIVE_LINE.finditer(hlo):
+        arrays = _ARRAY.findall(m["shape"])
+        if m["start"]:
+            arrays = arrays[-1:]
+        out[m["op"]]["count"] += 1
+        out[m["op"]]["bytes"] += sum(_array_bytes(dtype, dims) for dtype, dims in arrays)
+    return out
+
+
+def step_collectives(args: argparse.Namespace, layout: str) -> dict:
+    """Collectives of one compiled sketch train step on ``args.mesh`` with ``layout``
+    (a key of `LAYOUTS`)."""
+    import numpy as np
+    from flax import nnx
+
+    # This checkout's library and its bench/train_step.py (the model builder), whatever is installed.
+    sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+    from train_step import build
+
+    from sketchtune_jax.sharding import MEGATRON_SPLITS, make_mesh, shard_batch, shard_model
+    from sketchtune_jax.train import TrainConfig, compile_train_step, make_optimizer
+
+    mesh = make_mesh(args.mesh)
+    shape = argparse.Namespace(
+        hidden=args.hidden,
+        intermediate=args.intermediate,
+        layers=args.layers[0],
+        heads=args.heads,
+        kv_heads=args.kv_heads,
+        vocab=args.vocab,
+        bits=4,
+        groups=args.groups,
+        dtype="float32",
+        remat="none",
+    )
+    model, wrt = build(shape, "sketch")
+    splits = MEGATRON_SPLITS if layout.startswith("megatron") else {}
+    shard_model(model, mesh, splits=splits, shard_vocab=layout.endswith("+vocab"))
+    optimizer = nnx.Optimizer(model, make_optimizer(TrainConfig(lr=1e-4), 10), wrt=wrt)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, args.vocab, (args.batch, args.seq_len)).astype(np.int32)
+    batch = shard_batch({"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": np.ones_like(ids)}, mesh)
+    compiled = compile_train_step(model, optimizer, batch)
+    per_op = collective_bytes(compiled.as_text())
+    return {
+        # Per device: the model, optimizer state and batch the step reads.
+        "argument_bytes": compiled.memory_analysis().argument_size_in_bytes,
+        "per_op": per_op,
+        "total_bytes": sum(v["bytes"] for v in per_op.values()),
+        "total_count": sum(v["count"] for v in per_op.values()),
+    }
+
+
+LAYOUTS = {
+    "rows": "every projection split by rows over model, embeddings and lm_head replicated (before pairing)",
+    "rows+vocab": "every projection by rows, embeddings and lm_head split by vocabulary over data",
+    "megatron": "q/k/v/gate/up by rows, o/down by columns, embeddings and lm_head replicated",
+    "megatron+vocab": "q/k/v/gate/up by rows, o/down by columns, vocabulary over data (shard_model's default)",
+}
+
+
+def collectives_main(args: argparse.Namespace) -> dict:
+    """The ``--collectives`` report: each layout's collective bytes per device per step."""
+    layouts = {layout: step_collectives(args, layout) for layout in LAYOUTS}
+    base = layouts["rows"]["total_bytes"]
+    return {
+        "what": "collective bytes per device per sketch train step (sum of collective result sizes in the "
+        "compiled HLO), by shard_model layout; compiled only, nothing timed",
+        "date": datetime.date.today().isoformat(),
+        "host": f"{platform.machine()} {os.cpu_count()} cpus, {platform.python_version()}, "
+        f"{args.devices} forced host devices",
+        "command": " ".join(["python", "bench/scale.py", *sys.argv[1:]]),
+        "mesh": args.mesh,
+        "model": {
+            "hidden": args.hidden,
+            "intermediate": args.intermediate,
+            "layers": args.layers[0],
+            "heads": args.heads,
+            "kv_heads": args.kv_heads,
+            "vocab": args.vocab,
+            "bits": 4,
+            "groups_per_row": args.groups,
+            "dtype": "float32",
+            "weights": "random",
+        },
+        "batch": {"rows": args.batch, "seq_len": args.seq_len},
+        "layouts": LAYOUTS,
+        "results": layouts,
+        "bytes_over_rows": {k: round(v["total_bytes"] / base, 4) for k, v in layouts.items()} if base else None,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, nargs=2, default=(4, 16), metavar=("SHALLOW", "DEEP"))
@@ -183,7 +316,20 @@ def main() -> None:
     parser.add_argument("--calib", type=Path, default=DEFAULT_CALIB)
     parser.add_argument("--in-memory", action="store_true", help="also measure --no-streaming (whole model loaded)")
     parser.add_argument("--out", help="also write the JSON here")
+    parser.add_argument("--collectives", action="store_true", help="measure a sharded train step's collectives")
+    parser.add_argument("--devices", type=int, default=8, help="forced host devices for --collectives")
+    parser.add_argument("--mesh", default="data=2,model=4", help="mesh for --collectives")
+    parser.add_argument("--groups", type=int, default=4, help="codebook groups per row for --collectives")
+    parser.add_argument("--batch", type=int, default=8, help="rows per step for --collectives")
     args = parser.parse_args()
+    if args.collectives:
+        # Before JAX starts: the forced devices are fixed when its CPU backend comes up.
+        os.environ["XLA_FLAGS"] = (
+            f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={args.devices}"
+        )
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+        write_result(collectives_main(args), args.out)
+        return
 
     calib_text = args.calib.read_text(encoding="utf-8")
     modes = (True, False) if args.in_memory else (True,)
@@ -248,11 +394,16 @@ def main() -> None:
         "peak_rss_growth_in_memory": ratio(False),
         "target": "peak RSS grows <= 1.3x while the checkpoint grows 4x",
     }
+    write_result(result, args.out)
+
+
+def write_result(result: dict, out: str | None) -> None:
+    """Print ``result`` as JSON, and write it to ``out`` too when given."""
     text = json.dumps(result, indent=2)
     print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text + "\n")
 
 
 if __name__ == "__main__":

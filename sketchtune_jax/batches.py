@@ -79,4 +79,25 @@ def stack_micro_batches(batches: Sequence[dict[str, np.ndarray]]) -> dict[str, n
     return out
 
 
-__all__ = ["BatchSource", "SequenceBatches", "as_batch_source", "stack_micro_batches"]
+def pad_rows(batch: dict[str, np.ndarray], multiple: int, *, dim: int = 0) -> dict[str, np.ndarray]:
+    """``batch`` with filler rows appended along ``dim`` up to a multiple of ``multiple``
+    (as in `stack_micro_batches`: one attended token, no loss tokens), so that a short
+    last batch still splits evenly over the devices of a data axis."""
+    rows = batch["input_ids"].shape[dim]
+    missing = -rows % multiple
+    if not missing:
+        return batch
+
+    def pad(v: np.ndarray) -> np.ndarray:
+        widths = [(0, 0)] * v.ndim
+        widths[dim] = (0, missing)
+        return np.pad(np.asarray(v), widths)
+
+    out = {k: pad(v) for k, v in batch.items()}
+    if "attention_mask" in out:
+        index = (slice(None),) * dim + (slice(rows, None), 0)
+        out["attention_mask"][index] = 1
+    return out
+
+
+__all__ = ["BatchSource", "SequenceBatches", "as_batch_source", "pad_rows", "stack_micro_batches"]

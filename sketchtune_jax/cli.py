@@ -6,7 +6,7 @@
     sketchtune eval ppl MODEL --text FILE --seq-len 512 --max-windows 20 [--json OUT]
     sketchtune sketch MODEL --bits 4 --groups-per-row 4 --calib FILE|hf:NAME|self --nsamples N --seq-len L --out DIR
     sketchtune heal SKETCH --teacher MODEL --calib FILE|self --out DIR --steps N [--lr --batch-size --seq-len ...]
-    sketchtune finetune SKETCH --data FILE --out RUN [--epochs --lr --batch-size ... --resume]
+    sketchtune finetune SKETCH --data FILE --out RUN [--epochs --lr --batch-size ... --mesh data=2,model=4 --resume]
     sketchtune eval math|commonsense MODEL --data FILE [--limit N] [--codebooks FILE]
     sketchtune eval commonsense MODEL --data FILE --scoring loglik [--continuation response|option|question]
     sketchtune export SKETCH [--codebooks FILE] --out DIR
@@ -294,6 +294,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         pad_multiple=args.pad_multiple,
         resume=args.resume,
         overwrite=args.overwrite,
+        mesh=args.mesh,
     )
     print_table(f"fine-tuned {args.model} on {args.data} ({summary['method']})", summary)
     return 0
@@ -565,6 +566,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--remat", action="store_true", help="recompute layer activations in the backward pass")
+    p.add_argument(
+        "--mesh",
+        help="train on a device mesh, e.g. data=2,model=4 (sizes multiply to the device count; sketch only): "
+        "batches split over data, projections over model",
+    )
     p.add_argument(
         "--resume",
         action="store_true",

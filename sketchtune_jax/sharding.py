@@ -1,18 +1,24 @@
-"""Data-parallel fine-tuning on a device mesh, with codebooks and codes split by rows.
+"""Fine-tuning on a device mesh: data parallel, with sketched projections split
+Megatron-style over the ``model`` axis.
 
 JAX's own SPMD does the work; this module only says where things live::
 
-    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    mesh = make_mesh("data=2,model=4")                   # Auto axes over all devices
     model = shard_model(model, mesh)                     # in place, returns the model
     optimizer = nnx.Optimizer(model, tx, wrt=Codebook)   # moments split like codebooks
     loss = train_step(model, optimizer, shard_batch(batch, mesh))   # any nnx.jit step
 
-`shard_model` annotates every `Codebook` and `Codes` with ``out_sharding`` and ``mesh``
-metadata (rows over ``model_axis`` where that axis divides them), places every variable
-by its metadata (`nnx.get_named_sharding`; variables without it are replicated, so
-annotations made with `nnx.with_partitioning` are kept), and sets
-`pallas_kernels.SketchSharding` on every `SketchedLinear` so that its kernel runs per
-shard (`pallas_kernels.sharded_sketched_matmul`). Activations are split over
+`shard_model` pairs projections by name (`MEGATRON_SPLITS`): ``q/k/v_proj`` and
+``gate/up_proj`` split their output features (rows) over ``model_axis``, ``o_proj`` and
+``down_proj`` their input features (columns), so the activations between the two stay
+split and each attention or MLP block ends in one reduction (see
+`pallas_kernels.sharding`). It annotates every `Codebook` and `Codes` with
+``out_sharding`` and ``mesh`` metadata to match, splits the vocabulary of the frozen
+embedding and ``lm_head`` weights over ``data_axis`` (FSDP-style: each device keeps a
+slice and XLA gathers it where it is used), places every variable by its metadata
+(`nnx.get_named_sharding`; variables without it are replicated, so annotations made with
+`nnx.with_partitioning` are kept), and sets `pallas_kernels.SketchSharding` on every
+`SketchedLinear` so that its kernel runs per shard. Activations are split over
 ``data_axis`` by their leading (batch) dimension.
 
 Sketched layers work on meshes with ``Auto`` or ``Explicit`` axes (the default of
@@ -22,67 +28,143 @@ ones JAX asks every ambiguous op (the embedding gather first) for an ``out_shard
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping, Sequence
 from typing import TypeVar
 
 import jax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from pallas_kernels import SketchSharding
-from sketchtune_jax.layers import Codebook, Codes, SketchedLinear
+from sketchtune_jax.layers import SketchedLinear
+from sketchtune_jax.settings import SettingError
 
-__all__ = ["shard_batch", "shard_model"]
+__all__ = ["MEGATRON_SPLITS", "MESH_AXES", "VOCAB_MODULES", "make_mesh", "parse_mesh", "shard_batch", "shard_model"]
 
 A = TypeVar("A")
+Axis = str | tuple[str, ...] | None
+
+# Projection name -> how its weights split over the model axis. A rows projection's
+# output (split over model) feeds the next columns projection as its split input.
+MEGATRON_SPLITS: Mapping[str, str] = {
+    "q_proj": "rows",
+    "k_proj": "rows",
+    "v_proj": "rows",
+    "gate_proj": "rows",
+    "up_proj": "rows",
+    "o_proj": "columns",
+    "down_proj": "columns",
+}
+# Modules whose dense ``weight [vocab, hidden]`` is split by vocabulary over the data axis.
+VOCAB_MODULES = ("embed_tokens", "lm_head")
+# The axes `make_mesh` knows, in mesh order.
+MESH_AXES = ("data", "model")
+
+
+def make_mesh(spec: str, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The mesh ``spec`` describes, e.g. ``"data=2,model=4"``, with ``Auto`` axes.
+
+    Axes are `MESH_AXES`; one left out has size 1. The sizes must multiply to the number
+    of ``devices`` (default: all of them). Raises `SettingError` (field ``mesh``).
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = parse_mesh(spec)
+    shape = tuple(sizes.get(axis, 1) for axis in MESH_AXES)
+    if math.prod(shape) != len(devices):
+        raise SettingError(
+            "mesh",
+            f"{spec!r} multiplies to {math.prod(shape)} but the number of devices is {len(devices)}",
+        )
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def parse_mesh(spec: str) -> dict[str, int]:
+    """``"data=2,model=4"`` -> ``{"data": 2, "model": 4}``; raises `SettingError` (field ``mesh``)."""
+    sizes: dict[str, int] = {}
+    for part in spec.split(","):
+        name, eq, size = (p.strip() for p in part.partition("="))
+        if not eq:
+            raise SettingError("mesh", f"must be axis=size pairs like data=2,model=4, got {spec!r}")
+        if name not in MESH_AXES:
+            raise SettingError("mesh", f"has an unknown axis {name!r}; the axes are {', '.join(MESH_AXES)}")
+        if name in sizes:
+            raise SettingError("mesh", f"names the axis {name!r} twice in {spec!r}")
+        if not size.isdigit() or int(size) < 1:
+            raise SettingError("mesh", f"axis {name!r} must have a positive integer size, got {size!r}")
+        sizes[name] = int(size)
+    return sizes
+
+
+def axis_size(mesh: Mesh, axis: Axis) -> int:
+    """How many devices ``axis`` (a mesh axis, a tuple of them, or None) spans."""
+    names = () if axis is None else (axis,) if isinstance(axis, str) else axis
+    return math.prod(mesh.shape[a] for a in names)
 
 
 def shard_model(
     node: A,
     mesh: Mesh,
     *,
-    data_axis: str | tuple[str, ...] | None = "data",
-    model_axis: str | tuple[str, ...] | None = "model",
+    data_axis: Axis = "data",
+    model_axis: Axis = "model",
+    splits: Mapping[str, str] = MEGATRON_SPLITS,
+    shard_vocab: bool = True,
 ) -> A:
     """Place ``node`` (any NNX graph: a model, or a module within one) on ``mesh``, in
     place; returns ``node``.
 
-    Codebooks ``[out, groups, 2**bits]`` and codes ``[out, groups, words]`` are split by
-    rows over ``model_axis`` (kept whole when the axis does not divide ``out``); variables
-    with ``out_sharding`` metadata follow it; all others are replicated. An
-    `nnx.Optimizer` made afterwards copies each codebook's metadata into its moments,
-    and Flax places them the same way as it creates them.
+    A `SketchedLinear` named (last path entry) in ``splits`` splits as it says there,
+    any other by rows; pass ``splits={}`` to split every projection by rows. Codebooks
+    ``[out, groups, 2**bits]`` and codes ``[out, groups, words]`` follow their layer
+    (kept whole where ``model_axis`` does not divide them). The ``weight [vocab, ...]``
+    of a dense module named in `VOCAB_MODULES` is split by vocabulary over ``data_axis``
+    when that divides it (with ``shard_vocab``; else replicated). Other variables with ``out_sharding`` metadata follow it; all
+    others are replicated. An `nnx.Optimizer` made afterwards copies each codebook's
+    metadata into its moments, and Flax places them the same way as it creates them.
     """
-    sharding = SketchSharding(mesh, data_axis, model_axis)
-    for _, value in nnx.iter_graph(node):
+    for path, value in nnx.iter_graph(node):
+        name = str(path[-1]) if path else ""
         if isinstance(value, SketchedLinear):
-            value.sharding = sharding
-        elif isinstance(value, (Codebook, Codes)):
-            # With the mesh beside it, variables made from this one (optimizer moments)
-            # are placed as they are created.
-            value.set_metadata(out_sharding=tuple(sharding.rows_spec(value.shape)), mesh=mesh)
+            _shard_sketched(value, SketchSharding(mesh, data_axis, model_axis, splits.get(name, "rows")), mesh)
+        elif shard_vocab and name in VOCAB_MODULES and isinstance(getattr(value, "weight", None), nnx.Variable):
+            _shard_vocab(value.weight, mesh, data_axis)
     state = nnx.state(node)
     nnx.update(node, jax.device_put(state, nnx.get_named_sharding(state, mesh)))
     return node
 
 
-def shard_batch(batch: A, mesh: Mesh, data_axis: str | tuple[str, ...] = "data") -> A:
-    """Split every array of ``batch`` (any pytree) by its leading dimension over
-    ``data_axis``; scalars are replicated.
+def _shard_sketched(layer: SketchedLinear, sharding: SketchSharding, mesh: Mesh) -> None:
+    layer.sharding = sharding
+    for var in (layer.codebook, layer.codes):
+        # With the mesh beside it, variables made from this one (optimizer moments)
+        # are placed as they are created.
+        var.set_metadata(out_sharding=tuple(sharding.weight_spec(var.shape)), mesh=mesh)
+
+
+def _shard_vocab(weight: nnx.Variable, mesh: Mesh, data_axis: Axis) -> None:
+    size = axis_size(mesh, data_axis)
+    if len(weight.shape) == 2 and size > 1 and weight.shape[0] % size == 0:
+        weight.set_metadata(out_sharding=(data_axis, None), mesh=mesh)
+
+
+def shard_batch(batch: A, mesh: Mesh, data_axis: Axis = "data", *, dim: int = 0) -> A:
+    """Split every array of ``batch`` (any pytree) by its dimension ``dim`` (the batch
+    dimension: 1 for stacked micro-batches ``[A, B, T]``) over ``data_axis``; arrays with
+    no such dimension are replicated.
 
     Single process only: with several processes, build each global array from the
     process's own rows with `jax.make_array_from_process_local_data`.
     """
-    size = 1
-    for axis in (data_axis,) if isinstance(data_axis, str) else data_axis:
-        size *= mesh.shape[axis]
+    size = axis_size(mesh, data_axis)
 
     def put(leaf):
-        if not hasattr(leaf, "shape") or len(leaf.shape) == 0:
+        if not hasattr(leaf, "shape") or len(leaf.shape) <= dim:
             return jax.device_put(leaf, NamedSharding(mesh, PartitionSpec()))
-        if leaf.shape[0] % size:
+        if leaf.shape[dim] % size:
             raise ValueError(
-                f"batch dimension {leaf.shape[0]} is not divisible by the {size} devices of mesh axis {data_axis!r}"
+                f"batch dimension {leaf.shape[dim]} is not divisible by the {size} devices of mesh axis {data_axis!r}"
             )
-        return jax.device_put(leaf, NamedSharding(mesh, PartitionSpec(data_axis)))
+        return jax.device_put(leaf, NamedSharding(mesh, PartitionSpec(*(None,) * dim, data_axis)))
 
     return jax.tree.map(put, batch)

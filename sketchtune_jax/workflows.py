@@ -164,6 +164,7 @@ def finetune_to_dir(
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    mesh: str | None = None,
 ) -> dict[str, Any]:
     """Fine-tune ``model_ref`` on instruction records ``data`` by ``method``; outputs in ``out_dir``.
 
@@ -171,6 +172,9 @@ def finetune_to_dir(
     lora, qlora and full take a dense model (see `sketchtune_jax.methods`). ``auto_lora_rank`` replaces the adapter
     rank by `auto_rank` of the model; ``lora_alpha`` None means 2 x rank. ``resume`` continues the
     run found in ``out_dir`` (from its latest checkpoint); ``overwrite`` deletes it first.
+    ``mesh`` (e.g. ``"data=2,model=4"``, sketch tuning only) trains on a mesh of all local
+    devices: batches split over ``data``, projections Megatron-style over ``model``
+    (`sketchtune_jax.sharding.shard_model`); a run resumes on any mesh.
     Returns the summary also written to ``summary.json``.
     """
     from sketchtune_jax.data import build_batches, load_instruction_data
@@ -186,6 +190,7 @@ def finetune_to_dir(
         raise FileNotFoundError(f"data file not found: {data}")
     if not 0 <= val_fraction < 1:
         raise SettingError("val_fraction", f"must be in [0, 1), got {val_fraction}")
+    device_mesh = _training_mesh(mesh, method.name, config) if mesh is not None else None
     check_run_dir(out_dir, resume=resume, overwrite=overwrite)
     records = load_instruction_data(data)
     loaded = _load(model_ref, dtype, codebooks)
@@ -194,6 +199,12 @@ def finetune_to_dir(
         alpha = 2.0 * rank if lora_alpha is None else lora_alpha
         method = FinetuneMethod(method.name, lora=dataclasses.replace(method.lora, rank=rank, alpha=alpha))
     model = method.prepare(loaded.model)
+    put_batch = None
+    if device_mesh is not None:
+        from sketchtune_jax.sharding import shard_model
+
+        shard_model(model, device_mesh)
+        put_batch = _mesh_put_batch(device_mesh)
     train, val = build_batches(
         records,
         loaded.tokenizer,
@@ -208,7 +219,15 @@ def finetune_to_dir(
         shutil.rmtree(out_dir, ignore_errors=True)
     writer = method.result_writer(config=loaded.config, tokenizer=loaded.tokenizer, base_model=model_ref)
     result = finetune(
-        model, train, config, out_dir, val_batches=val, progress=progress, wrt=method.wrt, save_result=writer
+        model,
+        train,
+        config,
+        out_dir,
+        val_batches=val,
+        progress=progress,
+        wrt=method.wrt,
+        save_result=writer,
+        put_batch=put_batch,
     )
     summary = {
         "method": method.name,
@@ -220,10 +239,42 @@ def finetune_to_dir(
         "result": result.result_path,
         "log": result.log_path,
     }
+    if device_mesh is not None:
+        summary["mesh"] = ",".join(f"{axis}={size}" for axis, size in device_mesh.shape.items())
     if method.lora is not None:
         summary.update(lora_rank=method.lora.rank, lora_alpha=method.lora.alpha, lora_qtype=method.lora.qtype)
     write_json_atomic(Path(out_dir) / "summary.json", summary)
     return summary
+
+
+def _training_mesh(spec: str, method: str, config: TrainConfig):
+    """The mesh ``spec`` names, after checking that ``method`` and ``config`` can train on it."""
+    from sketchtune_jax.sharding import make_mesh
+
+    if method != "sketch":
+        raise SettingError("mesh", "is supported for method sketch only (for now)")
+    mesh = make_mesh(spec)
+    data = mesh.shape["data"]
+    if config.batch_size % data:
+        raise SettingError(
+            "batch_size",
+            f"must be divisible by the {data} devices of the data axis of {{mesh}}, got {config.batch_size}",
+            ("mesh",),
+        )
+    return mesh
+
+
+def _mesh_put_batch(mesh):
+    """Numpy batch -> arrays split over ``mesh``'s data axis by their batch dimension
+    (dimension 1 of stacked micro-batches ``[A, B, T]``); a short last batch gets filler rows."""
+    from sketchtune_jax.batches import pad_rows
+    from sketchtune_jax.sharding import shard_batch
+
+    def put(batch):
+        dim = batch["input_ids"].ndim - 2
+        return shard_batch(pad_rows(batch, mesh.shape["data"], dim=dim), mesh, dim=dim)
+
+    return put
 
 
 def calibration_overlap(

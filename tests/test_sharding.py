@@ -7,21 +7,20 @@ fresh interpreter with ``--xla_force_host_platform_device_count=8``.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from fake_devices import rerun_on_fake_devices
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from pallas_kernels import SketchSharding, sharded_sketched_matmul, sketched_matmul
 from sketchtune_jax.layers import Codebook, Linear, SketchedLinear
+from sketchtune_jax.settings import SettingError
+from sketchtune_jax.sharding import make_mesh as mesh_from_spec
 from sketchtune_jax.sharding import shard_batch, shard_model
 
 DEVICES = 8
@@ -31,32 +30,7 @@ TOL = dict(rtol=2e-5, atol=2e-5)
 
 
 def test_sharded_in_subprocess():
-    if jax.device_count() >= DEVICES:
-        pytest.skip("already on 8 devices: the tests below run in this process")
-    env = dict(
-        os.environ,
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={DEVICES}",
-    )
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            __file__,
-            "-k",
-            "not test_sharded_in_subprocess",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
-    assert " passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-2000:]
+    rerun_on_fake_devices(__file__, DEVICES, "test_sharded_in_subprocess")
 
 
 def make_mesh(axis_type: str = "auto"):
@@ -238,3 +212,153 @@ def test_sketch_sharding_checks_axes():
     layer = sketched(24, 16, seed=0, backend="reference")
     y = sharded_sketched_matmul(x, layer.codebook[...], layer.codes[...], 4, SketchSharding(mesh, data_axis=None))
     assert y.sharding.spec == P(None, "model")
+
+
+def assert_layout(a: jax.Array, mesh, spec: P) -> None:
+    """``a`` is laid out as ``spec`` (trailing ``None`` entries are optional in JAX's specs)."""
+    assert a.sharding.is_equivalent_to(NamedSharding(mesh, spec), a.ndim), (a.sharding, spec)
+
+
+def matmul_grads(x, codebook, codes, dy, bits, sharding=None):
+    """Loss, y, dx and dcodebook of ``sum(y * dy)``, sharded when ``sharding`` is given."""
+
+    def loss(x, codebook):
+        if sharding is None:
+            y = sketched_matmul(x, codebook, codes, bits, backend="reference")
+        else:
+            y = sharded_sketched_matmul(x, codebook, codes, bits, sharding, backend="reference")
+        return jnp.sum(y * dy), y
+
+    (value, y), (dx, dcb) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(x, codebook)
+    return value, y, dx, dcb
+
+
+@needs_8
+@pytest.mark.parametrize("axis_type", ["auto", "explicit"])
+def test_columns_split_forward_and_grads(axis_type):
+    """Input features over model: a partial product per shard and one psum give the unsharded numbers."""
+    mesh = make_mesh(axis_type)
+    layer = sketched(64, 16, seed=20, backend="reference", groups=8)
+    cb, codes = layer.codebook[...], layer.codes[...]
+    x, dy = batch((4, 3, 64)), batch((4, 3, 16), seed=21)
+    want = matmul_grads(x, cb, codes, dy, 4)
+    sharding = SketchSharding(mesh, split="columns")
+    assert sharding.weight_spec(cb.shape) == P(None, "model", None)
+    xs, dys = shard_batch((x, dy), mesh)
+    got = matmul_grads(xs, cb, codes, dys, 4, sharding)
+    for g, w in zip(got, want):
+        assert_close(g, w)
+    _, y, dx, dcb = got
+    assert_layout(y, mesh, P("data", None, None))
+    # dx comes back in the layout x was given in (under Explicit axes, exactly that).
+    assert dx.sharding.spec[0] == "data"
+    assert_layout(dcb, mesh, P(None, "model", None))
+
+
+@needs_8
+def test_columns_split_falls_back_to_rows():
+    """Two groups over model=4 cannot split by columns: the weights split by rows instead."""
+    mesh = make_mesh()
+    layer = sketched(24, 16, seed=22, backend="reference", groups=2)
+    cb, codes = layer.codebook[...], layer.codes[...]
+    sharding = SketchSharding(mesh, split="columns")
+    assert sharding.weight_spec(cb.shape) == P("model", None, None)
+    x, dy = batch((4, 24)), batch((4, 16), seed=23)
+    got = matmul_grads(x, cb, codes, dy, 4, sharding)
+    for g, w in zip(got, matmul_grads(x, cb, codes, dy, 4)):
+        assert_close(g, w)
+    assert_layout(got[1], mesh, P("data", "model"))
+
+
+class VocabTable(nnx.Module):
+    def __init__(self, vocab: int, hidden: int):
+        self.weight = nnx.Param(batch((vocab, hidden), seed=vocab))
+
+
+class TinyBlock(nnx.Module):
+    """A Llama-named MLP between an embedding and an ``lm_head``: ids ``[B, T]`` -> logits."""
+
+    def __init__(self, vocab: int = 16, hidden: int = 32, inner: int = 64):
+        self.embed_tokens = VocabTable(vocab, hidden)
+        self.gate_proj = sketched(hidden, inner, seed=30, backend="reference", groups=4)
+        self.up_proj = sketched(hidden, inner, seed=31, backend="reference", groups=4)
+        self.down_proj = sketched(inner, hidden, seed=32, backend="reference", groups=8)
+        self.lm_head = Linear(hidden, vocab, rngs=nnx.Rngs(1))
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        h = self.embed_tokens.weight[...][ids]
+        h = h + self.down_proj(jax.nn.silu(self.gate_proj(h)) * self.up_proj(h))
+        return self.lm_head(h)
+
+
+def block_loss(model: TinyBlock, ids: jax.Array) -> jax.Array:
+    return jnp.mean(jax.nn.log_softmax(model(ids))[..., 0])
+
+
+@nnx.jit
+def block_grads(model, ids):
+    return nnx.value_and_grad(block_loss, argnums=nnx.DiffState(0, Codebook))(model, ids)
+
+
+@needs_8
+def test_shard_model_pairs_projections_megatron_style():
+    """gate/up split by rows, down by columns: the MLP needs no all-gather of activations,
+    where splitting every projection by rows gathers the hidden state before down_proj."""
+    mesh = make_mesh()
+    ids = jnp.asarray(np.random.default_rng(3).integers(0, 16, (4, 5)), jnp.int32)
+    model = TinyBlock()
+    want = block_grads(model, ids)
+    paired = shard_model(nnx.clone(model), mesh)
+    assert paired.gate_proj.sharding.split == "rows" and paired.down_proj.sharding.split == "columns"
+    assert_layout(paired.up_proj.codebook[...], mesh, P("model", None, None))
+    assert_layout(paired.down_proj.codebook[...], mesh, P(None, "model", None))
+    assert_layout(paired.down_proj.codes[...], mesh, P(None, "model", None))
+    assert_layout(paired.embed_tokens.weight[...], mesh, P("data", None))
+    assert_layout(paired.lm_head.weight[...], mesh, P("data", None))
+    ids_s = shard_batch(ids, mesh)
+    got = block_grads(paired, ids_s)
+    assert_close(got[0], want[0])
+    assert_trees_close(got[1], want[1])
+
+    def gathers(model) -> list[str]:
+        hlo = block_grads.lower(model, ids_s).compile().as_text()
+        return [line for line in hlo.splitlines() if "all-gather(" in line and "f32[2,5," in line]
+
+    # Activations (per device [2, 5, features]) are gathered over model only by the all-rows layout.
+    assert not gathers(paired)
+    assert gathers(shard_model(nnx.clone(model), mesh, splits={}))
+
+
+@needs_8
+def test_vocab_stays_whole_when_data_axis_does_not_divide():
+    mesh = make_mesh()
+    model = shard_model(TinyBlock(vocab=15), mesh)
+    assert model.embed_tokens.weight[...].sharding.is_fully_replicated
+
+
+@needs_8
+def test_make_mesh_from_spec():
+    mesh = mesh_from_spec("data=2,model=4")
+    assert dict(mesh.shape) == {"data": 2, "model": 4}
+    assert set(mesh.axis_types) == {AxisType.Auto}
+    assert dict(mesh_from_spec("model=8").shape) == {"data": 1, "model": 8}
+    small = mesh_from_spec(" data = 2 , model=2", devices=jax.devices()[:4])
+    assert small.devices.size == 4
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("data=2,tensor=4", "unknown axis 'tensor'"),
+        ("data=0", "positive integer size"),
+        ("data=-2", "positive integer size"),
+        ("data=2,data=1", "twice"),
+        ("data2", "axis=size pairs"),
+        ("data=3,model=5", "multiplies to 15 but the number of devices is"),
+    ],
+)
+def test_make_mesh_refuses(spec, message):
+    with pytest.raises(SettingError, match=message) as error:
+        mesh_from_spec(spec)
+    assert error.value.field == "mesh"
+    assert "\n" not in str(error.value)

@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from tiny_lm import TinyCausalLM  # noqa: E402
 
+from sketchtune_jax.batches import pad_rows  # noqa: E402
 from sketchtune_jax.data import DataPosition  # noqa: E402
 from sketchtune_jax.layers import Codebook  # noqa: E402
 from sketchtune_jax.train import (  # noqa: E402
@@ -127,6 +128,21 @@ def test_filler_rows_add_nothing():
     big = {k: np.concatenate([a[k], b[k]]) for k in a}
     l1, g1 = loss_and_grads(TinyCausalLM(), to_jnp(stacked))
     l2, g2 = loss_and_grads(TinyCausalLM(), to_jnp(big))
+    np.testing.assert_allclose(float(l1), float(l2), rtol=1e-6)
+    for (_, x), (_, y) in zip(nnx.to_flat_state(g1), nnx.to_flat_state(g2)):
+        np.testing.assert_allclose(np.asarray(x[...]), np.asarray(y[...]), rtol=1e-5, atol=1e-7)
+
+
+def test_padded_rows_add_nothing():
+    """`pad_rows` fills a short batch up to a multiple of the data axis without changing loss or grads."""
+    batch = make_batch(3, 16, seed=5)
+    padded = pad_rows(batch, 4)
+    assert padded["input_ids"].shape == (4, 16) and pad_rows(batch, 3) is batch
+    assert padded["loss_mask"][3].sum() == 0 and padded["attention_mask"][3, 0] == 1
+    stacked = pad_rows(stack_micro_batches([batch, make_batch(3, 16, seed=6)]), 2, dim=1)
+    assert stacked["input_ids"].shape == (2, 4, 16) and stacked["attention_mask"][:, 3, 0].all()
+    l1, g1 = loss_and_grads(TinyCausalLM(), to_jnp(padded))
+    l2, g2 = loss_and_grads(TinyCausalLM(), to_jnp(batch))
     np.testing.assert_allclose(float(l1), float(l2), rtol=1e-6)
     for (_, x), (_, y) in zip(nnx.to_flat_state(g1), nnx.to_flat_state(g2)):
         np.testing.assert_allclose(np.asarray(x[...]), np.asarray(y[...]), rtol=1e-5, atol=1e-7)

@@ -177,3 +177,33 @@ def test_eval_ppl_warns_when_the_text_calibrated_the_sketch(tiny, capsys):
     other.write_text(tiny["calib"].read_text())
     assert main([*argv[:4], str(other), *argv[5:]]) == 0
     assert "calibrated" not in capsys.readouterr().err
+
+
+def test_finetune_on_a_mesh_of_one_device(tiny, tmp_path):
+    """The mesh path end to end on the one device of this process (8 devices: tests/test_mesh_training.py)."""
+    run = tmp_path / "run"
+    assert main([*_finetune_argv(tiny, run), "--mesh", "data=1,model=1"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["mesh"] == "data=1,model=1" and summary["step"] == 2
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--mesh", "data=2,model=4"], "--mesh 'data=2,model=4' multiplies to 8 but the number of devices is 1"),
+        (["--mesh", "data=1,tensor=1"], "--mesh has an unknown axis 'tensor'"),
+        (["--mesh", "model=0"], "--mesh axis 'model' must have a positive integer size"),
+    ],
+)
+def test_finetune_refuses_a_bad_mesh_before_any_work(tiny, tmp_path, capsys, extra, message):
+    assert main([*_finetune_argv(tiny, tmp_path / "run"), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_finetune_mesh_is_for_sketch_tuning_only(tiny, tmp_path, capsys):
+    argv = _finetune_argv(tiny, tmp_path / "run")
+    argv[1] = str(tiny["root"] / "hf")
+    assert main([*argv, "--method", "lora", "--mesh", "data=1"]) == 2
+    assert "--mesh is supported for method sketch only (for now)" in capsys.readouterr().err

@@ -2,7 +2,8 @@
 
 A checkpoint ``checkpoints/<step>/`` holds ``state`` (a flat dict ``"<prefix>/<path>" -> array``
 for every prefix of `saved_parts`) and ``meta`` (JSON: step, data position, config,
-total steps). PRNG keys are stored as their raw key data.
+total steps). PRNG keys are stored as their raw key data. Arrays are restored in the
+live model's layout (`restore_target`), so a run resumes on another mesh shape.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from sketchtune_jax.train.codebooks import flat_state
 
@@ -39,6 +41,24 @@ def _key_to_data(x: Any) -> Any:
 
 def _flatten(parts: dict[str, nnx.State]) -> dict[str, jax.Array]:
     return {f"{prefix}/{k}": _key_to_data(v[...]) for prefix, st in parts.items() for k, v in flat_state(st).items()}
+
+
+def restore_target(values: dict[str, jax.Array]) -> dict[str, jax.ShapeDtypeStruct]:
+    """Abstract arrays that place each restored value where the live one is now, so a
+    checkpoint saved on any mesh (or one device) loads onto the current layout.
+
+    A value not committed to a device (an optimizer's step count, made on the default
+    device) is replicated over the mesh the others live on: committed to one device, it
+    could not meet them in one step.
+    """
+    mesh = next((v.sharding.mesh for v in values.values() if isinstance(v.sharding, NamedSharding)), None)
+
+    def sharding(v: jax.Array) -> jax.sharding.Sharding:
+        if mesh is not None and not v.committed:
+            return NamedSharding(mesh, PartitionSpec())
+        return v.sharding
+
+    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding(v)) for k, v in values.items()}
 
 
 def check_resumable(saved_config: dict[str, Any], config: Any, directory: Any) -> None:
@@ -83,12 +103,11 @@ class Checkpoints:
         step = self.latest_step()
         if step is None:
             return None
-        abstract = {
-            k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=getattr(v, "sharding", None))
-            for k, v in _flatten(parts).items()
-        }
         restored = self.manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(restore_target(_flatten(parts))), meta=ocp.args.JsonRestore()
+            ),
         )
         check_resumable(restored.meta["config"], config, self.directory)
         for prefix, st in parts.items():
