@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import sketchtune_jax as st
@@ -117,6 +118,7 @@ def main() -> None:
             settings=dataclasses.asdict(settings),
             report=report,
         )
+        shutil.rmtree(st.partial_dir_for(sketch_dir), ignore_errors=True)
     # Read back rather than kept, so that a resumed run reports the same figure.
     results["dense_ppl"] = json.loads((sketch_dir / "sketch_config.json").read_text())["report"]["dense_ppl"]
 
