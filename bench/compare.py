@@ -174,7 +174,6 @@ def run_method(args: argparse.Namespace, name: str, train, val) -> dict:
         sweep[f"{lr:g}"] = {
             "val_loss": result.val_loss,
             "final_train_loss": float(np.mean([r["loss"] for r in log[-10:]])),
-            "log_tokens_per_s": float(np.median([r["tokens_per_s"] for r in log[2:]] or [0.0])),
         }
         if best is None or result.val_loss < sweep[best[0]]["val_loss"]:
             best = (f"{lr:g}", loaded, method, model, config)
@@ -291,6 +290,9 @@ def main(argv: list[str] | None = None) -> None:
         cached = Path(args.work) / name / "result.json"
         if cached.is_file():
             results[name] = json.loads(cached.read_text())
+            # Throughput comes from the costs phase alone: training logs share the machine.
+            for entry in results[name]["lr_sweep"].values():
+                entry.pop("tokens_per_s", None)
             saved = results[name].get("settings")
             if saved is not None and saved != run_settings(args, name):
                 raise SystemExit(f"{cached} was made with other settings ({saved}); use another --work")

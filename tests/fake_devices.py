@@ -26,7 +26,8 @@ def rerun_on_fake_devices(test_file: str, devices: int, runner_test: str) -> Non
         env=env,
         capture_output=True,
         text=True,
-        timeout=600,
+        # Generous: compiling for 8 devices on 2 shared CPU cores can take minutes.
+        timeout=1800,
     )
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
     assert " passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-2000:]
