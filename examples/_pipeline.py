@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from pathlib import Path
 
 import sketchtune_jax as st
@@ -40,7 +39,6 @@ def sketched_model(args: argparse.Namespace):
         return st.load_any(args.model)
     sketch_dir = Path(args.out) / "sketch"
     if not st.is_sketched_dir(sketch_dir):
-        loaded = st.load_any(args.model)
         settings = st.SketchSettings(
             bits=args.bits,
             groups_per_row=args.groups_per_row,
@@ -48,16 +46,7 @@ def sketched_model(args: argparse.Namespace):
             nsamples=args.nsamples,
             seq_len=args.calib_seq_len,
         )
-        calib = st.calibration_windows(args.calib, loaded.tokenizer, nsamples=args.nsamples, seq_len=args.calib_seq_len)
-        report = st.sketch_model(loaded.model, calib, settings, work_dir=st.partial_dir_for(sketch_dir))
-        st.save_sketched(
-            loaded.model,
-            loaded.config,
-            loaded.tokenizer,
-            sketch_dir,
-            settings=dataclasses.asdict(settings),
-            report=report,
-        )
+        st.sketch_to_dir(args.model, sketch_dir, settings)
     return st.load_any(str(sketch_dir))
 
 

@@ -18,9 +18,7 @@ as a table and are written to ``OUT/quickstart.json``.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import shutil
 from pathlib import Path
 
 import sketchtune_jax as st
@@ -93,10 +91,17 @@ def main() -> None:
     text = st.read_text(args.text)
     results: dict = {"model": args.model}
 
+    # Kept in a file rather than in memory, so that a resumed run reports the same figure.
+    dense_file = out / "dense_ppl.json"
+    if not dense_file.is_file():
+        loaded = st.load_any(args.model)
+        ppl = st.perplexity(loaded.model, loaded.tokenizer, text, max_windows=args.eval_windows).ppl
+        st.write_json_atomic(dense_file, {"ppl": ppl})
+        del loaded
+    results["dense_ppl"] = json.loads(dense_file.read_text())["ppl"]
+
     sketch_dir = out / "sketch"
     if not st.is_sketched_dir(sketch_dir):
-        loaded = st.load_any(args.model)
-        results["dense_ppl"] = st.perplexity(loaded.model, loaded.tokenizer, text, max_windows=args.eval_windows).ppl
         settings = st.SketchSettings(
             bits=args.bits,
             groups_per_row=args.groups_per_row,
@@ -105,22 +110,7 @@ def main() -> None:
             seq_len=args.seq_len,
             calib_range=(0.5, 1.0),
         )
-        calib = st.calibration_windows(
-            args.text, loaded.tokenizer, nsamples=args.nsamples, seq_len=args.seq_len, text_range=settings.calib_range
-        )
-        report = st.sketch_model(loaded.model, calib, settings, work_dir=st.partial_dir_for(sketch_dir))
-        report["dense_ppl"] = results["dense_ppl"]
-        st.save_sketched(
-            loaded.model,
-            loaded.config,
-            loaded.tokenizer,
-            sketch_dir,
-            settings=dataclasses.asdict(settings),
-            report=report,
-        )
-        shutil.rmtree(st.partial_dir_for(sketch_dir), ignore_errors=True)
-    # Read back rather than kept, so that a resumed run reports the same figure.
-    results["dense_ppl"] = json.loads((sketch_dir / "sketch_config.json").read_text())["report"]["dense_ppl"]
+        st.sketch_to_dir(args.model, sketch_dir, settings)
 
     sketched = st.load_any(str(sketch_dir))
     results["sketched_ppl"] = st.perplexity(sketched.model, sketched.tokenizer, text, max_windows=args.eval_windows).ppl

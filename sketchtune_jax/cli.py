@@ -166,6 +166,7 @@ def cmd_sketch(args: argparse.Namespace) -> int:
         },
     )
     if args.heal_steps:
+        from sketchtune_jax.heal import heal_config
         from sketchtune_jax.workflows import heal_to_dir
 
         record = heal_to_dir(
@@ -173,10 +174,8 @@ def cmd_sketch(args: argparse.Namespace) -> int:
             args.model,
             settings.calib,
             args.out,
-            steps=args.heal_steps,
-            seq_len=settings.seq_len,
+            config=heal_config(steps=args.heal_steps, seq_len=settings.seq_len, seed=settings.seed),
             calib_range=settings.calib_range,
-            seed=settings.seed,
             dtype=args.dtype,
             overwrite=True,
         )
@@ -191,6 +190,7 @@ def _heal_summary(record: dict[str, Any]) -> dict[str, Any]:
 
 def cmd_heal(args: argparse.Namespace) -> int:
     from sketchtune_jax.fileio import write_json_atomic
+    from sketchtune_jax.heal import heal_config
     from sketchtune_jax.reporting import print_table
     from sketchtune_jax.workflows import heal_to_dir
 
@@ -199,16 +199,18 @@ def cmd_heal(args: argparse.Namespace) -> int:
         args.teacher,
         args.calib,
         args.out,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        seq_len=args.seq_len,
-        lr=args.lr,
-        schedule=args.schedule,
-        warmup_steps=args.warmup_steps,
-        save_every=args.save_every,
+        config=heal_config(
+            steps=args.steps,
+            batch_size=args.batch_size,
+            seq_len=args.seq_len,
+            lr=args.lr,
+            schedule=args.schedule,
+            warmup_steps=args.warmup_steps,
+            save_every=args.save_every,
+            seed=args.seed,
+        ),
         calib_range=_fraction_range(args.calib_range),
         windows=args.windows,
-        seed=args.seed,
         dtype=args.dtype,
         eval_text=args.eval_text,
         eval_windows=args.eval_windows,
@@ -415,6 +417,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kmeans-iters", type=int, default=100)
     p.add_argument("--kmeans-restarts", type=int, default=1, help="k-means++ restarts; the best fit is kept")
     p.add_argument("--refit-codebook", action="store_true", help="re-fit codebooks by least squares after the sweep")
+    p.add_argument(
+        "--layer-tune-steps",
+        type=int,
+        default=0,
+        help="then train each sketched layer's codebooks for N Adam steps to the dense layer's output (0: no)",
+    )
+    p.add_argument("--layer-tune-lr", type=float, default=1e-4, help="peak learning rate of the layer tuning")
+    p.add_argument("--layer-tune-rows", type=int, default=4, help="calibration windows per layer-tuning step")
     p.add_argument(
         "--true-sequential",
         action="store_true",

@@ -42,6 +42,7 @@ from sketchtune_jax.sketch import (
     relative_output_error,
     sketch_matrix,
 )
+from sketchtune_jax.sketch.layer_tune import tune_layer_codebooks
 
 _NOT_FINITE_HINT = "check the checkpoint's weights and the dtype (float32 if a half dtype overflows)"
 
@@ -52,6 +53,9 @@ class SketchSettings:
 
     ``hessian_exponent`` is the paper's ``s``: k-means weighs each column by ``diag(H⁻¹)^-s``.
     ``calib`` and ``calib_range`` record which text (and which fraction of it) calibrated the sketch.
+    ``layer_tune_steps`` > 0 trains each sketched layer's codebooks to the dense layer's output on the
+    calibration rows (`sketchtune_jax.sketch.layer_tune`): that many Adam steps of ``layer_tune_rows``
+    rows each, cosine-decayed from ``layer_tune_lr``.
     """
 
     bits: int = 4
@@ -64,6 +68,9 @@ class SketchSettings:
     refit_codebook: bool = False
     error_feedback: bool = True
     true_sequential: bool = False
+    layer_tune_steps: int = 0
+    layer_tune_lr: float = 1e-4
+    layer_tune_rows: int = 4
     seed: int = 0
     calib: str = ""
     nsamples: int = 128
@@ -76,7 +83,11 @@ class SketchSettings:
             "bits",
             f"must be one of {', '.join(map(str, SUPPORTED_BITS))}, got {self.bits}",
         )
-        require_positive(self, "groups_per_row", "block_size", "kmeans_iters", "kmeans_restarts", "nsamples")
+        require_positive(
+            self, "groups_per_row", "block_size", "kmeans_iters", "kmeans_restarts", "nsamples", "layer_tune_rows"
+        )
+        require_positive(self, "layer_tune_lr", finite=True)
+        require(self.layer_tune_steps >= 0, "layer_tune_steps", f"must be >= 0, got {self.layer_tune_steps}")
         require_positive(self, "percdamp", finite=True)
         require(self.seq_len >= 2, "seq_len", f"must be >= 2, got {self.seq_len}")
         require(
@@ -293,19 +304,34 @@ def sketch_layers(
     """
     hidden = embed(jnp.asarray(calib_ids)).astype(jnp.float32)
     check_finite(hidden, "the embeddings of the calibration tokens", _NOT_FINITE_HINT)
+    tune = settings.layer_tune_steps > 0
+    # Layer tuning aims each sketched layer at the dense model's own hidden states, so the
+    # dense model runs alongside on the same rows.
+    dense_hidden = hidden
     report: list[dict[str, Any]] = []
     start = time.perf_counter()
     for index in progress(range(num_layers), desc="sketching layers", disable=not show_progress):
         layer = layer_at(index)
+        seed = settings.seed + 1000 * index
+        if tune:
+            dense_hidden = _forward_layer(layer, dense_hidden, batch_size)
         done = resume.load_layer(index) if resume else None
         if done is not None:
             tensors, rows = done
             swap_in_sketches(layer, tensors)
         else:
-            rows = [
-                {"layer": index, **r}
-                for r in _sketch_layer(layer, hidden, settings, batch_size, settings.seed + 1000 * index)
-            ]
+            rows = [{"layer": index, **r} for r in _sketch_layer(layer, hidden, settings, batch_size, seed)]
+            if tune:
+                tuned = tune_layer_codebooks(
+                    layer,
+                    hidden,
+                    dense_hidden,
+                    steps=settings.layer_tune_steps,
+                    lr=settings.layer_tune_lr,
+                    batch_size=settings.layer_tune_rows,
+                    seed=seed,
+                )
+                rows = [{**r, **tuned} for r in rows]
             if resume:
                 resume.save_layer(index, layer, rows)
         report += rows
@@ -318,6 +344,7 @@ def sketch_layers(
         "settings": dataclasses.asdict(settings),
         "modules": report,
         "mean_rel_output_error": float(np.mean([r["rel_output_error"] for r in report])),
+        **({"mean_layer_error_after_tuning": float(np.mean([r["layer_error_after"] for r in report]))} if tune else {}),
         "seconds": time.perf_counter() - start,
     }
 

@@ -320,16 +320,9 @@ def heal_to_dir(
     calib: str,
     out_dir: str | os.PathLike,
     *,
-    steps: int,
-    batch_size: int = 4,
-    seq_len: int = 512,
-    lr: float = 1e-4,
-    schedule: str = "cosine",
-    warmup_steps: int = 0,
-    save_every: int = 50,
+    config: TrainConfig,
     calib_range: tuple[float, float] = (0.0, 1.0),
     windows: int | None = None,
-    seed: int = 0,
     dtype: str = "float32",
     eval_text: str | None = None,
     eval_windows: int = 20,
@@ -340,10 +333,11 @@ def heal_to_dir(
 ) -> dict[str, Any]:
     """Heal the sketch in ``sketch_dir`` against ``teacher_ref`` on ``calib`` text; write it to ``out_dir``.
 
-    Trains the codebooks only (`sketchtune_jax.heal.heal`) for ``steps`` steps of
-    ``batch_size`` windows of ``seq_len`` tokens, drawn from the ``calib_range`` fraction of
-    ``calib`` (a text/JSON/JSONL file, ``hf:...``, or ``self``: sampled from the teacher).
-    ``windows`` distinct windows (default ``steps * batch_size``, at most what the text
+    Trains the codebooks only (`sketchtune_jax.heal.heal`) as ``config`` says (make it with
+    `sketchtune_jax.heal.heal_config`): ``max_steps`` steps of ``batch_size`` windows of ``seq_len``
+    tokens, drawn from the ``calib_range`` fraction of ``calib`` (a text/JSON/JSONL file,
+    ``hf:...``, or ``self``: sampled from the teacher).
+    ``windows`` distinct windows (default ``max_steps * batch_size``, at most what the text
     holds without overlap) are cycled over. ``out_dir`` receives a sketched directory with
     the same codes and the healed codebooks, and ``sketch_config.json`` gains a ``heal``
     record (settings, seconds, first and final KL, and with ``eval_text`` the held-out
@@ -359,18 +353,9 @@ def heal_to_dir(
     from sketchtune_jax.calibration import calibration_token_ids, self_generated_windows
     from sketchtune_jax.checkpoint import load_sketched
     from sketchtune_jax.fileio import check_output_dir
-    from sketchtune_jax.heal import architecture_mismatch, heal, heal_config, heal_windows
+    from sketchtune_jax.heal import architecture_mismatch, heal, heal_windows
 
-    config = heal_config(
-        steps=steps,
-        batch_size=batch_size,
-        seq_len=seq_len,
-        lr=lr,
-        schedule=schedule,
-        warmup_steps=warmup_steps,
-        save_every=save_every,
-        seed=seed,
-    )
+    steps, batch_size, seq_len, seed = config.max_steps, config.batch_size, config.seq_len, config.seed
     lo, hi = calib_range
     if not 0 <= lo < hi <= 1:
         raise SettingError("calib_range", f"must be fractions 0 <= start < end <= 1, got {lo}:{hi}")
@@ -465,9 +450,9 @@ def heal_to_dir(
         steps=result.step,
         batch_size=batch_size,
         seq_len=seq_len,
-        lr=lr,
-        schedule=schedule,
-        warmup_steps=warmup_steps,
+        lr=config.lr,
+        schedule=config.schedule,
+        warmup_steps=config.warmup_steps,
         seed=seed,
         seconds=wall,
         cpu_seconds=cpu,
