@@ -112,6 +112,30 @@ def save_tiny_model_with_tokenizer(path, texts: list[str], vocab_size: int = 100
     tokenizer.save_pretrained(path)
 
 
+WORDS = "the cat sat on a mat while two dogs ran past the red barn and a bird sang in the old tree".split()
+
+
+def word_text(n: int, seed: int) -> str:
+    """``n`` words cycled from a fixed list, starting at ``seed``: text any tiny tokenizer covers."""
+    return " ".join(WORDS[(i * 7 + seed) % len(WORDS)] for i in range(n))
+
+
+def sketch_tiny_with_cli(root, *, extra_texts: list[str] = (), extra_args: list[str] = ()) -> dict:
+    """Under ``root``: calibration text, a tiny HF model whose tokenizer also covers ``extra_texts``,
+    and its 2-bit sketch made by ``sketchtune sketch`` (plus ``extra_args``).
+    Returns the paths ``root``, ``calib``, ``hf`` and ``sketch``."""
+    from sketchtune_jax.cli import main
+
+    calib = root / "calib.txt"
+    calib.write_text("\n".join(word_text(60, s) for s in range(40)))
+    save_tiny_model_with_tokenizer(root / "hf", [calib.read_text(), *extra_texts])
+    sketch = root / "sketch"
+    argv = ["sketch", str(root / "hf"), "--bits", "2", "--groups-per-row", "2", "--calib", str(calib)]
+    argv += ["--nsamples", "4", "--seq-len", "32", "--kmeans-iters", "5", "--out", str(sketch), *extra_args]
+    assert main(argv) == 0
+    return {"root": root, "calib": calib, "hf": root / "hf", "sketch": sketch}
+
+
 def assert_cli_refuses(argv: list[str], capsys, match: str) -> str:
     """Run the CLI on ``argv``: it must exit 2 with one stderr line containing ``match``; returns that line."""
     from sketchtune_jax.cli import main

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from model_utils import save_tiny_model_with_tokenizer, tiny_hf_model
+from model_utils import sketch_tiny_with_cli, tiny_hf_model
 from tiny_lm import TinyCausalLM
 
 from sketchtune_jax.heal import heal, window_batches
@@ -201,46 +201,12 @@ def test_window_batches_and_seq_len_checked():
 
 # ---------------------------------------------------------------- the workflow, from directories
 
-WORDS = "the cat sat on a mat while two dogs ran past the red barn and a bird sang in the old tree".split()
-
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny HF model with a tokenizer, its 2-bit sketch (healed for 2 steps by `sketch --heal-steps`), and
     calibration text."""
-    from sketchtune_jax.cli import main
-
-    root = tmp_path_factory.mktemp("heal")
-    calib = root / "calib.txt"
-    calib.write_text("\n".join(" ".join(WORDS[(i * 7 + s) % len(WORDS)] for i in range(60)) for s in range(40)))
-    save_tiny_model_with_tokenizer(root / "hf", [calib.read_text()])
-    sketch = root / "sketch"
-    assert (
-        main(
-            [
-                "sketch",
-                str(root / "hf"),
-                "--bits",
-                "2",
-                "--groups-per-row",
-                "2",
-                "--calib",
-                str(calib),
-                "--nsamples",
-                "4",
-                "--seq-len",
-                "32",
-                "--kmeans-iters",
-                "5",
-                "--out",
-                str(sketch),
-                "--heal-steps",
-                "2",
-            ]
-        )
-        == 0
-    )
-    return {"root": root, "calib": calib, "sketch": sketch, "hf": root / "hf"}
+    return sketch_tiny_with_cli(tmp_path_factory.mktemp("heal"), extra_args=["--heal-steps", "2"])
 
 
 def test_sketch_then_heal_in_one_command(tiny):

@@ -11,56 +11,24 @@ import sys
 from pathlib import Path
 
 import pytest
-from model_utils import save_tiny_model_with_tokenizer
+from model_utils import sketch_tiny_with_cli, word_text
 
 from sketchtune_jax.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-WORDS = "the cat sat on a mat while two dogs ran past the red barn and a bird sang in the old tree".split()
-
-
-def _text(n: int, seed: int) -> str:
-    return " ".join(WORDS[(i * 7 + seed) % len(WORDS)] for i in range(n))
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny sketched model (2 bits), its calibration text and a few instruction records."""
-    root = tmp_path_factory.mktemp("tiny")
-    calib = root / "calib.txt"
-    calib.write_text("\n".join(_text(60, s) for s in range(40)))
     from sketchtune_jax.data import format_prompt
 
-    save_tiny_model_with_tokenizer(root / "hf", [calib.read_text(), format_prompt("x", "") * 20])
-    data = root / "data.json"
+    made = sketch_tiny_with_cli(tmp_path_factory.mktemp("tiny"), extra_texts=[format_prompt("x", "") * 20])
+    data = made["root"] / "data.json"
     data.write_text(
-        json.dumps([{"instruction": _text(6, s), "input": "", "output": _text(4, s + 1)} for s in range(8)])
+        json.dumps([{"instruction": word_text(6, s), "input": "", "output": word_text(4, s + 1)} for s in range(8)])
     )
-    sketch = root / "sketch"
-    assert (
-        main(
-            [
-                "sketch",
-                str(root / "hf"),
-                "--bits",
-                "2",
-                "--groups-per-row",
-                "2",
-                "--calib",
-                str(calib),
-                "--nsamples",
-                "4",
-                "--seq-len",
-                "32",
-                "--kmeans-iters",
-                "5",
-                "--out",
-                str(sketch),
-            ]
-        )
-        == 0
-    )
-    return {"root": root, "calib": calib, "data": data, "sketch": sketch}
+    return {**made, "data": data}
 
 
 def _finetune_argv(tiny, out) -> list[str]:
