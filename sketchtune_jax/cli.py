@@ -423,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="then train each sketched layer's codebooks for N Adam steps to the dense layer's output (0: no)",
     )
-    p.add_argument("--layer-tune-lr", type=float, default=1e-4, help="peak learning rate of the layer tuning")
+    p.add_argument("--layer-tune-lr", type=float, default=1e-3, help="peak learning rate of the layer tuning")
     p.add_argument("--layer-tune-rows", type=int, default=4, help="calibration windows per layer-tuning step")
     p.add_argument(
         "--true-sequential",

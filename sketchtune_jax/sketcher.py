@@ -69,7 +69,7 @@ class SketchSettings:
     error_feedback: bool = True
     true_sequential: bool = False
     layer_tune_steps: int = 0
-    layer_tune_lr: float = 1e-4
+    layer_tune_lr: float = 1e-3
     layer_tune_rows: int = 4
     seed: int = 0
     calib: str = ""
