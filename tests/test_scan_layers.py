@@ -14,7 +14,7 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from model_utils import jax_logits, random_ids, tiny_sketched_llama  # noqa: E402
+from model_utils import assert_cli_refuses, jax_logits, random_ids, tiny_sketched_llama  # noqa: E402
 
 from sketchtune_jax.layers import Codebook, SketchedLinear  # noqa: E402
 from sketchtune_jax.models import init_cache  # noqa: E402
@@ -71,19 +71,19 @@ def test_stacked_forward_and_decode_equal_per_layer_and_unstack_restores():
 
 
 def test_finetune_scanned_equals_per_layer_and_keeps_file_names(tmp_path):
-    batches = [batch(seed=10 + i) for i in range(3)]
+    batches = [batch(seed=10 + i) for i in range(2)]
     runs = {}
     for scan in (False, True):
-        model = tiny_sketched_llama(3)
+        model = tiny_sketched_llama(2)
         # Remat under the scan too: the same values, recomputed.
-        config = TrainConfig(lr=1e-2, batch_size=2, seq_len=12, max_steps=3, scan_layers=scan, remat="full")
+        config = TrainConfig(lr=1e-2, batch_size=2, seq_len=12, max_steps=2, scan_layers=scan, remat="full")
         result = finetune(model, batches, config, tmp_path / str(scan), progress=False)
         assert not is_stacked(model)  # handed back as it came
         losses = [r["loss"] for r in read_log(result.log_path) if "loss" in r]
         runs[scan] = (losses, *read_codebooks(result.result_path))
     (losses, books, meta), (s_losses, s_books, s_meta) = runs[False], runs[True]
     np.testing.assert_allclose(s_losses, losses, **TOL)
-    assert list(s_books) == list(books) and s_meta == meta and "model.layers.2.mlp.down_proj.codebook" in books
+    assert list(s_books) == list(books) and s_meta == meta and "model.layers.1.mlp.down_proj.codebook" in books
     for k in books:
         np.testing.assert_allclose(s_books[k], books[k], **TOL)
 
@@ -175,10 +175,11 @@ def test_scanned_train_step_program_does_not_grow_with_depth():
     assert deep > 2 * shallow, (shallow, deep)
 
 
-def test_cli_flag_sets_scan_layers():
+def test_cli_flag_sets_scan_layers_and_lora_refuses_it(tmp_path, capsys):
     from sketchtune_jax.cli import _settings_from_args, build_parser
 
-    args = build_parser().parse_args(["finetune", "m", "--data", "d.json", "--out", "o", "--scan-layers"])
-    assert _settings_from_args(TrainConfig, args).scan_layers
-    args = build_parser().parse_args(["finetune", "m", "--data", "d.json", "--out", "o"])
-    assert not _settings_from_args(TrainConfig, args).scan_layers
+    base = ["finetune", str(tmp_path), "--data", "d.json", "--out", str(tmp_path / "o")]
+    assert _settings_from_args(TrainConfig, build_parser().parse_args([*base, "--scan-layers"])).scan_layers
+    assert not _settings_from_args(TrainConfig, build_parser().parse_args(base)).scan_layers
+    line = assert_cli_refuses([*base, "--method", "lora", "--scan-layers"], capsys, "--scan-layers")
+    assert "sketch and full" in line
