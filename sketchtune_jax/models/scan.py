@@ -35,8 +35,10 @@ __all__ = [
     "layer_slice",
     "scan_layers",
     "stack_layers",
+    "stack_modules",
     "stacked_layer_axis",
     "unstack_layers",
+    "unstack_module",
 ]
 
 # The attribute of the decoder (`LlamaModel`) that holds its layers.
@@ -132,7 +134,7 @@ def stack_modules(modules: Sequence[nnx.Module]) -> nnx.Module:
     The modules must be alike: the same variables of the same shapes and dtypes and the
     same static attributes (bits, groups, ...); otherwise ValueError names the first
     difference. The inputs are emptied as their variables are stacked, so that only one
-    variable is ever held twice.
+    variable (across the modules) is held twice at a time.
     """
     if not modules:
         raise ValueError("no modules to stack")

@@ -262,7 +262,11 @@ class Trainer:
         """Train to ``total_steps`` (resuming from ``out_dir`` if possible) and write the outputs."""
         from tqdm.auto import tqdm
 
-        resumed_from = self.restore()
+        try:
+            resumed_from = self.restore()
+        except BaseException:
+            self._unstack_layers()
+            raise
         self.log.truncate_after(self.step)
         bar = tqdm(
             total=self.total_steps,
