@@ -1,6 +1,7 @@
 """Scaling figures: peak host memory of `sketchtune sketch` as the checkpoint grows
-(streaming vs the whole model), and with ``--collectives`` the bytes a sharded train step
-moves between devices.
+(streaming vs the whole model), with ``--collectives`` the bytes a sharded train step
+moves between devices, and with ``--compile-layers`` how the train step's compile time grows
+with depth.
 
 Memory: writes random-weight Llama checkpoints (sharded safetensors, one shard per decoder layer,
 a small BPE tokenizer trained on the calibration text) that differ only in depth, sketches
@@ -10,6 +11,13 @@ and writes it to ``--out``.
 
     python bench/scale.py --out bench/results/scale-cpu-<date>.json
     python bench/scale.py --layers 2 4 --hidden 256 --intermediate 704    # quick smoke run
+
+Compile time: ``--compile-layers 4 32`` lowers and compiles the sketch train step of random
+sketched Llamas of both depths, with the decoder layers scanned (``TrainConfig.scan_layers``)
+and one by one, and reports seconds and program sizes (StableHLO and compiled HLO characters).
+
+    python bench/scale.py --compile-layers 4 32 --hidden 256 --intermediate 704 --heads 4 \
+        --kv-heads 2 --vocab 2048 --batch 4 --out bench/results/compile-layers-cpu.json
 
 Collectives: compiles the sketch train step of a random-weight Llama-shaped sketched model
 (the first ``--layers`` value is its depth) on forced host devices (``--devices``, default
@@ -263,6 +271,116 @@ def step_collectives(args: argparse.Namespace, layout: str) -> dict:
     }
 
 
+def step_compile(args: argparse.Namespace, layers: int, scan: bool) -> dict:
+    """Lower and compile the sketch train step of a random ``layers``-deep sketched Llama,
+    its decoder layers stacked and scanned (``scan``) or one by one: seconds and program sizes."""
+    import numpy as np
+    from flax import nnx
+
+    sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+    from train_step import build
+
+    from sketchtune_jax.models.scan import stack_layers
+    from sketchtune_jax.train import TrainConfig, make_optimizer
+    from sketchtune_jax.train.step import pure_train_step, split_for_step
+
+    shape = argparse.Namespace(
+        hidden=args.hidden,
+        intermediate=args.intermediate,
+        layers=layers,
+        heads=args.heads,
+        kv_heads=args.kv_heads,
+        vocab=args.vocab,
+        bits=4,
+        groups=args.groups,
+        dtype="float32",
+        remat=args.remat,
+    )
+    model, wrt = build(shape, "sketch")
+    t0 = time.perf_counter()
+    if scan:
+        stack_layers(model)
+    stack_s = time.perf_counter() - t0
+    optimizer = nnx.Optimizer(model, make_optimizer(TrainConfig(lr=1e-4), 10), wrt=wrt)
+    ids = np.random.default_rng(0).integers(0, args.vocab, (args.batch, args.seq_len)).astype(np.int32)
+    batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": np.ones_like(ids)}
+    graphdef, mutable, frozen = split_for_step(model, optimizer)
+    t0, c0 = time.perf_counter(), time.process_time()
+    lowered = pure_train_step.lower(graphdef, mutable, frozen, batch)
+    t1, c1 = time.perf_counter(), time.process_time()
+    compiled = lowered.compile()
+    t2, c2 = time.perf_counter(), time.process_time()
+    memory = compiled.memory_analysis()
+    return {
+        "layers": layers,
+        "scan_layers": scan,
+        "stack_s": round(stack_s, 3),
+        "lower_s": round(t1 - t0, 2),
+        "compile_s": round(t2 - t1, 2),
+        # CPU seconds of this process (all threads): steadier than wall time on a shared host.
+        "lower_cpu_s": round(c1 - c0, 2),
+        "compile_cpu_s": round(c2 - c1, 2),
+        # Program sizes: the StableHLO jit hands XLA, and the optimised HLO XLA compiled.
+        "stablehlo_chars": len(lowered.as_text()),
+        "hlo_chars": len(compiled.as_text()),
+        # Equal temp bytes scanned or not: the scan copies no layer's weights or codes.
+        "argument_bytes": memory.argument_size_in_bytes,
+        "temp_bytes": memory.temp_size_in_bytes,
+        "output_bytes": memory.output_size_in_bytes,
+    }
+
+
+def compile_main(args: argparse.Namespace) -> dict:
+    """The ``--compile-layers`` report: train-step compile time and program size at two depths, scanned or not."""
+    shallow, deep = args.compile_layers
+    # A throwaway compile first, so that neither measurement pays for starting up.
+    step_compile(args, 1, True)
+    runs = []
+    for scan in (True, False):
+        for layers in (shallow, deep):
+            runs.append(step_compile(args, layers, scan))
+            print(json.dumps(runs[-1]), file=sys.stderr)
+
+    def growth(scan: bool, key: str) -> float:
+        by = {r["layers"]: r[key] for r in runs if r["scan_layers"] == scan}
+        return round(by[deep] / by[shallow], 3)
+
+    return {
+        "what": "seconds to lower and compile the sketch train step (jit of pure_train_step) and its program "
+        "size, decoder layers scanned (TrainConfig.scan_layers) or one by one; compiled only, nothing run",
+        "date": datetime.date.today().isoformat(),
+        "host": f"{platform.machine()} {os.cpu_count()} cpus, {platform.python_version()}; CPU backend (XLA:CPU), "
+        "figures are CPU compile times",
+        "command": " ".join(["python", "bench/scale.py", *sys.argv[1:]]),
+        "model": {
+            "hidden": args.hidden,
+            "intermediate": args.intermediate,
+            "heads": args.heads,
+            "kv_heads": args.kv_heads,
+            "vocab": args.vocab,
+            "bits": 4,
+            "groups_per_row": args.groups,
+            "dtype": "float32",
+            "remat": args.remat,
+            "weights": "random",
+        },
+        "batch": {"rows": args.batch, "seq_len": args.seq_len},
+        # Compile seconds are wall time: other work on the host slows them (1-minute load average).
+        "load_average_after": round(os.getloadavg()[0], 2),
+        "runs": runs,
+        "growth": {
+            mode: {
+                key: growth(scan, key)
+                for key in ("lower_s", "compile_s", "lower_cpu_s", "compile_cpu_s", "stablehlo_chars", "hlo_chars")
+            }
+            for mode, scan in (("scanned", True), ("per_layer", False))
+        },
+        "target": f"scanned: compile time within 1.3x from {shallow} to {deep} layers",
+        "note": "wall seconds (lower_s, compile_s) include waiting for the host's other work; "
+        "the *_cpu_s figures count this process's CPU time only",
+    }
+
+
 LAYOUTS = {
     "rows": "every projection split by rows over model, embeddings and lm_head replicated (before pairing)",
     "rows+vocab": "every projection by rows, embeddings and lm_head split by vocabulary over data",
@@ -320,8 +438,20 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=8, help="forced host devices for --collectives")
     parser.add_argument("--mesh", default="data=2,model=4", help="mesh for --collectives")
     parser.add_argument("--groups", type=int, default=4, help="codebook groups per row for --collectives")
-    parser.add_argument("--batch", type=int, default=8, help="rows per step for --collectives")
+    parser.add_argument("--batch", type=int, default=8, help="rows per step for --collectives and --compile-layers")
+    parser.add_argument(
+        "--compile-layers",
+        type=int,
+        nargs=2,
+        metavar=("SHALLOW", "DEEP"),
+        help="measure the train step's compile time and program size at these depths, scanned and not",
+    )
+    parser.add_argument("--remat", default="none", help="remat policy for --compile-layers")
     args = parser.parse_args()
+    if args.compile_layers:
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+        write_result(compile_main(args), args.out)
+        return
     if args.collectives:
         # Before JAX starts: the forced devices are fixed when its CPU backend comes up.
         os.environ["XLA_FLAGS"] = (

@@ -25,7 +25,7 @@ from sketchtune_jax.layers import Codebook, Codes, Linear, SketchedLinear
 from sketchtune_jax.loading import load_any, model_info
 from sketchtune_jax.lora import LoraSettings, apply_lora, auto_rank, load_adapter, merge_lora, save_adapter
 from sketchtune_jax.methods import FinetuneMethod
-from sketchtune_jax.models import KVCache, LlamaForCausalLM, ModelConfig, init_cache
+from sketchtune_jax.models import KVCache, LlamaForCausalLM, ModelConfig, init_cache, stack_layers, unstack_layers
 from sketchtune_jax.multiple_choice import evaluate_multiple_choice, parse_choices
 from sketchtune_jax.perplexity import PerplexityResult, perplexity, read_text
 from sketchtune_jax.sharding import shard_batch, shard_model
@@ -91,7 +91,9 @@ __all__ = [
     "shard_model",
     "sketch_model",
     "sketch_streaming",
+    "stack_layers",
     "train_step",
     "trainable_parameter_count",
+    "unstack_layers",
     "write_json_atomic",
 ]

@@ -577,6 +577,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--remat", action="store_true", help="recompute layer activations in the backward pass")
     p.add_argument(
+        "--scan-layers",
+        action="store_true",
+        help="run the decoder layers as one scan (compile time independent of depth; files unchanged)",
+    )
+    p.add_argument(
         "--mesh",
         help="train on a device mesh, e.g. data=2,model=4 (sizes multiply to the device count; sketch only): "
         "batches split over data, projections over model",

@@ -174,7 +174,8 @@ def finetune_to_dir(
     run found in ``out_dir`` (from its latest checkpoint); ``overwrite`` deletes it first.
     ``mesh`` (e.g. ``"data=2,model=4"``, sketch tuning only) trains on a mesh of all local
     devices: batches split over ``data``, projections Megatron-style over ``model``
-    (`sketchtune_jax.sharding.shard_model`); a run resumes on any mesh.
+    (`sketchtune_jax.sharding.shard_model`); a run resumes on any mesh. ``config.scan_layers``
+    (methods sketch and full) runs the decoder layers as one scan.
     Returns the summary also written to ``summary.json``.
     """
     from sketchtune_jax.data import build_batches, load_instruction_data
@@ -186,6 +187,9 @@ def finetune_to_dir(
     check_method_fits(method.name, sketched=sketched, model=model_ref)
     if codebooks and method.name != "sketch":
         raise SettingError("codebooks", "apply to method sketch only")
+    if config.scan_layers and method.lora is not None:
+        # qwix records each adapted module's own path on it, so no two layers are alike.
+        raise SettingError("scan_layers", f"applies to methods sketch and full, not {method.name}")
     if not Path(data).is_file():
         raise FileNotFoundError(f"data file not found: {data}")
     if not 0 <= val_fraction < 1:

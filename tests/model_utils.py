@@ -145,3 +145,33 @@ def assert_cli_refuses(argv: list[str], capsys, match: str) -> str:
     assert match in err, err
     assert len(err.splitlines()) == 1, err
     return err
+
+
+def tiny_sketched_llama(layers: int = 2, *, bits: int = 4, groups: int = 2, seed: int = 0, **config):
+    """A random `LlamaForCausalLM` (the tiny shape above) with every decoder projection a
+    `SketchedLinear`; weights drawn with numpy (no per-shape compile of eager jax.random)."""
+    import jax
+    import jax.numpy as jnp
+
+    from sketchtune_jax.layers import Linear, SketchedLinear
+    from sketchtune_jax.models import LlamaForCausalLM, ModelConfig
+    from sketchtune_jax.module_paths import iter_modules, set_submodule
+
+    shape = {k: v for k, v in _BASE.items() if k in ModelConfig.__dataclass_fields__}
+    cfg = ModelConfig(**{**shape, "num_hidden_layers": layers, **config})
+    rng = np.random.default_rng(seed)
+    model = nnx.eval_shape(lambda: LlamaForCausalLM(cfg, rngs=nnx.Rngs(0)))
+    for name, lin in list(iter_modules(model.model, Linear)):
+        codes = rng.integers(0, 2**bits, (lin.out_features, groups, lin.in_features // groups)).astype(np.uint8)
+        codebook = (0.3 * rng.standard_normal((lin.out_features, groups, 2**bits))).astype(np.float32)
+        sketched = SketchedLinear(
+            lin.in_features, lin.out_features, bits=bits, groups=groups, codebook=codebook, codes=codes
+        )
+        set_submodule(model.model, name, sketched)
+    for _, var in nnx.to_flat_state(nnx.state(model)):
+        value = var.get_value()
+        if isinstance(value, jax.ShapeDtypeStruct):
+            # Norm scales near 1, embeddings and head like the codebooks.
+            base, scale = (1.0, 0.1) if len(value.shape) == 1 else (0.0, 0.3)
+            var.set_value(jnp.asarray(base + scale * rng.standard_normal(value.shape), value.dtype))
+    return model

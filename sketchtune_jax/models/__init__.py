@@ -15,6 +15,7 @@ from sketchtune_jax.models.llama import (
 )
 from sketchtune_jax.models.loaded import LoadedModel
 from sketchtune_jax.models.remat import REMAT_POLICIES, remat_name, with_remat
+from sketchtune_jax.models.scan import is_stacked, stack_layers, unstack_layers
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
@@ -32,7 +33,10 @@ __all__ = [
     "RopeScaling",
     "attention_mask_for",
     "init_cache",
+    "is_stacked",
     "positions_from_mask",
     "remat_name",
+    "stack_layers",
+    "unstack_layers",
     "with_remat",
 ]

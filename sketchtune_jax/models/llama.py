@@ -29,6 +29,7 @@ from sketchtune_jax.models.config import ModelConfig
 from sketchtune_jax.models.kv_cache import KVCache
 from sketchtune_jax.models.remat import remat_name, with_remat
 from sketchtune_jax.models.rope import apply_rope, inverse_frequencies, rope_angles
+from sketchtune_jax.models.scan import is_stacked, layer_slice, scan_layers
 
 Rope = tuple[jax.Array, jax.Array]
 
@@ -189,8 +190,13 @@ class LlamaModel(nnx.Module):
     """Embeddings, decoder layers and final norm (HF's `model.` prefix).
 
     ``remat`` names the rematerialisation policy of each decoder layer in a cache-free
-    forward (training); see `sketchtune_jax.models.remat.REMAT_POLICIES`.
+    forward (training); see `sketchtune_jax.models.remat.REMAT_POLICIES`. ``layers`` is
+    an ``nnx.List`` of `DecoderLayer`, or one `DecoderLayer` with a leading layer axis
+    on every variable after `sketchtune_jax.models.scan.stack_layers`; the cache-free
+    forward then runs the layers as one scan.
     """
+
+    runs_stacked_layers = True
 
     def __init__(
         self,
@@ -228,7 +234,6 @@ class LlamaModel(nnx.Module):
         if cache is None:
             start, index = jnp.zeros((b,), jnp.int32), 0
             key_valid, key_slots = token_mask, jnp.arange(t)
-            pasts = [None] * len(self.layers)
         else:
             start, index = cache.lengths, cache.index
             key_valid = jax.lax.dynamic_update_slice(cache.mask, token_mask, (0, index))
@@ -238,19 +243,27 @@ class LlamaModel(nnx.Module):
             positions = start[:, None] + positions_from_mask(token_mask)
         mask = attention_mask_for(index + jnp.arange(t), key_slots, key_valid, self.config.sliding_window)
         rope = rope_for(self.config, positions)
-        # Training (no cache) recomputes layers by the remat policy and needs no keys back.
-        run = (
-            with_remat(lambda layer, h, past: (layer.forward(h, rope, mask, past)[0], None), self.remat)
-            if cache is None
-            else (lambda layer, h, past: layer.forward(h, rope, mask, past))
-        )
         hidden = self.embed_tokens(input_ids)
-        kv = []
-        for layer, past in zip(self.layers, pasts):
-            hidden, layer_kv = run(layer, hidden, past)
-            kv.append(layer_kv)
         if cache is None:
+            # Training recomputes layers by the remat policy and needs no keys back.
+            run = with_remat(lambda layer, h: layer.forward(h, rope, mask)[0], self.remat)
+            if is_stacked(self):
+                hidden = scan_layers(run, self.layers, hidden)
+            else:
+                for layer in self.layers:
+                    hidden = run(layer, hidden)
             return self.norm(hidden), None
+        # Decoding keeps one loop over the layers (a stacked model's are sliced out) and
+        # carries each layer's cache arrays as they are.
+        layers = (
+            [layer_slice(self.layers, i) for i in range(self.config.num_hidden_layers)]
+            if is_stacked(self)
+            else self.layers
+        )
+        kv = []
+        for layer, past in zip(layers, pasts):
+            hidden, layer_kv = layer.forward(hidden, rope, mask, past)
+            kv.append(layer_kv)
         new_cache = KVCache(
             k=tuple(k for k, _ in kv),
             v=tuple(v for _, v in kv),

@@ -17,7 +17,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from sketchtune_jax.train.codebooks import flat_state
+from sketchtune_jax.train.codebooks import entry_value, layer_entries, set_entries
 
 # Config fields that decide which rows form which step: a resume with other
 # values would silently see different batches.
@@ -40,7 +40,12 @@ def _key_to_data(x: Any) -> Any:
 
 
 def _flatten(parts: dict[str, nnx.State]) -> dict[str, jax.Array]:
-    return {f"{prefix}/{k}": _key_to_data(v[...]) for prefix, st in parts.items() for k, v in flat_state(st).items()}
+    # Per-layer names even when the layers are stacked in memory: a run resumes either way.
+    return {
+        f"{prefix}/{k}": _key_to_data(entry_value(e))
+        for prefix, st in parts.items()
+        for k, e in layer_entries(st).items()
+    }
 
 
 def restore_target(values: dict[str, jax.Array]) -> dict[str, jax.ShapeDtypeStruct]:
@@ -111,11 +116,14 @@ class Checkpoints:
         )
         check_resumable(restored.meta["config"], config, self.directory)
         for prefix, st in parts.items():
-            for k, var in flat_state(st).items():
+            entries = layer_entries(st)
+            values = {}
+            for k, (var, _) in entries.items():
                 v = restored.state[f"{prefix}/{k}"]
                 if jnp.issubdtype(var.dtype, jax.dtypes.prng_key):
                     v = jax.random.wrap_key_data(v)
-                var.set_value(v)
+                values[k] = v
+            set_entries(entries, values)
         return restored.meta
 
     def wait_until_finished(self) -> None:

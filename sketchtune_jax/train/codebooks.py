@@ -20,6 +20,7 @@ from safetensors import safe_open
 
 from sketchtune_jax.fileio import atomic_write_bytes
 from sketchtune_jax.layers import Codebook
+from sketchtune_jax.models.scan import layer_path, stacked_layer_axis
 
 FORMAT_NAME = "sketchtune-codebooks"
 FORMAT_VERSION = "1"
@@ -39,6 +40,58 @@ def flat_state(state: nnx.State) -> dict[str, nnx.Variable]:
     return {path_key(p): v for p, v in nnx.to_flat_state(state)}
 
 
+Entry = tuple[nnx.Variable, int | None]
+
+
+def layer_entries(state: nnx.State) -> dict[str, Entry]:
+    """The variables of an NNX state keyed by their per-layer dotted path.
+
+    A variable of stacked layers (`sketchtune_jax.models.scan.stack_layers`) appears once
+    per layer, as ``(variable, layer index)``; any other as ``(variable, None)``. Files
+    name variables this way whether or not the layers are stacked in memory.
+    """
+    items: list[tuple[tuple[Any, ...], Entry]] = []
+    for path, var in nnx.to_flat_state(state):
+        if stacked_layer_axis(path) is None:
+            items.append((path, (var, None)))
+        else:
+            items.extend((layer_path(path, i), (var, i)) for i in range(var.shape[0]))
+    if any(i is not None for _, (_, i) in items):
+        # In the order the per-layer model lists them (layer 0's variables first), so that
+        # files list their entries alike either way.
+        items.sort(key=lambda item: tuple((isinstance(p, str), p) for p in item[0]))
+    return {path_key(path): entry for path, entry in items}
+
+
+def entry_shape(entry: Entry) -> tuple[int, ...]:
+    """The per-layer shape of an entry of `layer_entries`."""
+    var, i = entry
+    return tuple(var.shape) if i is None else tuple(var.shape[1:])
+
+
+def entry_value(entry: Entry) -> Any:
+    """The per-layer value of an entry of `layer_entries` (a slice of a stacked variable)."""
+    var, i = entry
+    return var[...] if i is None else var[...][i]
+
+
+def set_entries(entries: dict[str, Entry], values: dict[str, Any]) -> None:
+    """Assign ``values`` (per-layer key -> array of the variable's dtype) to their
+    `layer_entries`. A stacked variable is rebuilt once from all its layers' values (a
+    layer not given keeps its own) and stays where it was placed."""
+    stacked: dict[int, tuple[nnx.Variable, dict[int, Any]]] = {}
+    for key, value in values.items():
+        var, i = entries[key]
+        if i is None:
+            var.set_value(value)
+        else:
+            stacked.setdefault(id(var), (var, {}))[1][i] = value
+    for var, layers in stacked.values():
+        old = var[...]
+        new = jnp.stack([layers[i] if i in layers else old[i] for i in range(old.shape[0])])
+        var.set_value(jax.device_put(new, old.sharding) if isinstance(old, jax.Array) else new)
+
+
 def trainable_parameter_count(model: nnx.Module, wrt: Any = Codebook) -> int:
     """Number of scalars in the model's ``wrt`` variables (default `Codebook`: rows x groups x 2**bits summed)."""
     return int(sum(int(np.prod(v.shape)) for v in flat_state(nnx.state(model, wrt)).values()))
@@ -46,7 +99,7 @@ def trainable_parameter_count(model: nnx.Module, wrt: Any = Codebook) -> int:
 
 def codebook_state(model: nnx.Module) -> dict[str, np.ndarray]:
     """Every `Codebook` as a host numpy array, keyed by dotted module path (native dtype)."""
-    return {k: np.asarray(jax.device_get(v[...])) for k, v in flat_state(nnx.state(model, Codebook)).items()}
+    return {k: np.asarray(jax.device_get(entry_value(e))) for k, e in layer_entries(nnx.state(model, Codebook)).items()}
 
 
 def _bits(shape: tuple[int, ...]) -> int:
@@ -105,25 +158,26 @@ def apply_codebooks(
     model: nnx.Module, tensors: dict[str, Any], *, strict: bool = True, source: str = "codebooks"
 ) -> None:
     """Validate and assign ``{dotted path: array}`` to the model's `Codebook` variables."""
-    variables = flat_state(nnx.state(model, Codebook))
+    entries = layer_entries(nnx.state(model, Codebook))
     problems = []
-    unexpected = sorted(set(tensors) - set(variables))
+    unexpected = sorted(set(tensors) - set(entries))
     if unexpected:
         problems.append(f"not in the model: {', '.join(unexpected[:10])}" + (" ..." if len(unexpected) > 10 else ""))
-    missing = sorted(set(variables) - set(tensors))
+    missing = sorted(set(entries) - set(tensors))
     if missing and strict:
         problems.append(f"missing from the file: {', '.join(missing[:10])}" + (" ..." if len(missing) > 10 else ""))
-    for k in sorted(set(tensors) & set(variables)):
-        want, got = tuple(variables[k].shape), tuple(np.shape(tensors[k]))
+    for k in sorted(set(tensors) & set(entries)):
+        want, got = entry_shape(entries[k]), tuple(np.shape(tensors[k]))
         if want != got:
             problems.append(f"{k}: shape {got} in the file, {want} in the model")
     if problems:
         raise CodebookMismatchError(f"{source} does not fit the model:\n  " + "\n  ".join(problems))
+    values = {}
     for k, array in tensors.items():
-        var = variables[k]
+        var, i = entries[k]
         new = jnp.asarray(array, dtype=var.dtype)
-        old = var[...]
-        if isinstance(old, jax.Array):
+        if i is None and isinstance(var[...], jax.Array):
             # Keep the variable where it lives (sharded models keep their layout).
-            new = jax.device_put(new, old.sharding)
-        var.set_value(new)
+            new = jax.device_put(new, var[...].sharding)
+        values[k] = new
+    set_entries(entries, values)

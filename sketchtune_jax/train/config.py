@@ -28,6 +28,11 @@ class TrainConfig:
     - ``remat``: the rematerialisation policy set on every module's ``remat`` attribute
       (the model's decoder layers must offer one), a name from
       `sketchtune_jax.models.REMAT_POLICIES`; True/False mean "full"/"none".
+    - ``scan_layers``: stack the decoder layers for the run (`sketchtune_jax.models.scan`)
+      so the step runs them as one scan: its compile time and program size stop growing
+      with depth, at the cost of one copy of the layers when training starts and ends
+      (none per step). Layers that are not alike (e.g. mixed bits) train unstacked, with
+      a warning. Files keep their per-layer names either way.
     - ``seed``: the data order's seed; build the batches with it
       (``build_batches(..., seed=config.seed)``); the Trainer warns when they differ.
     - ``batch_size``, ``grad_accum``, ``seed``, ``seq_len`` must match to resume a run.
@@ -54,6 +59,7 @@ class TrainConfig:
     compute_dtype: str | None = None
     codebook_dtype: str | None = "float32"
     remat: str | bool = "none"
+    scan_layers: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "remat", remat_name(self.remat))

@@ -34,6 +34,7 @@ from flax import nnx
 from sketchtune_jax.batches import as_batch_source, stack_micro_batches
 from sketchtune_jax.data import DataPosition
 from sketchtune_jax.layers import Codebook
+from sketchtune_jax.models.scan import is_stacked, stack_layers, unstack_layers
 from sketchtune_jax.train.checkpointing import Checkpoints, saved_parts
 from sketchtune_jax.train.codebooks import flat_state, save_codebooks
 from sketchtune_jax.train.config import TrainConfig
@@ -86,6 +87,10 @@ class Trainer:
             `sketchtune_jax.train.step.next_token_nll`). Static: a function or a hashable object.
         loss_inputs: a pytree of arrays ``loss_fn`` reads and nothing trains (e.g. a frozen
             teacher's state); passed to every step, never donated nor checkpointed.
+
+    With ``config.scan_layers`` the model's decoder layers are stacked from construction
+    until `run` returns (`sketchtune_jax.models.scan.stack_layers`); the optimizer's
+    state stays stacked.
     """
 
     def __init__(
@@ -160,6 +165,20 @@ class Trainer:
             self.model.set_attributes(dtype=compute, raise_if_not_found=False)
         if not flat_state(nnx.state(self.model, self.wrt)):
             raise ValueError(f"the model has no variables matching {self.wrt!r}: nothing to fine-tune")
+        self._stacked_here = False
+        if cfg.scan_layers:
+            try:
+                if not is_stacked(self.model):
+                    stack_layers(self.model)
+                    self._stacked_here = True
+            except ValueError as e:
+                warnings.warn(f"config.scan_layers: {e}; training the layers unstacked (compile time grows with depth)")
+
+    def _unstack_layers(self) -> None:
+        # Hand the model back as it came: layers stacked for the run become a list again.
+        if self._stacked_here:
+            unstack_layers(self.model)
+            self._stacked_here = False
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -243,7 +262,11 @@ class Trainer:
         """Train to ``total_steps`` (resuming from ``out_dir`` if possible) and write the outputs."""
         from tqdm.auto import tqdm
 
-        resumed_from = self.restore()
+        try:
+            resumed_from = self.restore()
+        except BaseException:
+            self._unstack_layers()
+            raise
         self.log.truncate_after(self.step)
         bar = tqdm(
             total=self.total_steps,
@@ -286,7 +309,16 @@ class Trainer:
         graphdef, mutable, frozen = split_for_step(self.model, self.optimizer)
 
         def sync():
-            nnx.update((self.model, self.optimizer), mutable)
+            if mutable is not None:
+                nnx.update((self.model, self.optimizer), mutable)
+
+        def finish():
+            # After this the model is final and may change shape (unstacked layers), so the
+            # split state above no longer describes it.
+            nonlocal mutable
+            sync()
+            mutable = None
+            self._unstack_layers()
 
         try:
             groups = self._groups()
@@ -329,10 +361,11 @@ class Trainer:
             if self.last_good_step != self.step:
                 self.save()
             self.checkpoints.wait_until_finished()
+            finish()
             result_path = self.save_result(self.model, self.out_dir)
             plot_loss_curve(self.log_path, os.path.join(self.out_dir, "loss_curve.png"))
         finally:
-            sync()
+            finish()
             bar.close()
             self.checkpoints.close()
         return TrainResult(
