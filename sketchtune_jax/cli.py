@@ -23,7 +23,10 @@ import dataclasses
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sketchtune_jax.distributed import DistributedSettings
 
 DTYPE_CHOICES = ("float32", "bfloat16")
 
@@ -142,7 +145,7 @@ def _add_distributed_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _distributed_settings(args: argparse.Namespace):
+def _distributed_settings(args: argparse.Namespace) -> DistributedSettings | None:
     """The `DistributedSettings` the flags ask for, or None for one process (checked, nothing started)."""
     from sketchtune_jax.distributed import distributed_settings
     from sketchtune_jax.settings import SettingError
@@ -154,7 +157,7 @@ def _distributed_settings(args: argparse.Namespace):
         raise SettingError(field, e.problem, e.mentions) from None
 
 
-def _start_distributed(args: argparse.Namespace, settings: Any) -> None:
+def _start_distributed(args: argparse.Namespace, settings: DistributedSettings | None) -> None:
     """Join the run of several processes ``settings`` describes (nothing for None)."""
     import os
 
