@@ -340,12 +340,16 @@ def _finetune_method(args: argparse.Namespace):
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     from sketchtune_jax.reporting import print_table
+    from sketchtune_jax.settings import SettingError
     from sketchtune_jax.train import TrainConfig
     from sketchtune_jax.workflows import finetune_to_dir
 
     method, rank = _finetune_method(args)
     config = _settings_from_args(TrainConfig, args, compute_dtype=None if args.dtype == "float32" else args.dtype)
-    _start_distributed(args, _distributed_settings(args))
+    distributed = _distributed_settings(args)
+    if distributed is not None and method is not None and method.name != "sketch":
+        raise SettingError("method", f"{method.name} cannot run over several processes (for now); use sketch")
+    _start_distributed(args, distributed)
     summary = finetune_to_dir(
         args.model,
         args.data,

@@ -201,6 +201,14 @@ def test_partial_flags_name_what_is_missing(tmp_path, capsys):
     assert_cli_refuses(argv, capsys, "--coordinator must be HOST:PORT with a port in 1..65535, got 'nohostport'")
 
 
+def test_what_cannot_run_over_several_processes_is_refused(tmp_path, capsys):
+    flags = ["--coordinator", "localhost:1", "--num-processes", "2", "--process-id", "1"]
+    argv = ["sketch", "m", "--calib", "c.txt", "--out", str(tmp_path / "s"), "--heal-steps", "2", *flags]
+    assert_cli_refuses(argv, capsys, "--heal-steps cannot run over several processes")
+    argv = _finetune(tmp_path, "--method", "lora", *flags)
+    assert_cli_refuses(argv, capsys, "--method lora cannot run over several processes (for now); use sketch")
+
+
 def test_unreachable_coordinator_errors_after_the_timeout(tmp_path, capsys):
     port = free_port()  # nothing listens there
     start = time.monotonic()
