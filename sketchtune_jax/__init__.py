@@ -11,9 +11,11 @@ The public API, in the order a user meets it::
     train, val = st.build_batches("math.json", loaded.tokenizer, batch_size=8, seq_len=512)
     st.finetune(loaded.model, train, st.TrainConfig(lr=8e-5, epochs=1), "runs/math")
 
-`st.heal` distils a sketch's codebooks from the dense model (see `sketchtune_jax.heal`).
+`st.heal` distils a sketch's codebooks from the dense model (see `sketchtune_jax.heal`);
+`st.distributed.initialize` joins a run of several processes (hosts) before any JAX work.
 """
 
+from sketchtune_jax import distributed
 from sketchtune_jax.calibration import calibration_windows
 from sketchtune_jax.checkpoint import is_sketched_dir, load_sketched, save_sketched
 from sketchtune_jax.data import build_batches, format_prompt, load_instruction_data, sample_mixture
@@ -28,7 +30,7 @@ from sketchtune_jax.methods import FinetuneMethod
 from sketchtune_jax.models import KVCache, LlamaForCausalLM, ModelConfig, init_cache, stack_layers, unstack_layers
 from sketchtune_jax.multiple_choice import evaluate_multiple_choice, parse_choices
 from sketchtune_jax.perplexity import PerplexityResult, perplexity, read_text
-from sketchtune_jax.sharding import shard_batch, shard_model
+from sketchtune_jax.sharding import make_mesh, process_rows, shard_batch, shard_model
 from sketchtune_jax.sketcher import SketchSettings, partial_dir_for, sketch_model
 from sketchtune_jax.streaming import assemble_sketch, sketch_streaming
 from sketchtune_jax.train import (
@@ -61,6 +63,7 @@ __all__ = [
     "auto_rank",
     "build_batches",
     "calibration_windows",
+    "distributed",
     "evaluate_multiple_choice",
     "evaluate_task",
     "extract_answer",
@@ -76,12 +79,14 @@ __all__ = [
     "load_codebooks",
     "load_instruction_data",
     "load_sketched",
+    "make_mesh",
     "make_optimizer",
     "merge_lora",
     "model_info",
     "parse_choices",
     "partial_dir_for",
     "perplexity",
+    "process_rows",
     "read_text",
     "sample_mixture",
     "save_adapter",

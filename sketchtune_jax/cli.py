@@ -7,6 +7,7 @@
     sketchtune sketch MODEL --bits 4 --groups-per-row 4 --calib FILE|hf:NAME|self --nsamples N --seq-len L --out DIR
     sketchtune heal SKETCH --teacher MODEL --calib FILE|self --out DIR --steps N [--lr --batch-size --seq-len ...]
     sketchtune finetune SKETCH --data FILE --out RUN [--epochs --lr --batch-size ... --mesh data=2,model=4 --resume]
+    sketchtune sketch|finetune ... --coordinator HOST:PORT --num-processes N --process-id I   (in every process)
     sketchtune eval math|commonsense MODEL --data FILE [--limit N] [--codebooks FILE]
     sketchtune eval commonsense MODEL --data FILE --scoring loglik [--continuation response|option|question]
     sketchtune export SKETCH [--codebooks FILE] --out DIR
@@ -22,7 +23,10 @@ import dataclasses
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sketchtune_jax.distributed import DistributedSettings
 
 DTYPE_CHOICES = ("float32", "bfloat16")
 
@@ -125,9 +129,64 @@ def _fraction_range(text: str) -> tuple[float, float]:
     return lo, hi
 
 
+def _add_distributed_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "several processes (hosts)",
+        "run the same command in every process, each with its own --process-id; all three or none",
+    )
+    g.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0, which serves there")
+    g.add_argument("--num-processes", type=int, help="how many processes take part")
+    g.add_argument("--process-id", type=int, help="this process's number, 0 .. num-processes - 1")
+    g.add_argument(
+        "--distributed-timeout",
+        type=float,
+        default=60.0,
+        help="seconds to wait for the coordinator, and then for all processes to join (default 60)",
+    )
+
+
+def _distributed_settings(args: argparse.Namespace) -> DistributedSettings | None:
+    """The `DistributedSettings` the flags ask for, or None for one process (checked, nothing started)."""
+    from sketchtune_jax.distributed import distributed_settings
+    from sketchtune_jax.settings import SettingError
+
+    try:
+        return distributed_settings(args.coordinator, args.num_processes, args.process_id, args.distributed_timeout)
+    except SettingError as e:
+        field = "distributed_timeout" if e.field == "timeout_s" else e.field
+        raise SettingError(field, e.problem, e.mentions) from None
+
+
+def _start_distributed(args: argparse.Namespace, settings: DistributedSettings | None) -> None:
+    """Join the run of several processes ``settings`` describes (nothing for None)."""
+    import os
+
+    from sketchtune_jax.distributed import initialize
+
+    def fail(error: Exception) -> None:
+        print(_error_line(args, error), file=sys.stderr, flush=True)
+        os._exit(2)
+
+    if settings is not None:
+        initialize(
+            settings.coordinator,
+            settings.num_processes,
+            settings.process_id,
+            timeout_s=settings.timeout_s,
+            on_timeout=fail,
+        )
+
+
+def _is_primary() -> bool:
+    from sketchtune_jax.distributed import is_primary
+
+    return is_primary()
+
+
 def cmd_sketch(args: argparse.Namespace) -> int:
     from sketchtune_jax.fileio import write_json_atomic
     from sketchtune_jax.reporting import print_table
+    from sketchtune_jax.settings import SettingError
     from sketchtune_jax.sketcher import SketchSettings
     from sketchtune_jax.workflows import sketch_to_dir
 
@@ -136,6 +195,10 @@ def cmd_sketch(args: argparse.Namespace) -> int:
     )
     if args.heal_steps < 0:
         raise ValueError(f"--heal-steps must be >= 0, got {args.heal_steps}")
+    distributed = _distributed_settings(args)
+    if distributed is not None and args.heal_steps:
+        raise SettingError("heal_steps", "cannot run over several processes (for now); heal afterwards in one process")
+    _start_distributed(args, distributed)
     report = sketch_to_dir(
         args.model,
         args.out,
@@ -145,6 +208,8 @@ def cmd_sketch(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         streaming=args.streaming,
     )
+    if not _is_primary():
+        return 0
     if args.json:
         write_json_atomic(args.json, report)
     worst = sorted(report["modules"], key=lambda r: -r["rel_output_error"])[:5]
@@ -277,11 +342,16 @@ def _finetune_method(args: argparse.Namespace):
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     from sketchtune_jax.reporting import print_table
+    from sketchtune_jax.settings import SettingError
     from sketchtune_jax.train import TrainConfig
     from sketchtune_jax.workflows import finetune_to_dir
 
     method, rank = _finetune_method(args)
     config = _settings_from_args(TrainConfig, args, compute_dtype=None if args.dtype == "float32" else args.dtype)
+    distributed = _distributed_settings(args)
+    if distributed is not None and method is not None and method.name != "sketch":
+        raise SettingError("method", f"{method.name} cannot run over several processes (for now); use sketch")
+    _start_distributed(args, distributed)
     summary = finetune_to_dir(
         args.model,
         args.data,
@@ -298,7 +368,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         mesh=args.mesh,
     )
-    print_table(f"fine-tuned {args.model} on {args.data} ({summary['method']})", summary)
+    if _is_primary():
+        print_table(f"fine-tuned {args.model} on {args.data} ({summary['method']})", summary)
     return 0
 
 
@@ -443,6 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
         "which loads the whole model)",
     )
     p.add_argument("--json", help="also write the report to this JSON file")
+    _add_distributed_args(p)
     p.add_argument(
         "--heal-steps",
         type=int,
@@ -592,6 +664,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue the run in --out from its latest checkpoint (same batch size, seed, seq len)",
     )
     p.add_argument("--overwrite", action="store_true", help="delete the run in --out and start over")
+    _add_distributed_args(p)
     p.set_defaults(func=cmd_finetune)
     return parser
 
@@ -606,23 +679,26 @@ def _show_library_info() -> None:
     root.setLevel(logging.INFO)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from sketchtune_jax.settings import OutputExistsError, SettingError
+def _error_line(args: argparse.Namespace, error: Exception) -> str:
+    """``error`` as the one line the command prints, settings named by their flags."""
 
+    # Flags are named after the settings fields they fill (argparse's dest convention).
+    def flag(name: str) -> str:
+        return f"--{name.replace('_', '-')}" if name in vars(args) else name
+
+    render = getattr(error, "render", None)
+    return f"sketchtune {args.command}: error: {render(flag) if render else error}"
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _show_library_info()
     try:
         return args.func(args)
-    except (SettingError, OutputExistsError) as e:
-        # Flags are named after the settings fields they fill (argparse's dest convention).
-        def flag(name: str) -> str:
-            return f"--{name.replace('_', '-')}" if name in vars(args) else name
-
-        print(f"sketchtune {args.command}: error: {e.render(flag)}", file=sys.stderr)
-        return 2
+    # SettingError and OutputExistsError among them: rendered with flag names.
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as e:
-        print(f"sketchtune {args.command}: error: {e}", file=sys.stderr)
+        print(_error_line(args, e), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

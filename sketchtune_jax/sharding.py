@@ -33,6 +33,7 @@ from collections.abc import Mapping, Sequence
 from typing import TypeVar
 
 import jax
+import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
@@ -40,7 +41,16 @@ from pallas_kernels import SketchSharding
 from sketchtune_jax.layers import SketchedLinear
 from sketchtune_jax.settings import SettingError
 
-__all__ = ["MEGATRON_SPLITS", "MESH_AXES", "VOCAB_MODULES", "make_mesh", "parse_mesh", "shard_batch", "shard_model"]
+__all__ = [
+    "MEGATRON_SPLITS",
+    "MESH_AXES",
+    "VOCAB_MODULES",
+    "make_mesh",
+    "parse_mesh",
+    "process_rows",
+    "shard_batch",
+    "shard_model",
+]
 
 A = TypeVar("A")
 Axis = str | tuple[str, ...] | None
@@ -149,22 +159,45 @@ def _shard_vocab(weight: nnx.Variable, mesh: Mesh, data_axis: Axis) -> None:
 
 
 def shard_batch(batch: A, mesh: Mesh, data_axis: Axis = "data", *, dim: int = 0) -> A:
-    """Split every array of ``batch`` (any pytree) by its dimension ``dim`` (the batch
-    dimension: 1 for stacked micro-batches ``[A, B, T]``) over ``data_axis``; arrays with
-    no such dimension are replicated.
+    """Split every array of ``batch`` (any pytree of the *global* batch, the same on every
+    process) by its dimension ``dim`` (the batch dimension: 1 for stacked micro-batches
+    ``[A, B, T]``) over ``data_axis``; arrays with no such dimension are replicated.
 
-    Single process only: with several processes, build each global array from the
-    process's own rows with `jax.make_array_from_process_local_data`.
+    With several processes, each transfers only its own rows (`process_rows`) and the
+    global arrays are assembled by `jax.make_array_from_process_local_data`.
     """
     size = axis_size(mesh, data_axis)
+    several = jax.process_count() > 1
 
     def put(leaf):
         if not hasattr(leaf, "shape") or len(leaf.shape) <= dim:
-            return jax.device_put(leaf, NamedSharding(mesh, PartitionSpec()))
+            sharding = NamedSharding(mesh, PartitionSpec())
+            if several:
+                return jax.make_array_from_process_local_data(sharding, np.asarray(leaf), np.shape(leaf))
+            return jax.device_put(leaf, sharding)
         if leaf.shape[dim] % size:
             raise ValueError(
                 f"batch dimension {leaf.shape[dim]} is not divisible by the {size} devices of mesh axis {data_axis!r}"
             )
-        return jax.device_put(leaf, NamedSharding(mesh, PartitionSpec(*(None,) * dim, data_axis)))
+        sharding = NamedSharding(mesh, PartitionSpec(*(None,) * dim, data_axis))
+        if not several:
+            return jax.device_put(leaf, sharding)
+        rows = process_rows(leaf.shape[dim], mesh, data_axis)
+        local = np.asarray(leaf[(slice(None),) * dim + (rows,)])
+        return jax.make_array_from_process_local_data(sharding, local, leaf.shape)
 
     return jax.tree.map(put, batch)
+
+
+def process_rows(rows: int, mesh: Mesh, data_axis: Axis = "data") -> slice:
+    """The rows of a global batch of ``rows`` rows, split over ``data_axis``, that this
+    process's devices hold: what a per-process data loader must read. All rows with one process."""
+    sharding = NamedSharding(mesh, PartitionSpec(data_axis))
+    spans = {index[0].indices(rows)[:2] for index in sharding.addressable_devices_indices_map((rows,)).values()}
+    start, stop = min(s for s, _ in spans), max(e for _, e in spans)
+    if sum(e - s for s, e in spans) != stop - start:
+        raise ValueError(
+            f"this process's devices hold rows {sorted(spans)} of the batch, not one run of rows; "
+            f"order the mesh's devices by process along {data_axis!r}"
+        )
+    return slice(start, stop)

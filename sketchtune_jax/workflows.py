@@ -11,11 +11,15 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
+import jax
+
 from sketchtune_jax.checkpoint import SKETCH_CONFIG, is_sketched_dir, save_sketched
-from sketchtune_jax.fileio import write_json_atomic
+from sketchtune_jax.distributed import barrier, is_primary
+from sketchtune_jax.fileio import check_output_dir, write_json_atomic
 from sketchtune_jax.methods import FinetuneMethod, check_method_fits, default_method
 from sketchtune_jax.settings import DTYPES, OutputExistsError, SettingError
 from sketchtune_jax.sketcher import SketchSettings, partial_dir_for, prepare_sketch_output, sketch_model
@@ -59,6 +63,9 @@ def sketch_to_dir(
     ``sketch_config.json``, the report to ``sketch_report.json``. With ``streaming`` the
     checkpoint is read one decoder layer at a time (`sketchtune_jax.streaming`), except
     with calibration ``self``, which samples text from the whole model; the result is the same.
+    In a run of several processes (`sketchtune_jax.distributed`) every process computes the
+    same sketch on its own devices and process 0 alone writes it; the others work in a
+    temporary directory of their own, removed at the end.
     """
     if _is_file_source(settings.calib):
         if not Path(settings.calib).is_file():
@@ -66,6 +73,26 @@ def sketch_to_dir(
         settings = dataclasses.replace(settings, calib=str(Path(settings.calib).resolve()))
     if is_sketched_dir(model_ref):
         raise ValueError(f"{model_ref} is already sketched; sketch the dense model it came from")
+    _dtype(dtype)
+    args = (model_ref, settings, dtype, batch_size, streaming)
+    if is_primary():
+        return _sketch_into(*args, out_dir, overwrite=overwrite, show_progress=show_progress)
+    check_output_dir(out_dir, overwrite=overwrite)
+    with tempfile.TemporaryDirectory(prefix="sketchtune-sketch-") as scratch:
+        return _sketch_into(*args, Path(scratch) / "sketch", overwrite=False, show_progress=False)
+
+
+def _sketch_into(
+    model_ref: str,
+    settings: SketchSettings,
+    dtype: str,
+    batch_size: int,
+    streaming: bool,
+    out_dir: str | os.PathLike,
+    *,
+    overwrite: bool,
+    show_progress: bool,
+) -> dict[str, Any]:
     dtype_ = _dtype(dtype)
     partial = prepare_sketch_output(out_dir, overwrite=overwrite)
     if partial.exists():
@@ -172,10 +199,13 @@ def finetune_to_dir(
     lora, qlora and full take a dense model (see `sketchtune_jax.methods`). ``auto_lora_rank`` replaces the adapter
     rank by `auto_rank` of the model; ``lora_alpha`` None means 2 x rank. ``resume`` continues the
     run found in ``out_dir`` (from its latest checkpoint); ``overwrite`` deletes it first.
-    ``mesh`` (e.g. ``"data=2,model=4"``, sketch tuning only) trains on a mesh of all local
+    ``mesh`` (e.g. ``"data=2,model=4"``, sketch tuning only) trains on a mesh of all
     devices: batches split over ``data``, projections Megatron-style over ``model``
     (`sketchtune_jax.sharding.shard_model`); a run resumes on any mesh. ``config.scan_layers``
-    (methods sketch and full) runs the decoder layers as one scan.
+    (methods sketch and full) runs the decoder layers as one scan. In a run of several
+    processes (`sketchtune_jax.distributed.initialize` first, then this same call in each)
+    the mesh spans every process's devices (``data=<all devices>`` when ``mesh`` is None),
+    each process transfers only its rows of every batch, and process 0 alone writes.
     Returns the summary also written to ``summary.json``.
     """
     from sketchtune_jax.data import build_batches, load_instruction_data
@@ -194,8 +224,12 @@ def finetune_to_dir(
         raise FileNotFoundError(f"data file not found: {data}")
     if not 0 <= val_fraction < 1:
         raise SettingError("val_fraction", f"must be in [0, 1), got {val_fraction}")
+    if mesh is None and jax.process_count() > 1:
+        mesh = f"data={jax.device_count()}"
     device_mesh = _training_mesh(mesh, method.name, config) if mesh is not None else None
     check_run_dir(out_dir, resume=resume, overwrite=overwrite)
+    # Every process has looked at out_dir before process 0 changes it.
+    barrier("finetune: output checked")
     records = load_instruction_data(data)
     loaded = _load(model_ref, dtype, codebooks)
     if method.lora is not None:
@@ -219,8 +253,9 @@ def finetune_to_dir(
         on_long_prompt="skip",
         pad_multiple=pad_multiple,
     )
-    if overwrite:
+    if overwrite and is_primary():
         shutil.rmtree(out_dir, ignore_errors=True)
+    barrier("finetune: output cleared")
     writer = method.result_writer(config=loaded.config, tokenizer=loaded.tokenizer, base_model=model_ref)
     result = finetune(
         model,
@@ -228,7 +263,7 @@ def finetune_to_dir(
         config,
         out_dir,
         val_batches=val,
-        progress=progress,
+        progress=progress and is_primary(),
         wrt=method.wrt,
         save_result=writer,
         put_batch=put_batch,
@@ -247,7 +282,8 @@ def finetune_to_dir(
         summary["mesh"] = ",".join(f"{axis}={size}" for axis, size in device_mesh.shape.items())
     if method.lora is not None:
         summary.update(lora_rank=method.lora.rank, lora_alpha=method.lora.alpha, lora_qtype=method.lora.qtype)
-    write_json_atomic(Path(out_dir) / "summary.json", summary)
+    if is_primary():
+        write_json_atomic(Path(out_dir) / "summary.json", summary)
     return summary
 
 
@@ -256,6 +292,8 @@ def _training_mesh(spec: str, method: str, config: TrainConfig):
     from sketchtune_jax.sharding import make_mesh
 
     if method != "sketch":
+        if jax.process_count() > 1:
+            raise SettingError("method", f"{method} cannot run over several processes (for now); use sketch")
         raise SettingError("mesh", "is supported for method sketch only (for now)")
     mesh = make_mesh(spec)
     data = mesh.shape["data"]

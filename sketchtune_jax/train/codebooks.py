@@ -18,6 +18,7 @@ import safetensors.numpy
 from flax import nnx
 from safetensors import safe_open
 
+from sketchtune_jax.distributed import is_primary, to_host
 from sketchtune_jax.fileio import atomic_write_bytes
 from sketchtune_jax.layers import Codebook
 from sketchtune_jax.models.scan import layer_path, stacked_layer_axis
@@ -98,8 +99,11 @@ def trainable_parameter_count(model: nnx.Module, wrt: Any = Codebook) -> int:
 
 
 def codebook_state(model: nnx.Module) -> dict[str, np.ndarray]:
-    """Every `Codebook` as a host numpy array, keyed by dotted module path (native dtype)."""
-    return {k: np.asarray(jax.device_get(entry_value(e))) for k, e in layer_entries(nnx.state(model, Codebook)).items()}
+    """Every `Codebook` as a host numpy array, keyed by dotted per-layer module path (native dtype).
+
+    In a run of several processes every process must call this (codebooks split over
+    them are gathered)."""
+    return {k: to_host(entry_value(e)) for k, e in layer_entries(nnx.state(model, Codebook)).items()}
 
 
 def _bits(shape: tuple[int, ...]) -> int:
@@ -111,7 +115,8 @@ def save_codebooks(model: nnx.Module, path: str | os.PathLike, *, metadata: dict
     """Write the model's codebooks to ``path`` (safetensors, atomic: temp file then rename).
 
     bfloat16 codebooks are stored as float32 (numpy has no bfloat16); ``load_codebooks``
-    casts back to the model's dtype.
+    casts back to the model's dtype. In a run of several processes all of them call this
+    and process 0 writes.
     """
     tensors = {}
     for k, v in codebook_state(model).items():
@@ -127,7 +132,8 @@ def save_codebooks(model: nnx.Module, path: str | os.PathLike, *, metadata: dict
     }
     if metadata:
         meta["user"] = json.dumps(metadata)
-    atomic_write_bytes(path, safetensors.numpy.save(tensors, metadata=meta))
+    if is_primary():
+        atomic_write_bytes(path, safetensors.numpy.save(tensors, metadata=meta))
 
 
 def read_codebooks(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:

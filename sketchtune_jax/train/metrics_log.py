@@ -12,6 +12,7 @@ import logging
 import os
 from typing import Any
 
+from sketchtune_jax.distributed import is_primary
 from sketchtune_jax.fileio import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
@@ -20,18 +21,23 @@ PLOT_SKIPPED = "loss plot skipped: matplotlib not installed (pip install 'sketch
 
 
 class MetricsLog:
-    """Appends records to a JSONL file; `truncate_after` drops steps a resume will run again."""
+    """Appends records to a JSONL file; `truncate_after` drops steps a resume will run again.
+
+    In a run of several processes only process 0 writes; the others' calls do nothing.
+    """
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
 
     def append(self, record: dict[str, Any]) -> None:
+        if not is_primary():
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
     def truncate_after(self, step: int) -> None:
         """Keep only the records of steps ``<= step``."""
-        if not os.path.exists(self.path):
+        if not is_primary() or not os.path.exists(self.path):
             return
         keep = [r for r in read_log(self.path) if r.get("step", 0) <= step]
         atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in keep).encode())

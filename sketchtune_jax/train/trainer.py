@@ -14,6 +14,9 @@ Files in ``out_dir``: ``train_log.jsonl`` (one object per step, plus ``val_loss`
 records), ``checkpoints/<step>/`` (Orbax: codebooks, optimizer state, model RNG
 state, step, data position, config), ``codebooks.safetensors`` (the final
 codebooks, see `save_codebooks`), ``loss_curve.png`` (with matplotlib installed).
+In a run of several processes (`sketchtune_jax.distributed`) every process runs the same
+loop and process 0 alone writes these files and shows progress; checkpoints are saved
+by all of them (Orbax), so ``out_dir`` must be one directory they all see.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from flax import nnx
 
 from sketchtune_jax.batches import as_batch_source, stack_micro_batches
 from sketchtune_jax.data import DataPosition
+from sketchtune_jax.distributed import barrier, is_primary
 from sketchtune_jax.layers import Codebook
 from sketchtune_jax.models.scan import is_stacked, stack_layers, unstack_layers
 from sketchtune_jax.train.checkpointing import Checkpoints, saved_parts
@@ -271,7 +275,7 @@ class Trainer:
         bar = tqdm(
             total=self.total_steps,
             initial=self.step,
-            disable=not self.progress,
+            disable=not (self.progress and is_primary()),
             desc="fine-tune",
             unit="step",
             dynamic_ncols=True,
@@ -322,6 +326,8 @@ class Trainer:
 
         try:
             groups = self._groups()
+            # Processes of a run start the first step together: its collectives wait 30 s at most.
+            barrier("fine-tune: first step")
             while self.step < self.total_steps:
                 try:
                     first, nxt, batch, real = next(groups)
@@ -363,7 +369,8 @@ class Trainer:
             self.checkpoints.wait_until_finished()
             finish()
             result_path = self.save_result(self.model, self.out_dir)
-            plot_loss_curve(self.log_path, os.path.join(self.out_dir, "loss_curve.png"))
+            if is_primary():
+                plot_loss_curve(self.log_path, os.path.join(self.out_dir, "loss_curve.png"))
         finally:
             finish()
             bar.close()
