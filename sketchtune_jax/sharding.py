@@ -40,7 +40,16 @@ from pallas_kernels import SketchSharding
 from sketchtune_jax.layers import SketchedLinear
 from sketchtune_jax.settings import SettingError
 
-__all__ = ["MEGATRON_SPLITS", "MESH_AXES", "VOCAB_MODULES", "make_mesh", "parse_mesh", "shard_batch", "shard_model"]
+__all__ = [
+    "MEGATRON_SPLITS",
+    "MESH_AXES",
+    "VOCAB_MODULES",
+    "make_mesh",
+    "mesh_spec",
+    "parse_mesh",
+    "shard_batch",
+    "shard_model",
+]
 
 A = TypeVar("A")
 Axis = str | tuple[str, ...] | None
@@ -94,6 +103,11 @@ def parse_mesh(spec: str) -> dict[str, int]:
             raise SettingError("mesh", f"axis {name!r} must have a positive integer size, got {size!r}")
         sizes[name] = int(size)
     return sizes
+
+
+def mesh_spec(mesh: Mesh) -> str:
+    """``mesh`` written as `parse_mesh` reads it, e.g. ``"data=2,model=4"``."""
+    return ",".join(f"{axis}={size}" for axis, size in mesh.shape.items())
 
 
 def axis_size(mesh: Mesh, axis: Axis) -> int:

@@ -18,7 +18,14 @@ from sketchtune_jax.checkpoint import SKETCH_CONFIG, is_sketched_dir, save_sketc
 from sketchtune_jax.fileio import write_json_atomic
 from sketchtune_jax.methods import FinetuneMethod, check_method_fits, default_method
 from sketchtune_jax.settings import DTYPES, OutputExistsError, SettingError
-from sketchtune_jax.sketcher import SketchSettings, partial_dir_for, prepare_sketch_output, sketch_model
+from sketchtune_jax.sharding import mesh_spec
+from sketchtune_jax.sketcher import (
+    SketchSettings,
+    check_sketch_mesh,
+    partial_dir_for,
+    prepare_sketch_output,
+    sketch_model,
+)
 from sketchtune_jax.train.config import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -50,6 +57,7 @@ def sketch_to_dir(
     overwrite: bool = False,
     show_progress: bool = True,
     streaming: bool = True,
+    mesh: str | None = None,
 ) -> dict[str, Any]:
     """Sketch ``model_ref`` calibrated on ``settings.calib`` and save it in ``out_dir``; returns the report.
 
@@ -59,6 +67,9 @@ def sketch_to_dir(
     ``sketch_config.json``, the report to ``sketch_report.json``. With ``streaming`` the
     checkpoint is read one decoder layer at a time (`sketchtune_jax.streaming`), except
     with calibration ``self``, which samples text from the whole model; the result is the same.
+    ``mesh`` (e.g. ``"data=2,model=4"``) sketches on a mesh of all local devices: calibration
+    samples split over ``data``, every stage's rows over all devices (`check_sketch_mesh`
+    says what must divide what); a sketch resumes on any mesh or none.
     """
     if _is_file_source(settings.calib):
         if not Path(settings.calib).is_file():
@@ -67,6 +78,7 @@ def sketch_to_dir(
     if is_sketched_dir(model_ref):
         raise ValueError(f"{model_ref} is already sketched; sketch the dense model it came from")
     dtype_ = _dtype(dtype)
+    device_mesh = _sketch_mesh(mesh, settings) if mesh is not None else None
     partial = prepare_sketch_output(out_dir, overwrite=overwrite)
     if partial.exists():
         logger.info("resuming the unfinished sketch in %s", partial)
@@ -79,6 +91,8 @@ def sketch_to_dir(
         tensors = open_tensors(model_ref)
         try:
             settings.validate(tensors.config)
+            if device_mesh is not None:
+                check_sketch_mesh(device_mesh, tensors.config, settings.nsamples)
             calib = calibration_windows(
                 settings.calib,
                 tensors.tokenizer,
@@ -96,6 +110,7 @@ def sketch_to_dir(
                 param_dtype=dtype_,
                 batch_size=batch_size,
                 show_progress=show_progress,
+                mesh=device_mesh,
             )
             report["source"] = model_ref
             assemble_sketch(
@@ -106,6 +121,8 @@ def sketch_to_dir(
     else:
         loaded = _load(model_ref, dtype)
         settings.validate(loaded.config)
+        if device_mesh is not None:
+            check_sketch_mesh(device_mesh, loaded.config, settings.nsamples)
         calib = calibration_windows(
             settings.calib,
             loaded.tokenizer,
@@ -116,7 +133,13 @@ def sketch_to_dir(
             text_range=settings.calib_range,
         )
         report = sketch_model(
-            loaded.model, calib, settings, work_dir=partial, batch_size=batch_size, show_progress=show_progress
+            loaded.model,
+            calib,
+            settings,
+            work_dir=partial,
+            batch_size=batch_size,
+            show_progress=show_progress,
+            mesh=device_mesh,
         )
         report["source"] = model_ref
         save_sketched(
@@ -128,6 +151,8 @@ def sketch_to_dir(
             report=report,
             overwrite=True,
         )
+    if device_mesh is not None:
+        report["mesh"] = mesh_spec(device_mesh)
     write_json_atomic(Path(out_dir) / "sketch_report.json", report)
     shutil.rmtree(partial_dir_for(out_dir), ignore_errors=True)
     return report
@@ -240,11 +265,21 @@ def finetune_to_dir(
         "log": result.log_path,
     }
     if device_mesh is not None:
-        summary["mesh"] = ",".join(f"{axis}={size}" for axis, size in device_mesh.shape.items())
+        summary["mesh"] = mesh_spec(device_mesh)
     if method.lora is not None:
         summary.update(lora_rank=method.lora.rank, lora_alpha=method.lora.alpha, lora_qtype=method.lora.qtype)
     write_json_atomic(Path(out_dir) / "summary.json", summary)
     return summary
+
+
+def _sketch_mesh(spec: str, settings: SketchSettings):
+    """The mesh ``spec`` names, once its data axis is known to divide the calibration samples
+    (the model's rows are checked when its config has been read)."""
+    from sketchtune_jax.sharding import make_mesh
+
+    mesh = make_mesh(spec)
+    check_sketch_mesh(mesh, None, settings.nsamples)
+    return mesh
 
 
 def _training_mesh(spec: str, method: str, config: TrainConfig):
