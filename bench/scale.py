@@ -30,6 +30,16 @@ about time is claimed.
 
     python bench/scale.py --collectives --hidden 512 --intermediate 1376 --heads 8 --kv-heads 4 \
         --vocab 2048 --layers 4 4 --out bench/results/collectives-mesh-cpu-8dev.json
+
+Sketch mesh: sketches one random-weight checkpoint (the first ``--layers`` value is its depth)
+with `sketchtune sketch` on ``--devices`` forced host devices, on ``--mesh`` and on one device
+(``--batch-size`` 8, and 4 for scale: the same samples summed in another order), each in a
+child process, and compares each checkpoint with the one-device one: the fraction of codes
+that differ, per layer and overall, and the largest codebook difference, with each run's
+seconds. Forced host devices share the host's cores: the seconds are no speed-up figure.
+
+    python bench/scale.py --sketch-mesh --layers 2 2 --hidden 256 --intermediate 768 --heads 4 \
+        --kv-heads 2 --nsamples 8 --out bench/results/sketch-mesh-cpu-8dev.json
 """
 
 from __future__ import annotations
@@ -44,6 +54,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -149,9 +160,19 @@ def write_checkpoint(
 
 
 def sketch_peak_rss(
-    model: Path, out: Path, calib: Path, *, streaming: bool, nsamples: int, seq_len: int, kmeans_iters: int
+    model: Path,
+    out: Path,
+    calib: Path,
+    *,
+    streaming: bool,
+    nsamples: int,
+    seq_len: int,
+    kmeans_iters: int,
+    extra: tuple[str, ...] = (),
+    devices: int | None = None,
 ) -> dict:
-    """Run `sketchtune sketch` in a child process; its peak RSS (MiB) and seconds."""
+    """Run `sketchtune sketch` (with ``extra`` flags, on ``devices`` forced host devices if
+    given) in a child process; its peak RSS (MiB) and seconds."""
     argv = [
         sys.executable,
         "-m",
@@ -174,12 +195,15 @@ def sketch_peak_rss(
         str(kmeans_iters),
         "--overwrite",
         "--streaming" if streaming else "--no-streaming",
+        *extra,
     ]
     env = {
         **os.environ,
         "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu"),
         "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p),
     }
+    if devices is not None:
+        env["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
     start = time.perf_counter()
     child = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(child.pid, 0)
@@ -420,6 +444,106 @@ def collectives_main(args: argparse.Namespace) -> dict:
     }
 
 
+def compare_sketches(a: Path, b: Path, bits: int, cols_per_group: Callable[[str], int]) -> dict:
+    """How far the sketched checkpoints ``a`` and ``b`` are apart: the fraction of codes that
+    differ (unpacked, ``cols_per_group(key)`` each) overall and per decoder layer, codebooks."""
+    import safetensors.numpy
+
+    sys.path.insert(0, str(ROOT))
+    from pallas_kernels.packing import unpack_codes
+
+    ta, tb = (safetensors.numpy.load_file(str(d / "model.safetensors")) for d in (a, b))
+    differ: dict[str, int] = {}
+    total: dict[str, int] = {}
+    book_diff = 0.0
+    for key in (k for k in ta if k.endswith(".codes")):
+        ca, cb = (unpack_codes(t[key], bits, cols_per_group(key)) for t in (ta, tb))
+        layer = key.split(".")[2]
+        differ[layer] = differ.get(layer, 0) + int(np.sum(ca != cb))
+        total[layer] = total.get(layer, 0) + ca.size
+        book = key.removesuffix(".codes") + ".codebook"
+        book_diff = max(book_diff, float(np.max(np.abs(ta[book] - tb[book]))))
+    return {
+        "code_mismatch": sum(differ.values()) / sum(total.values()),
+        "code_mismatch_by_layer": {layer: differ[layer] / total[layer] for layer in sorted(total, key=int)},
+        "max_codebook_diff": book_diff,
+    }
+
+
+def sketch_mesh_main(args: argparse.Namespace) -> dict:
+    """The ``--sketch-mesh`` report: a sketch on ``args.mesh`` against one on one device."""
+    calib_text = args.calib.read_text(encoding="utf-8")
+    layers = args.layers[0]
+    runs = {}
+    with tempfile.TemporaryDirectory(prefix="sketch-mesh-") as tmp:
+        model = Path(tmp) / "llama"
+        write_checkpoint(
+            model,
+            layers=layers,
+            hidden=args.hidden,
+            intermediate=args.intermediate,
+            heads=args.heads,
+            kv_heads=args.kv_heads,
+            calib_text=calib_text,
+            vocab=args.vocab,
+        )
+        variants = {"mesh": ("--mesh", args.mesh), "one_device": (), "one_device_batch4": ("--batch-size", "4")}
+        for name, extra in variants.items():
+            out = Path(tmp) / name
+            runs[name] = sketch_peak_rss(
+                model,
+                out,
+                args.calib,
+                streaming=True,
+                nsamples=args.nsamples,
+                seq_len=args.seq_len,
+                kmeans_iters=args.kmeans_iters,
+                extra=(*extra, "--json", str(Path(tmp) / f"{name}.json")),
+                devices=args.devices,
+            )
+            report = json.loads((Path(tmp) / f"{name}.json").read_text())
+            runs[name]["mean_rel_output_error"] = report["mean_rel_output_error"]
+            print(json.dumps({name: runs[name]}), file=sys.stderr)
+        differences = {
+            name: compare_sketches(
+                Path(tmp) / name,
+                Path(tmp) / "one_device",
+                4,
+                lambda key: (args.intermediate if ".down_proj." in key else args.hidden) // 4,
+            )
+            for name in ("mesh", "one_device_batch4")
+        }
+    return {
+        "what": "`sketchtune sketch --mesh` and `--batch-size 4` against one device with batch size 8, on "
+        "forced host devices: codes and codebooks compared, seconds per child process (forced devices "
+        "share the host's cores: not a speed-up)",
+        "date": datetime.date.today().isoformat(),
+        "host": f"{platform.machine()} {os.cpu_count()} cpus, {platform.python_version()}, "
+        f"{args.devices} forced host devices",
+        "command": " ".join(["python", "bench/scale.py", *sys.argv[1:]]),
+        "mesh": args.mesh,
+        "model": {
+            "hidden": args.hidden,
+            "intermediate": args.intermediate,
+            "layers": layers,
+            "heads": args.heads,
+            "kv_heads": args.kv_heads,
+            "vocab_target": args.vocab,
+            "dtype": "float32",
+            "weights": "random",
+        },
+        "sketch": {
+            "bits": 4,
+            "groups_per_row": 4,
+            "nsamples": args.nsamples,
+            "seq_len": args.seq_len,
+            "kmeans_iters": args.kmeans_iters,
+        },
+        "runs": runs,
+        "differences": differences,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, nargs=2, default=(4, 16), metavar=("SHALLOW", "DEEP"))
@@ -435,8 +559,9 @@ def main() -> None:
     parser.add_argument("--in-memory", action="store_true", help="also measure --no-streaming (whole model loaded)")
     parser.add_argument("--out", help="also write the JSON here")
     parser.add_argument("--collectives", action="store_true", help="measure a sharded train step's collectives")
-    parser.add_argument("--devices", type=int, default=8, help="forced host devices for --collectives")
-    parser.add_argument("--mesh", default="data=2,model=4", help="mesh for --collectives")
+    parser.add_argument("--sketch-mesh", action="store_true", help="compare a sketch on --mesh with one on one device")
+    parser.add_argument("--devices", type=int, default=8, help="forced host devices for --collectives/--sketch-mesh")
+    parser.add_argument("--mesh", default="data=2,model=4", help="mesh for --collectives/--sketch-mesh")
     parser.add_argument("--groups", type=int, default=4, help="codebook groups per row for --collectives")
     parser.add_argument("--batch", type=int, default=8, help="rows per step for --collectives and --compile-layers")
     parser.add_argument(
@@ -459,6 +584,9 @@ def main() -> None:
         )
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
         write_result(collectives_main(args), args.out)
+        return
+    if args.sketch_mesh:
+        write_result(sketch_mesh_main(args), args.out)
         return
 
     calib_text = args.calib.read_text(encoding="utf-8")

@@ -7,6 +7,7 @@ The public API, in the order a user meets it::
     loaded = st.load_any("smollm2-135m")                     # HF dir, GGUF, sketched dir or built-in name
     calib = st.calibration_windows("wiki.txt", loaded.tokenizer, nsamples=32, seq_len=512)
     st.sketch_model(loaded.model, calib, st.SketchSettings(bits=4, groups_per_row=4))
+    # or on all local devices: mesh=st.make_mesh("data=8") (samples split over data, rows over all)
     st.save_sketched(loaded.model, loaded.config, loaded.tokenizer, "smol-int4")
     train, val = st.build_batches("math.json", loaded.tokenizer, batch_size=8, seq_len=512)
     st.finetune(loaded.model, train, st.TrainConfig(lr=8e-5, epochs=1), "runs/math")

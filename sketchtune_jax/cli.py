@@ -4,7 +4,7 @@
     sketchtune info MODEL
     sketchtune generate MODEL --prompt TEXT --max-new-tokens N
     sketchtune eval ppl MODEL --text FILE --seq-len 512 --max-windows 20 [--json OUT]
-    sketchtune sketch MODEL --bits 4 --groups-per-row 4 --calib FILE|hf:NAME|self --nsamples N --seq-len L --out DIR
+    sketchtune sketch MODEL --bits 4 --groups-per-row 4 --calib FILE|hf:NAME|self --nsamples N --seq-len L --out DIR [--mesh data=8]
     sketchtune heal SKETCH --teacher MODEL --calib FILE|self --out DIR --steps N [--lr --batch-size --seq-len ...]
     sketchtune finetune SKETCH --data FILE --out RUN [--epochs --lr --batch-size ... --mesh data=2,model=4 --resume]
     sketchtune sketch|finetune ... --coordinator HOST:PORT --num-processes N --process-id I   (in every process)
@@ -207,6 +207,7 @@ def cmd_sketch(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         overwrite=args.overwrite,
         streaming=args.streaming,
+        mesh=args.mesh,
     )
     if not _is_primary():
         return 0
@@ -512,6 +513,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=True,
         help="read the checkpoint one decoder layer at a time (default; same result as --no-streaming, "
         "which loads the whole model)",
+    )
+    p.add_argument(
+        "--mesh",
+        help="sketch on a device mesh, e.g. data=8 or data=2,model=4 (sizes multiply to the device count): "
+        "calibration samples split over data, every projection's rows over all devices",
     )
     p.add_argument("--json", help="also write the report to this JSON file")
     _add_distributed_args(p)

@@ -46,6 +46,7 @@ __all__ = [
     "MESH_AXES",
     "VOCAB_MODULES",
     "make_mesh",
+    "mesh_spec",
     "parse_mesh",
     "process_rows",
     "shard_batch",
@@ -104,6 +105,11 @@ def parse_mesh(spec: str) -> dict[str, int]:
             raise SettingError("mesh", f"axis {name!r} must have a positive integer size, got {size!r}")
         sizes[name] = int(size)
     return sizes
+
+
+def mesh_spec(mesh: Mesh) -> str:
+    """``mesh`` written as `parse_mesh` reads it, e.g. ``"data=2,model=4"``."""
+    return ",".join(f"{axis}={size}" for axis, size in mesh.shape.items())
 
 
 def axis_size(mesh: Mesh, axis: Axis) -> int:

@@ -8,6 +8,11 @@ layer again, so the next layer is calibrated on sketched outputs. With
 ``true_sequential`` the stages are measured one after another instead, each after
 the ones before it are sketched (four passes instead of one). Each finished layer is saved, so a killed run
 started again with the same command resumes and ends with the same result.
+
+On a device mesh (``mesh=``) the calibration samples are split over its ``data`` axis,
+so each device runs the layer on its own samples and the Hessians are summed over them
+by the compiler (an all-reduce), and every stage's rows are split over all its devices
+(`sketch_matrix` under `jax.shard_map`).
 """
 
 from __future__ import annotations
@@ -27,13 +32,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax import lax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from pallas_kernels import SUPPORTED_BITS
 from sketchtune_jax.fileio import atomic_write_bytes, check_output_dir, write_json_atomic
 from sketchtune_jax.layers import Linear, SketchedLinear
+from sketchtune_jax.models import DecoderLayer, ModelConfig
 from sketchtune_jax.module_paths import get_submodule, set_submodule
 from sketchtune_jax.reporting import progress
 from sketchtune_jax.settings import OutputExistsError, SettingError, require, require_positive
+from sketchtune_jax.sharding import mesh_spec
 from sketchtune_jax.sketch import (
     accumulate_hessian,
     check_finite,
@@ -45,6 +54,8 @@ from sketchtune_jax.sketch import (
 from sketchtune_jax.sketch.layer_tune import tune_layer_codebooks
 
 _NOT_FINITE_HINT = "check the checkpoint's weights and the dtype (float32 if a half dtype overflows)"
+# The mesh axis the calibration samples are split over; rows split over every axis.
+DATA_AXIS = "data"
 
 
 @dataclass(frozen=True)
@@ -139,35 +150,55 @@ class HessianProbe(nnx.Module):
         return self.inner(x)
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(jax.jit, static_argnums=(0, 5, 6))
 def _run_layer(
-    graphdef: nnx.GraphDef, stats: nnx.State, rest: nnx.State, hidden: jax.Array, positions: jax.Array
+    graphdef: nnx.GraphDef,
+    stats: nnx.State,
+    rest: nnx.State,
+    hidden: jax.Array,
+    start: jax.Array,
+    shards: int,
+    size: int,
 ) -> tuple[jax.Array, nnx.State]:
+    # hidden [N, T, D] is split by samples into `shards` blocks (one per data device);
+    # the micro-batch takes `size` samples from each block, so no sample changes device.
+    n, t, d = hidden.shape
+    blocks = hidden.reshape(shards, n // shards, t, d)
+    chunk = lax.dynamic_slice_in_dim(blocks, start, size, axis=1).reshape(shards * size, t, d)
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (shards * size, t))
     # Only the probe statistics go out again: the layer's weights are inputs only.
     layer = nnx.merge(graphdef, stats, rest)
-    out = layer(hidden, positions=positions, attention_mask=None)
+    out = layer(chunk, positions=positions, attention_mask=None)
     return out, nnx.state(layer, HessianStat)
 
 
-def _forward_layer(layer: nnx.Module, hidden: jax.Array, batch_size: int) -> jax.Array:
+@functools.partial(jax.jit, static_argnums=1)
+def _join_blocks(outs: list[jax.Array], shards: int) -> jax.Array:
+    # The inverse of the micro-batching in `_run_layer`: each block's samples back in order.
+    blocks = [o.reshape(shards, -1, *o.shape[1:]) for o in outs]
+    return jnp.concatenate(blocks, axis=1).reshape(-1, *outs[0].shape[1:])
+
+
+def _forward_layer(layer: nnx.Module, hidden: jax.Array, batch_size: int, shards: int = 1) -> jax.Array:
     """Run ``layer`` over all calibration rows in micro-batches: ``[N, T, D]`` -> ``[N, T, D]``.
 
-    Probes inside ``layer`` (if any) accumulate the inputs they see.
+    ``hidden`` is split by samples into ``shards`` equal blocks (the data devices of a
+    mesh, 1 on one device); each micro-batch takes ``batch_size // shards`` (at least 1)
+    samples from every block. Probes inside ``layer`` (if any) accumulate the inputs they see.
     """
-    n, t, _ = hidden.shape
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (min(batch_size, n), t))
+    per_block = hidden.shape[0] // shards
+    size = max(1, batch_size // shards)
     graphdef, stats, rest = nnx.split(layer, HessianStat, ...)
     outs = []
-    for lo in range(0, n, batch_size):
-        chunk = hidden[lo : lo + batch_size]
-        out, stats = _run_layer(graphdef, stats, rest, chunk, positions[: chunk.shape[0]])
+    for lo in range(0, per_block, size):
+        out, stats = _run_layer(graphdef, stats, rest, hidden, jnp.int32(lo), shards, min(size, per_block - lo))
         outs.append(out)
     nnx.update(layer, stats)
-    return jnp.concatenate(outs, axis=0)
+    return _join_blocks(outs, shards)
 
 
 def _stage_hessians(
-    layer: nnx.Module, stages: tuple[tuple[str, ...], ...], hidden: jax.Array, batch_size: int
+    layer: nnx.Module, stages: tuple[tuple[str, ...], ...], hidden: jax.Array, batch_size: int, shards: int
 ) -> dict[tuple[str, ...], jax.Array]:
     """One pass of ``layer`` over the calibration rows with a probe on the first module of each stage."""
     probes = {}
@@ -176,7 +207,7 @@ def _stage_hessians(
         probes[stage] = HessianProbe(inner, inner.in_features)
         set_submodule(layer, stage[0], probes[stage])
     try:
-        _forward_layer(layer, hidden, batch_size)
+        _forward_layer(layer, hidden, batch_size, shards)
     finally:
         for stage, probe in probes.items():
             set_submodule(layer, stage[0], probe.inner)
@@ -184,7 +215,12 @@ def _stage_hessians(
 
 
 def _sketch_stage(
-    layer: nnx.Module, stage: tuple[str, ...], hessian: jax.Array, settings: SketchSettings, seed: int
+    layer: nnx.Module,
+    stage: tuple[str, ...],
+    hessian: jax.Array,
+    settings: SketchSettings,
+    seed: int,
+    mesh: Mesh | None,
 ) -> list[dict[str, Any]]:
     """Sketch the projections of one stage (one shared input, so one H) and swap them in.
 
@@ -211,6 +247,7 @@ def _sketch_stage(
             seed=seed,
             error_feedback=settings.error_feedback,
             refit_codebook=settings.refit_codebook,
+            mesh=mesh,
         )
     except ValueError as e:
         raise ValueError(f"{'/'.join(stage)}: {e}") from e
@@ -226,7 +263,7 @@ def _sketch_stage(
 
 
 def _sketch_layer(
-    layer: nnx.Module, hidden: jax.Array, settings: SketchSettings, batch_size: int, seed: int
+    layer: nnx.Module, hidden: jax.Array, settings: SketchSettings, batch_size: int, seed: int, mesh: Mesh | None
 ) -> list[dict[str, Any]]:
     """Sketch every projection of one decoder layer in place; one report row per module.
 
@@ -237,9 +274,9 @@ def _sketch_layer(
     passes = tuple((stage,) for stage in stages) if settings.true_sequential else (stages,)
     rows = []
     for stages in passes:
-        hessians = _stage_hessians(layer, stages, hidden, batch_size)
+        hessians = _stage_hessians(layer, stages, hidden, batch_size, data_shards(mesh))
         for stage in stages:
-            rows += _sketch_stage(layer, stage, hessians[stage], settings, seed + len(rows))
+            rows += _sketch_stage(layer, stage, hessians[stage], settings, seed + len(rows), mesh)
     return rows
 
 
@@ -252,15 +289,21 @@ def sketch_model(
     batch_size: int = 8,
     show_progress: bool = True,
     on_layer_done: Callable[[int], None] | None = None,
+    mesh: Mesh | None = None,
 ) -> dict[str, Any]:
     """Sketch every decoder-layer projection of ``model`` in place; returns the report.
 
     ``calib_ids``: int32 ``[nsamples, seq_len]``. With ``work_dir``, each finished layer
     is saved there and a later call with the same settings resumes from it.
     ``on_layer_done(index)`` is called after each decoder layer is finished (and saved).
+    With ``mesh`` the work is split over its devices (see `check_sketch_mesh`) and the
+    model ends up on it (`sketchtune_jax.sharding.shard_model` then lays it out for fine-tuning).
     """
     settings.validate(model.config)
     calib_ids = check_calibration_ids(calib_ids)
+    if mesh is not None:
+        check_sketch_mesh(mesh, model.config, calib_ids.shape[0])
+        nnx.update(model, jax.device_put(nnx.state(model), NamedSharding(mesh, PartitionSpec())))
     resume = ResumeDir(work_dir, settings, calib_ids) if work_dir is not None else None
     layers = model.model.layers
     return sketch_layers(
@@ -273,7 +316,47 @@ def sketch_model(
         batch_size=batch_size,
         show_progress=show_progress,
         on_layer_done=on_layer_done,
+        mesh=mesh,
     )
+
+
+def data_shards(mesh: Mesh | None) -> int:
+    """How many blocks the calibration samples are split into on ``mesh`` (its `DATA_AXIS` size)."""
+    return 1 if mesh is None else mesh.shape.get(DATA_AXIS, 1)
+
+
+def check_sketch_mesh(mesh: Mesh, config: ModelConfig | None, nsamples: int) -> None:
+    """Reject a ``mesh`` the sketch of a model of ``config`` cannot be split over, before any work.
+
+    The ``nsamples`` calibration samples are split over the mesh's ``data`` axis, so it
+    must divide them; the rows of every stage (q/k/v together, o, gate/up together, down)
+    are split over all its devices, so their number must divide each stage's rows (not
+    checked with ``config`` None). Raises `SettingError` (field ``mesh``).
+    """
+    spec = mesh_spec(mesh)
+    data = data_shards(mesh)
+    if nsamples % data:
+        raise SettingError(
+            "mesh",
+            f"{spec} splits the calibration samples over its {data} data devices, but there are {nsamples}; "
+            f"make {{nsamples}} a multiple of {data} or the data axis smaller",
+            ("nsamples",),
+        )
+    if config is None:
+        return
+    layer = nnx.eval_shape(lambda: DecoderLayer(config, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0)))
+    rows = {
+        "/".join(stage): sum(get_submodule(layer, name).out_features for name in stage)
+        for stage in layer.sketch_stages()
+    }
+    bad = {stage: n for stage, n in rows.items() if n % mesh.size}
+    if bad:
+        stage, n = next(iter(bad.items()))
+        raise SettingError(
+            "mesh",
+            f"{spec} splits every projection's rows over its {mesh.size} devices, but {stage} has {n} rows; "
+            f"use a mesh whose device count divides {math.gcd(*rows.values())}",
+        )
 
 
 def check_calibration_ids(calib_ids: np.ndarray) -> np.ndarray:
@@ -295,15 +378,21 @@ def sketch_layers(
     batch_size: int,
     show_progress: bool,
     on_layer_done: Callable[[int], None] | None = None,
+    mesh: Mesh | None = None,
 ) -> dict[str, Any]:
     """Sketch decoder layers ``layer_at(0) ... layer_at(num_layers - 1)`` in order, in place; returns the report.
 
     ``embed`` maps ``calib_ids`` to the first layer's input. ``layer_at(index)`` hands the dense
     layer; it is asked once, so it may build the layer there and then (the streaming sketcher
     reads it from the checkpoint) and the layer may be dropped once the next one is asked for.
+    On a ``mesh`` (checked by the caller with `check_sketch_mesh`) each layer is replicated
+    over it and the activations split by samples over its ``data`` axis.
     """
     hidden = embed(jnp.asarray(calib_ids)).astype(jnp.float32)
     check_finite(hidden, "the embeddings of the calibration tokens", _NOT_FINITE_HINT)
+    if mesh is not None:
+        split = PartitionSpec(DATA_AXIS) if DATA_AXIS in mesh.axis_names else PartitionSpec()
+        hidden = jax.device_put(hidden, NamedSharding(mesh, split))
     tune = settings.layer_tune_steps > 0
     # Layer tuning aims each sketched layer at the dense model's own hidden states, so the
     # dense model runs alongside on the same rows.
@@ -313,14 +402,18 @@ def sketch_layers(
     for index in progress(range(num_layers), desc="sketching layers", disable=not show_progress):
         layer = layer_at(index)
         seed = settings.seed + 1000 * index
+        if mesh is not None:
+            _replicate(layer, mesh)
         if tune:
-            dense_hidden = _forward_layer(layer, dense_hidden, batch_size)
+            dense_hidden = _forward_layer(layer, dense_hidden, batch_size, data_shards(mesh))
         done = resume.load_layer(index) if resume else None
         if done is not None:
-            tensors, rows = done
-            swap_in_sketches(layer, tensors)
+            swap_in_sketches(layer, done[0])
+            if mesh is not None:
+                _replicate(layer, mesh)
+            rows = done[1]
         else:
-            rows = [{"layer": index, **r} for r in _sketch_layer(layer, hidden, settings, batch_size, seed)]
+            rows = [{"layer": index, **r} for r in _sketch_layer(layer, hidden, settings, batch_size, seed, mesh)]
             if tune:
                 tuned = tune_layer_codebooks(
                     layer,
@@ -335,7 +428,7 @@ def sketch_layers(
             if resume:
                 resume.save_layer(index, layer, rows)
         report += rows
-        hidden = _forward_layer(layer, hidden, batch_size)
+        hidden = _forward_layer(layer, hidden, batch_size, data_shards(mesh))
         check_finite(hidden, f"the output of decoder layer {index}", _NOT_FINITE_HINT)
         del layer
         if on_layer_done is not None:
@@ -347,6 +440,10 @@ def sketch_layers(
         **({"mean_layer_error_after_tuning": float(np.mean([r["layer_error_after"] for r in report]))} if tune else {}),
         "seconds": time.perf_counter() - start,
     }
+
+
+def _replicate(layer: nnx.Module, mesh: Mesh) -> None:
+    nnx.update(layer, jax.device_put(nnx.state(layer), NamedSharding(mesh, PartitionSpec())))
 
 
 def swap_in_sketches(layer: nnx.Module, tensors: dict[str, np.ndarray]) -> None:

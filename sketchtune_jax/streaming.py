@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from sketchtune_jax.checkpoint import sketched_modules, write_sketched_dir
 from sketchtune_jax.layers import SketchedLinear
@@ -25,6 +26,7 @@ from sketchtune_jax.sketcher import (
     ResumeDir,
     SketchSettings,
     check_calibration_ids,
+    check_sketch_mesh,
     sketch_layers,
     swap_in_sketches,
 )
@@ -46,11 +48,13 @@ def sketch_streaming(
     batch_size: int = 8,
     show_progress: bool = True,
     on_layer_done: Callable[[int], None] | None = None,
+    mesh: Mesh | None = None,
 ) -> dict[str, Any]:
     """Sketch every decoder layer of the checkpoint ``tensors``, each read when its turn comes; returns the report.
 
     ``calib_ids``: int32 ``[nsamples, seq_len]``. Finished layers are written to ``work_dir``
-    (and a run with the same settings resumes from it); `assemble_sketch` makes the checkpoint.
+    (and a run with the same settings resumes from it, on any mesh or none); `assemble_sketch`
+    makes the checkpoint. With ``mesh`` the work is split over its devices (`check_sketch_mesh`).
     """
     # converters imports this package, so it is imported when first used.
     from converters import abstract_model, check_names, fill_params, iter_params
@@ -61,6 +65,8 @@ def sketch_streaming(
         dict(iter_params(abstract_model(config, dtype, param_dtype))), tensors.names(), tensors.where, tensors.ignorable
     )
     calib_ids = check_calibration_ids(calib_ids)
+    if mesh is not None:
+        check_sketch_mesh(mesh, config, calib_ids.shape[0])
     resume = ResumeDir(work_dir, settings, calib_ids)
     embed = nnx.eval_shape(
         lambda: Embedding(config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
@@ -77,6 +83,7 @@ def sketch_streaming(
         batch_size=batch_size,
         show_progress=show_progress,
         on_layer_done=on_layer_done,
+        mesh=mesh,
     )
 
 

@@ -22,7 +22,14 @@ from sketchtune_jax.distributed import barrier, is_primary
 from sketchtune_jax.fileio import check_output_dir, write_json_atomic
 from sketchtune_jax.methods import FinetuneMethod, check_method_fits, default_method
 from sketchtune_jax.settings import DTYPES, OutputExistsError, SettingError
-from sketchtune_jax.sketcher import SketchSettings, partial_dir_for, prepare_sketch_output, sketch_model
+from sketchtune_jax.sharding import mesh_spec
+from sketchtune_jax.sketcher import (
+    SketchSettings,
+    check_sketch_mesh,
+    partial_dir_for,
+    prepare_sketch_output,
+    sketch_model,
+)
 from sketchtune_jax.train.config import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -54,6 +61,7 @@ def sketch_to_dir(
     overwrite: bool = False,
     show_progress: bool = True,
     streaming: bool = True,
+    mesh: str | None = None,
 ) -> dict[str, Any]:
     """Sketch ``model_ref`` calibrated on ``settings.calib`` and save it in ``out_dir``; returns the report.
 
@@ -63,6 +71,9 @@ def sketch_to_dir(
     ``sketch_config.json``, the report to ``sketch_report.json``. With ``streaming`` the
     checkpoint is read one decoder layer at a time (`sketchtune_jax.streaming`), except
     with calibration ``self``, which samples text from the whole model; the result is the same.
+    ``mesh`` (e.g. ``"data=2,model=4"``) sketches on a mesh of all local devices: calibration
+    samples split over ``data``, every stage's rows over all devices (`check_sketch_mesh`
+    says what must divide what); a sketch resumes on any mesh or none.
     In a run of several processes (`sketchtune_jax.distributed`) every process computes the
     same sketch on its own devices and process 0 alone writes it; the others work in a
     temporary directory of their own, removed at the end.
@@ -74,7 +85,7 @@ def sketch_to_dir(
     if is_sketched_dir(model_ref):
         raise ValueError(f"{model_ref} is already sketched; sketch the dense model it came from")
     _dtype(dtype)
-    args = (model_ref, settings, dtype, batch_size, streaming)
+    args = (model_ref, settings, dtype, batch_size, streaming, mesh)
     if is_primary():
         return _sketch_into(*args, out_dir, overwrite=overwrite, show_progress=show_progress)
     check_output_dir(out_dir, overwrite=overwrite)
@@ -88,12 +99,14 @@ def _sketch_into(
     dtype: str,
     batch_size: int,
     streaming: bool,
+    mesh: str | None,
     out_dir: str | os.PathLike,
     *,
     overwrite: bool,
     show_progress: bool,
 ) -> dict[str, Any]:
     dtype_ = _dtype(dtype)
+    device_mesh = _sketch_mesh(mesh, settings) if mesh is not None else None
     partial = prepare_sketch_output(out_dir, overwrite=overwrite)
     if partial.exists():
         logger.info("resuming the unfinished sketch in %s", partial)
@@ -106,6 +119,8 @@ def _sketch_into(
         tensors = open_tensors(model_ref)
         try:
             settings.validate(tensors.config)
+            if device_mesh is not None:
+                check_sketch_mesh(device_mesh, tensors.config, settings.nsamples)
             calib = calibration_windows(
                 settings.calib,
                 tensors.tokenizer,
@@ -123,6 +138,7 @@ def _sketch_into(
                 param_dtype=dtype_,
                 batch_size=batch_size,
                 show_progress=show_progress,
+                mesh=device_mesh,
             )
             report["source"] = model_ref
             assemble_sketch(
@@ -133,6 +149,8 @@ def _sketch_into(
     else:
         loaded = _load(model_ref, dtype)
         settings.validate(loaded.config)
+        if device_mesh is not None:
+            check_sketch_mesh(device_mesh, loaded.config, settings.nsamples)
         calib = calibration_windows(
             settings.calib,
             loaded.tokenizer,
@@ -143,7 +161,13 @@ def _sketch_into(
             text_range=settings.calib_range,
         )
         report = sketch_model(
-            loaded.model, calib, settings, work_dir=partial, batch_size=batch_size, show_progress=show_progress
+            loaded.model,
+            calib,
+            settings,
+            work_dir=partial,
+            batch_size=batch_size,
+            show_progress=show_progress,
+            mesh=device_mesh,
         )
         report["source"] = model_ref
         save_sketched(
@@ -155,6 +179,8 @@ def _sketch_into(
             report=report,
             overwrite=True,
         )
+    if device_mesh is not None:
+        report["mesh"] = mesh_spec(device_mesh)
     write_json_atomic(Path(out_dir) / "sketch_report.json", report)
     shutil.rmtree(partial_dir_for(out_dir), ignore_errors=True)
     return report
@@ -279,12 +305,22 @@ def finetune_to_dir(
         "log": result.log_path,
     }
     if device_mesh is not None:
-        summary["mesh"] = ",".join(f"{axis}={size}" for axis, size in device_mesh.shape.items())
+        summary["mesh"] = mesh_spec(device_mesh)
     if method.lora is not None:
         summary.update(lora_rank=method.lora.rank, lora_alpha=method.lora.alpha, lora_qtype=method.lora.qtype)
     if is_primary():
         write_json_atomic(Path(out_dir) / "summary.json", summary)
     return summary
+
+
+def _sketch_mesh(spec: str, settings: SketchSettings):
+    """The mesh ``spec`` names, once its data axis is known to divide the calibration samples
+    (the model's rows are checked when its config has been read)."""
+    from sketchtune_jax.sharding import make_mesh
+
+    mesh = make_mesh(spec)
+    check_sketch_mesh(mesh, None, settings.nsamples)
+    return mesh
 
 
 def _training_mesh(spec: str, method: str, config: TrainConfig):

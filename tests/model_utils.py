@@ -91,8 +91,9 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
-def save_tiny_model_with_tokenizer(path, texts: list[str], vocab_size: int = 1000) -> None:
-    """A tiny Llama with a byte-level BPE tokenizer trained on ``texts``, saved as an HF directory."""
+def save_tiny_model_with_tokenizer(path, texts: list[str], vocab_size: int = 1000, **overrides) -> None:
+    """A tiny Llama (config ``llama_gqa`` with ``overrides``) with a byte-level BPE tokenizer trained
+    on ``texts``, saved as an HF directory."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -108,7 +109,7 @@ def save_tiny_model_with_tokenizer(path, texts: list[str], vocab_size: int = 100
         ),
     )
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
-    tiny_hf_model("llama_gqa", vocab_size=len(tokenizer)).save_pretrained(path)
+    tiny_hf_model("llama_gqa", **{**overrides, "vocab_size": len(tokenizer)}).save_pretrained(path)
     tokenizer.save_pretrained(path)
 
 

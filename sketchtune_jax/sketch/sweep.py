@@ -15,11 +15,14 @@ meant in the released sketches; the literal reading of eq. 15 is ``s = 6`` here.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sketchtune_jax.sketch.hessian import check_finite
 from sketchtune_jax.sketch.kmeans import CHUNK_ELEMENTS, INITS, assign_nearest, kmeans_batched
@@ -62,13 +65,14 @@ def group_weights(hinv_upper: jax.Array, s: jax.Array, groups: int) -> jax.Array
 def problem_ids(groups: int, out: int) -> jax.Array:
     """k-means problem id of row-group ``(r, g)`` at ``[g, r]``: ``g·out + r`` (uint32).
 
-    The same ids in both sweep modes and in any chunking, so a seed means one thing.
+    The same ids in both sweep modes, in any chunking and on any mesh (a device's rows
+    take their columns of this), so a seed means one thing.
     """
     return jnp.arange(groups * out, dtype=jnp.uint32).reshape(groups, out)
 
 
 @functools.partial(jax.jit, static_argnames=("k", "groups", "block", "iters", "init", "chunk", "restarts"))
-def _sketch_feedback(w, u, seed, s, tol, *, k, groups, block, iters, init, chunk, restarts):
+def _sketch_feedback(w, u, ids, seed, s, tol, *, k, groups, block, iters, init, chunk, restarts):
     out, inp = w.shape
     cpg = inp // groups
     bsz = min(block, cpg)
@@ -79,7 +83,6 @@ def _sketch_feedback(w, u, seed, s, tol, *, k, groups, block, iters, init, chunk
     pad_idx = jnp.arange(inp, inp + bsz)
     up = jnp.pad(u, ((0, bsz), (0, bsz))).at[pad_idx, pad_idx].set(1.0)
     gw = group_weights(u, s, groups)
-    ids = problem_ids(groups, out)
     codes = jnp.zeros((out, inp + bsz), jnp.int32)
     books = jnp.zeros((out, groups, k), jnp.float32)
 
@@ -143,12 +146,12 @@ def _sketch_feedback(w, u, seed, s, tol, *, k, groups, block, iters, init, chunk
 
 
 @functools.partial(jax.jit, static_argnames=("k", "groups", "iters", "init", "chunk", "restarts"))
-def _sketch_plain(w, u, seed, s, tol, *, k, groups, iters, init, chunk, restarts):
+def _sketch_plain(w, u, ids, seed, s, tol, *, k, groups, iters, init, chunk, restarts):
     out, inp = w.shape
     cpg = inp // groups
     vals = w.reshape(out * groups, cpg)
     weights = jnp.broadcast_to(group_weights(u, s, groups)[None], (out, groups, cpg))
-    ids = problem_ids(groups, out).T.reshape(-1)
+    ids = ids.T.reshape(-1)
     centers = kmeans_batched(
         vals,
         weights.reshape(out * groups, cpg),
@@ -231,6 +234,7 @@ def sketch_matrix(
     error_feedback: bool = True,
     refit_codebook: bool = False,
     chunk_size: int | None = None,
+    mesh: Mesh | None = None,
 ) -> SketchResult:
     """Sketch ``w`` into per-row-group codebooks and codes (Algorithm 1).
 
@@ -258,6 +262,13 @@ def sketch_matrix(
         and the codes renumbered to match.
       chunk_size: row-groups solved together by k-means (bounds memory); default as
         in `weighted_kmeans`.
+      mesh: split the rows over all the devices of this mesh (``out`` must be a multiple
+        of their number), each device sketching its own rows under `jax.shard_map`, with
+        no communication; the result comes back split by rows over the mesh. Each row
+        goes through the one device's arithmetic, so the result is the one device's bit
+        for bit, but for one thing: the compiler may pick another matmul kernel for the
+        error-feedback flush when a device holds fewer rows (seen on CPU with
+        ``block_size`` below the group width: codebooks within 1e-6, codes the same).
 
     Returns:
       `SketchResult` with ``codebook [out, groups, 2**bits]`` float32,
@@ -286,23 +297,97 @@ def sketch_matrix(
         raise ValueError(f"kmeans_init must be one of {INITS}, got {kmeans_init!r}")
     check_finite(w, "W")
     check_finite(hinv_upper, "Hinv_upper")
-    k = 2**bits
-    cpg = inp // groups
-    chunk = chunk_size or max(1, min(out, CHUNK_ELEMENTS // (cpg * k)))
-    args = (w, hinv_upper, jnp.uint32(seed % (1 << 32)), jnp.float32(s), jnp.float32(kmeans_tol))
     if kmeans_restarts < 1:
         raise ValueError(f"kmeans_restarts must be at least 1, got {kmeans_restarts}")
-    opts = dict(k=k, groups=groups, iters=kmeans_iters, init=kmeans_init, restarts=kmeans_restarts)
-    if error_feedback:
-        books, codes = _sketch_feedback(*args, block=block_size, chunk=chunk, **opts)
+    opts = _RowOptions(
+        k=2**bits,
+        groups=groups,
+        iters=kmeans_iters,
+        init=kmeans_init,
+        restarts=kmeans_restarts,
+        block=block_size,
+        chunk=chunk_size,
+        error_feedback=error_feedback,
+        refit=refit_codebook,
+    )
+    args = (jnp.uint32(seed % (1 << 32)), jnp.float32(s), jnp.float32(kmeans_tol))
+    if mesh is None:
+        return SketchResult(*_sketch_rows(w, hinv_upper, problem_ids(groups, out), *args, opts=opts))
+    if out % mesh.size:
+        raise ValueError(
+            f"W's {out} rows do not split evenly over the {mesh.size} devices of the mesh; "
+            f"use a mesh whose device count divides {out}"
+        )
+    w = jax.device_put(w, NamedSharding(mesh, PartitionSpec(mesh.axis_names)))
+    hinv_upper = jax.device_put(hinv_upper, NamedSharding(mesh, PartitionSpec()))
+    return SketchResult(*_rows_on_mesh(mesh, opts)(w, hinv_upper, *args))
+
+
+@dataclass(frozen=True)
+class _RowOptions:
+    """The static options of `_sketch_rows` (hashable, so they key compiled programs)."""
+
+    k: int
+    groups: int
+    iters: int
+    init: str
+    restarts: int
+    block: int
+    chunk: int | None
+    error_feedback: bool
+    refit: bool
+
+
+def _sketch_rows(
+    w: jax.Array, u: jax.Array, ids: jax.Array, seed: jax.Array, s: jax.Array, tol: jax.Array, *, opts: _RowOptions
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Sketch the rows ``w [rows, in]``, whose k-means problem ids are ``ids [groups, rows]``:
+    ``(codebook [rows, groups, k] float32, codes [rows, groups, in // groups] uint8, w_hat [rows, in])``.
+
+    Every row is its own problem given ``u``, so any subset of rows gets the same result
+    here as within the whole matrix.
+    """
+    rows, inp = w.shape
+    groups, k = opts.groups, opts.k
+    cpg = inp // groups
+    chunk = opts.chunk or max(1, min(rows, CHUNK_ELEMENTS // (cpg * k)))
+    kmeans = dict(k=k, groups=groups, iters=opts.iters, init=opts.init, restarts=opts.restarts)
+    if opts.error_feedback:
+        books, codes = _sketch_feedback(w, u, ids, seed, s, tol, block=opts.block, chunk=chunk, **kmeans)
     else:
-        books, codes = _sketch_plain(*args, chunk=min(chunk * groups, out * groups), **opts)
-    if refit_codebook:
+        books, codes = _sketch_plain(w, u, ids, seed, s, tol, chunk=min(chunk * groups, rows * groups), **kmeans)
+    if opts.refit:
         passes = 1 if groups == 1 else 3
-        rchunk = max(1, min(out, CHUNK_ELEMENTS // (cpg * k)))
-        books, codes = _refit(w, hinv_upper, books, codes, groups=groups, passes=passes, chunk=rchunk)
-    w_hat = jnp.take_along_axis(books, codes, axis=2).reshape(out, inp)
-    return SketchResult(books, codes.astype(jnp.uint8), w_hat)
+        rchunk = max(1, min(rows, CHUNK_ELEMENTS // (cpg * k)))
+        books, codes = _refit(w, u, books, codes, groups=groups, passes=passes, chunk=rchunk)
+    w_hat = jnp.take_along_axis(books, codes, axis=2).reshape(rows, inp)
+    return books, codes.astype(jnp.uint8), w_hat
+
+
+@functools.lru_cache(maxsize=32)
+def _rows_on_mesh(mesh: Mesh, opts: _RowOptions) -> Callable[..., tuple[jax.Array, jax.Array, jax.Array]]:
+    """`_sketch_rows` compiled for ``mesh``: rows split over all its devices, ``u`` and the
+    scalars replicated; each device works on its own rows with no communication."""
+    axes = mesh.axis_names
+    split = PartitionSpec(axes)
+
+    def local(w, u, seed, s, tol):
+        rows = w.shape[0]
+        first = lax.axis_index(axes) * rows
+        ids = lax.dynamic_slice_in_dim(problem_ids(opts.groups, rows * mesh.size), first, rows, axis=1)
+        return _sketch_rows(w, u, ids, seed, s, tol, opts=opts)
+
+    replicated = PartitionSpec()
+    # check_vma off: the loops start from replicated zeros and carry per-device rows.
+    return jax.jit(
+        jax.shard_map(
+            local,
+            mesh=mesh,
+            in_specs=(split, replicated, replicated, replicated, replicated),
+            out_specs=(split, split, split),
+            check_vma=False,
+        )
+    )
 
 
 @jax.jit
