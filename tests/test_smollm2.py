@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
-from model_utils import jax_logits
+from model_utils import DATA, SMOLLM2_DENSE_PPL, jax_logits
 
+from sketchtune_jax.cli import main
 from sketchtune_jax.generate import generate
 
 pytestmark = pytest.mark.slow
@@ -65,3 +68,28 @@ def test_greedy_generation_matches_transformers(smollm2, reference):
     theirs = out[0, len(prompt) :].tolist()
     assert ours == theirs[: theirs.index(2) + 1] if 2 in theirs else ours == theirs
     assert len(ours) > 4
+
+
+def test_dense_perplexity_matches_transformers(tmp_path):
+    out = tmp_path / "ppl.json"
+    assert (
+        main(
+            [
+                "eval",
+                "ppl",
+                "smollm2-135m",
+                "--text",
+                str(DATA / "wikitext-2" / "test.txt"),
+                "--seq-len",
+                "512",
+                "--max-windows",
+                "20",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    result = json.loads(out.read_text())
+    assert result["tokens"] == 20 * 511 and result["tokens_per_s"] > 0
+    assert abs(result["ppl"] / SMOLLM2_DENSE_PPL - 1) < 0.005

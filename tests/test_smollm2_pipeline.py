@@ -6,18 +6,16 @@ Sizes are cut to what CI's two cores allow; the full-size figures are in bench/r
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
+from model_utils import DATA, SMOLLM2_DENSE_PPL
 
 from sketchtune_jax.cli import main
 
 pytestmark = pytest.mark.slow
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 WIKI = DATA / "wikitext-2" / "test.txt"
-DENSE_PPL = 29.31  # transformers (PyTorch fp32, GGUF loader), first 20 windows of 512 tokens
 
 
 @pytest.fixture(scope="module")
@@ -50,37 +48,12 @@ def sketch_dir(tmp_path_factory):
     return out
 
 
-def test_dense_perplexity_matches_transformers(tmp_path):
-    out = tmp_path / "ppl.json"
-    assert (
-        main(
-            [
-                "eval",
-                "ppl",
-                "smollm2-135m",
-                "--text",
-                str(WIKI),
-                "--seq-len",
-                "512",
-                "--max-windows",
-                "20",
-                "--json",
-                str(out),
-            ]
-        )
-        == 0
-    )
-    result = json.loads(out.read_text())
-    assert result["tokens"] == 20 * 511 and result["tokens_per_s"] > 0
-    assert abs(result["ppl"] / DENSE_PPL - 1) < 0.005
-
-
 def test_sketched_perplexity_on_held_out_text(sketch_dir, tmp_path):
     report = json.loads((sketch_dir / "sketch_report.json").read_text())
     assert len(report["modules"]) == 30 * 7
     out = tmp_path / "ppl.json"
     assert main(["eval", "ppl", str(sketch_dir), "--text", str(WIKI), "--json", str(out)]) == 0
-    ratio = json.loads(out.read_text())["ppl"] / DENSE_PPL
+    ratio = json.loads(out.read_text())["ppl"] / SMOLLM2_DENSE_PPL
     # Required by the project: INT4 GPR=4 within 1.20x of dense (the paper's algorithm
     # re-implemented in PyTorch measures 1.20x); ours measures about 1.04x at this size.
     assert 1.0 < ratio < 1.10
@@ -148,9 +121,9 @@ def test_finetuning_the_codebooks_lowers_the_loss_and_evaluates(sketch_dir, tmp_
                 "--data",
                 str(DATA / "math" / "gsm8k.test.json"),
                 "--limit",
-                "8",
+                "4",
                 "--max-new-tokens",
-                "96",
+                "48",
                 "--out",
                 str(tmp_path / "eval"),
                 "--json",
@@ -160,6 +133,6 @@ def test_finetuning_the_codebooks_lowers_the_loss_and_evaluates(sketch_dir, tmp_
         == 0
     )
     result = json.loads(summary.read_text())
-    assert result["n"] == 8 and 0.0 <= result["accuracy"] <= 1.0
+    assert result["n"] == 4 and 0.0 <= result["accuracy"] <= 1.0
     predictions = (tmp_path / "eval" / "gsm8k.predictions.jsonl").read_text().splitlines()
-    assert len(predictions) == 8
+    assert len(predictions) == 4
