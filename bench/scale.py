@@ -372,10 +372,7 @@ def compile_main(args: argparse.Namespace) -> dict:
     return {
         "what": "seconds to lower and compile the sketch train step (jit of pure_train_step) and its program "
         "size, decoder layers scanned (TrainConfig.scan_layers) or one by one; compiled only, nothing run",
-        "date": datetime.date.today().isoformat(),
-        "host": f"{platform.machine()} {os.cpu_count()} cpus, {platform.python_version()}; CPU backend (XLA:CPU), "
-        "figures are CPU compile times",
-        "command": " ".join(["python", "bench/scale.py", *sys.argv[1:]]),
+        **run_header("; CPU backend (XLA:CPU), figures are CPU compile times"),
         "model": {
             "hidden": args.hidden,
             "intermediate": args.intermediate,
@@ -405,6 +402,15 @@ def compile_main(args: argparse.Namespace) -> dict:
     }
 
 
+def run_header(host_note: str = "") -> dict:
+    """When, where and how a report was made: date, host (plus ``host_note``) and the command."""
+    return {
+        "date": datetime.date.today().isoformat(),
+        "host": f"{platform.machine()} {os.cpu_count()} cpus, {platform.python_version()}{host_note}",
+        "command": " ".join(["python", "bench/scale.py", *sys.argv[1:]]),
+    }
+
+
 LAYOUTS = {
     "rows": "every projection split by rows over model, embeddings and lm_head replicated (before pairing)",
     "rows+vocab": "every projection by rows, embeddings and lm_head split by vocabulary over data",
@@ -420,10 +426,7 @@ def collectives_main(args: argparse.Namespace) -> dict:
     return {
         "what": "collective bytes per device per sketch train step (sum of collective result sizes in the "
         "compiled HLO), by shard_model layout; compiled only, nothing timed",
-        "date": datetime.date.today().isoformat(),
-        "host": f"{platform.machine()} {os.cpu_count()} cpus, {platform.python_version()}, "
-        f"{args.devices} forced host devices",
-        "command": " ".join(["python", "bench/scale.py", *sys.argv[1:]]),
+        **run_header(f", {args.devices} forced host devices"),
         "mesh": args.mesh,
         "model": {
             "hidden": args.hidden,
@@ -517,10 +520,7 @@ def sketch_mesh_main(args: argparse.Namespace) -> dict:
         "what": "`sketchtune sketch --mesh` and `--batch-size 4` against one device with batch size 8, on "
         "forced host devices: codes and codebooks compared, seconds per child process (forced devices "
         "share the host's cores: not a speed-up)",
-        "date": datetime.date.today().isoformat(),
-        "host": f"{platform.machine()} {os.cpu_count()} cpus, {platform.python_version()}, "
-        f"{args.devices} forced host devices",
-        "command": " ".join(["python", "bench/scale.py", *sys.argv[1:]]),
+        **run_header(f", {args.devices} forced host devices"),
         "mesh": args.mesh,
         "model": {
             "hidden": args.hidden,
@@ -627,9 +627,7 @@ def main() -> None:
 
     result = {
         "what": "peak RSS of `sketchtune sketch` (child process, ru_maxrss) on random-weight Llama checkpoints",
-        "date": datetime.date.today().isoformat(),
-        "host": f"{platform.machine()} {os.cpu_count()} cpus, {platform.python_version()}",
-        "command": " ".join(["python", "bench/scale.py", *sys.argv[1:]]),
+        **run_header(),
         "model": {
             "hidden": args.hidden,
             "intermediate": args.intermediate,
