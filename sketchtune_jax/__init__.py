@@ -31,7 +31,7 @@ from sketchtune_jax.methods import FinetuneMethod
 from sketchtune_jax.models import KVCache, LlamaForCausalLM, ModelConfig, init_cache, stack_layers, unstack_layers
 from sketchtune_jax.multiple_choice import evaluate_multiple_choice, parse_choices
 from sketchtune_jax.perplexity import PerplexityResult, perplexity, read_text
-from sketchtune_jax.sharding import make_mesh, process_rows, shard_batch, shard_model
+from sketchtune_jax.sharding import make_mesh, process_rows, shard_batch, shard_model, shard_optimizer_state
 from sketchtune_jax.sketcher import SketchSettings, partial_dir_for, sketch_model
 from sketchtune_jax.streaming import assemble_sketch, sketch_streaming
 from sketchtune_jax.train import (
@@ -95,6 +95,7 @@ __all__ = [
     "save_sketched",
     "shard_batch",
     "shard_model",
+    "shard_optimizer_state",
     "sketch_model",
     "sketch_streaming",
     "stack_layers",

@@ -51,6 +51,7 @@ __all__ = [
     "process_rows",
     "shard_batch",
     "shard_model",
+    "shard_optimizer_state",
 ]
 
 A = TypeVar("A")
@@ -148,6 +149,44 @@ def shard_model(
     state = nnx.state(node)
     nnx.update(node, jax.device_put(state, nnx.get_named_sharding(state, mesh)))
     return node
+
+
+def shard_optimizer_state(optimizer: nnx.Optimizer, data_axis: Axis = "data") -> nnx.Optimizer:
+    """Split the optimizer's moments over ``data_axis`` too (ZeRO-1 / FSDP of optimizer state),
+    in place; returns ``optimizer``.
+
+    Moments are made like their parameters (a codebook's follow its ``model`` split and are
+    whole on every data-parallel device). Each moment with ``mesh`` metadata (from
+    `shard_model`) also splits over ``data_axis`` its first dimension that can take it: one
+    already split (rows over ``model``) when ``model x data`` divides it, else the first whole
+    one that ``data`` divides. A moment no dimension fits stays as it was. The update then
+    runs on each device's slice, and XLA gathers the new parameter where it is used;
+    `sketchtune_jax.train.step` keeps the layout from step to step.
+    """
+    meshes = []
+    for _, var in nnx.iter_graph(optimizer):
+        if not isinstance(var, nnx.OptState) or var.get_metadata().get("mesh") is None:
+            continue
+        mesh = var.get_metadata()["mesh"]
+        size = axis_size(mesh, data_axis)
+        spec = list(var.get_metadata().get("out_sharding") or (None,) * var.ndim)
+        if size == 1 or any(_names(a) & _names(data_axis) for a in spec):
+            continue
+        for dim, axis in enumerate(spec):
+            if var.shape[dim] % (axis_size(mesh, axis) * size) == 0:
+                spec[dim] = (*_names(axis, ordered=True), *_names(data_axis, ordered=True))
+                var.set_metadata(out_sharding=tuple(spec))
+                meshes.append(mesh)
+                break
+    if meshes:
+        state = nnx.state(optimizer, nnx.OptState)
+        nnx.update(optimizer, jax.device_put(state, nnx.get_named_sharding(state, meshes[0])))
+    return optimizer
+
+
+def _names(axis: Axis, *, ordered: bool = False):
+    names = () if axis is None else (axis,) if isinstance(axis, str) else tuple(axis)
+    return names if ordered else set(names)
 
 
 def _shard_sketched(layer: SketchedLinear, sharding: SketchSharding, mesh: Mesh) -> None:

@@ -19,8 +19,9 @@ from flax import nnx
 from model_utils import random_ids, tiny_hf_model
 
 from converters import from_state_dict
+from sketchtune_jax.layers import Codebook
 from sketchtune_jax.models import ModelConfig
-from sketchtune_jax.sharding import shard_batch, shard_model
+from sketchtune_jax.sharding import shard_batch, shard_model, shard_optimizer_state
 from sketchtune_jax.sketcher import SketchSettings, sketch_model
 from sketchtune_jax.train import TrainConfig, codebook_state, finetune, read_log
 
@@ -115,6 +116,22 @@ def test_sharded_training_matches_one_device(one_device, tmp_path):
     assert not np.allclose(got[0], got[-1]), "training did not move the loss"
     diff = assert_codebooks_close(sharded, model)
     print(f"8 devices vs one: max |loss diff| {np.max(np.abs(got - want)):.2e}, max |codebook diff| {diff:.2e}")
+
+
+@needs_8
+def test_optimizer_moments_are_split_over_data_as_well():
+    """ZeRO-1: each codebook is split 4 ways (over model) but its Adam moments 8 ways (model x data)."""
+    import optax
+
+    model = shard_model(fresh_sketch(), mesh_of((2, 4)))
+    optimizer = shard_optimizer_state(nnx.Optimizer(model, optax.adam(1e-3), wrt=Codebook))
+    moments = [v[...] for _, v in nnx.to_flat_state(nnx.state(optimizer, nnx.OptState)) if v.ndim == 3]
+    books = [v[...] for _, v in nnx.to_flat_state(nnx.state(model, Codebook))]
+    assert len(moments) == 2 * len(books) == 2 * 7 * 2
+    for a in books:
+        assert a.addressable_shards[0].data.size * 4 == a.size
+    for a in moments:
+        assert a.addressable_shards[0].data.size * 8 == a.size, a.sharding
 
 
 @needs_8

@@ -200,7 +200,18 @@ def pure_train_step(graphdef, mutable, frozen, batch, loss_inputs=None, *, loss_
     """
     model, optimizer = nnx.merge(graphdef, mutable, frozen)
     metrics = apply_train_step(model, optimizer, batch, loss_fn, loss_inputs)
-    return split_for_step(model, optimizer)[1], metrics
+    return _keep_layout(split_for_step(model, optimizer)[1]), metrics
+
+
+def _keep_layout(state: nnx.State) -> nnx.State:
+    # On a mesh, pin the new trained variables and moments to the layout their metadata
+    # names (`sketchtune_jax.sharding`): left to propagation, XLA may hand back moments
+    # split over data as whole copies, and the next step would see another layout.
+    meshes = {id(m): m for _, v in nnx.to_flat_state(state) if (m := v.get_metadata().get("mesh")) is not None}
+    if len(meshes) != 1:
+        return state
+    (mesh,) = meshes.values()
+    return jax.lax.with_sharding_constraint(state, nnx.get_named_sharding(state, mesh))
 
 
 def train_step(

@@ -39,6 +39,7 @@ from sketchtune_jax.data import DataPosition
 from sketchtune_jax.distributed import barrier, is_primary
 from sketchtune_jax.layers import Codebook
 from sketchtune_jax.models.scan import is_stacked, stack_layers, unstack_layers
+from sketchtune_jax.sharding import shard_optimizer_state
 from sketchtune_jax.train.checkpointing import Checkpoints, saved_parts
 from sketchtune_jax.train.codebooks import flat_state, save_codebooks
 from sketchtune_jax.train.config import TrainConfig
@@ -136,7 +137,7 @@ class Trainer:
         self.log = MetricsLog(self.log_path)
         self.total_steps = self._total_steps()
         self._prepare_model()
-        self.optimizer = nnx.Optimizer(model, make_optimizer(config, self.total_steps), wrt=wrt)
+        self.optimizer = shard_optimizer_state(nnx.Optimizer(model, make_optimizer(config, self.total_steps), wrt=wrt))
         self.step = 0
         self.position = DataPosition()
         self.last_good_step: int | None = None
