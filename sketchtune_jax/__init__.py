@@ -43,6 +43,7 @@ from sketchtune_jax.train import (
     train_step,
     trainable_parameter_count,
 )
+from sketchtune_jax.workflows import finetune_to_dir, heal_to_dir, sketch_to_dir
 
 __version__ = "0.1.0"
 
@@ -69,10 +70,12 @@ __all__ = [
     "evaluate_task",
     "extract_answer",
     "finetune",
+    "finetune_to_dir",
     "format_prompt",
     "generate",
     "generate_text",
     "heal",
+    "heal_to_dir",
     "init_cache",
     "is_sketched_dir",
     "load_adapter",
@@ -98,6 +101,7 @@ __all__ = [
     "shard_optimizer_state",
     "sketch_model",
     "sketch_streaming",
+    "sketch_to_dir",
     "stack_layers",
     "train_step",
     "trainable_parameter_count",
