@@ -10,7 +10,9 @@ the next; results are written after every configuration and finished ones are
 skipped when the command is run again. ``--heal-steps N`` adds a ``<config>-healed<N>`` row
 per configuration: its codebooks distilled from the dense model (`sketchtune_jax.heal`) on
 the calibration part of the text, with the wall and process-CPU seconds the heal took.
-``--sketched NAME=DIR`` reads configuration NAME from a saved sketch instead of sketching.
+``--sketched NAME=DIR`` reads configuration NAME from a saved sketch instead of sketching;
+``--save-dir DIR`` saves each new sketch as ``DIR/NAME`` (an interrupted one resumes there),
+so that it can be healed or fine-tuned later.
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ def main() -> None:
         metavar="NAME=DIR",
         help="take configuration NAME from this sketched directory instead of sketching it",
     )
+    parser.add_argument("--save-dir", help="save each new sketch in DIR/NAME, resuming an unfinished one there")
     args = parser.parse_args()
     if args.markdown:
         print(markdown_tables(json.loads(Path(args.out).read_text())))
@@ -99,17 +102,24 @@ def main() -> None:
     for name in names:
         if name in results["runs"] and (not args.heal_steps or healed(name) in results["runs"]):
             continue
+        if args.save_dir and name not in sketched and st.is_sketched_dir(Path(args.save_dir) / name):
+            sketched[name] = str(Path(args.save_dir) / name)
         if name in sketched:
             model = st.load_sketched(sketched[name]).model
             report = json.loads((Path(sketched[name]) / "sketch_config.json").read_text())["report"]
-            seconds = report.get("seconds")
+            seconds, cpu = report.get("seconds"), None
         else:
-            model = nnx.clone(loaded.model)  # sketching swaps modules in place; the dense model stays as it is
             settings = st.SketchSettings(
                 calib=args.text, nsamples=args.nsamples, seq_len=args.seq_len, calib_range=(lo, hi), **CONFIGS[name]
             )
             start, cpu = time.perf_counter(), time.process_time()
-            report = st.sketch_model(model, calib, settings)
+            if args.save_dir:
+                sketched[name] = str(Path(args.save_dir) / name)
+                report = st.sketch_to_dir(args.model, sketched[name], settings)
+                model = st.load_sketched(sketched[name]).model
+            else:
+                model = nnx.clone(loaded.model)  # sketching swaps modules in place; the dense model stays as it is
+                report = st.sketch_model(model, calib, settings)
             seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
         if name not in results["runs"]:
             ppl = st.perplexity(model, loaded.tokenizer, text, max_windows=args.eval_windows).ppl
@@ -119,7 +129,7 @@ def main() -> None:
                 "ratio": ppl / results["dense"],
                 "mean_rel_output_error": report["mean_rel_output_error"],
                 "sketch_seconds": seconds,
-                **({"sketch_cpu_seconds": cpu} if name not in sketched else {}),
+                **({"sketch_cpu_seconds": cpu} if cpu is not None else {}),
                 "trainable_params": st.trainable_parameter_count(model),
                 "sketch_dir": sketched.get(name),
             }

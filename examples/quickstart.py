@@ -149,7 +149,11 @@ def main() -> None:
     export_hf(sketched.model, sketched.config, sketched.tokenizer, out / "dense", overwrite=True)
     results["export"] = str(out / "dense")
     results["sample"] = st.generate_text(
-        sketched.model, sketched.tokenizer, ["What is the capital of France?"], max_new_tokens=24, chat=True
+        sketched.model,
+        sketched.tokenizer,
+        ["What is the capital of France?"],
+        max_new_tokens=24,
+        chat=bool(getattr(sketched.tokenizer, "chat_template", None)),
     )[0]
     print_table(f"{args.model}: INT{args.bits}, {args.groups_per_row} groups per row", results)
     st.write_json_atomic(out / "quickstart.json", results)

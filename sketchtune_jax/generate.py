@@ -161,10 +161,13 @@ def generate_text(
 ) -> list[str]:
     """Continue each text prompt and return the decoded new text (special tokens dropped).
 
-    ``chat`` wraps each prompt in the tokenizer's chat template as a user turn.
+    ``chat`` wraps each prompt in the tokenizer's chat template as a user turn (a
+    tokenizer without one is refused before any work).
     ``add_bos`` puts the tokenizer's BOS token first when the tokenizer has one and
     did not add it itself.
     """
+    if chat and not getattr(tokenizer, "chat_template", None):
+        raise ValueError("this model's tokenizer has no chat template; generate without chat (drop --chat)")
     prompt_ids = []
     for prompt in prompts:
         if chat:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
-from model_utils import random_ids, tiny_hf_model
+from model_utils import random_ids, tiny_hf_model, tiny_tokenizer
 
 from converters import from_state_dict
-from sketchtune_jax.generate import generate
+from sketchtune_jax.generate import generate, generate_text
 from sketchtune_jax.models import ModelConfig
 
 
@@ -58,3 +59,13 @@ def test_sampling_is_seeded_and_top_p_keeps_the_top_token():
     b = generate(model, prompts, max_new_tokens=8, eos_token_id=None, pad_token_id=0, temperature=1.5, seed=7)
     c = generate(model, prompts, max_new_tokens=8, eos_token_id=None, pad_token_id=0, temperature=1.5, seed=8)
     assert a == b and a != c and all(len(r) == 8 for r in a)
+
+
+def test_chat_generation_with_a_tokenizer_without_a_chat_template_is_refused():
+    _, model = _models()
+    tokenizer = tiny_tokenizer()
+    with pytest.raises(ValueError, match="no chat template"):
+        generate_text(model, tokenizer, ["w3 w4"], max_new_tokens=2, chat=True)
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    chatted = generate_text(model, tokenizer, ["w3 w4"], max_new_tokens=2, chat=True)
+    assert chatted == generate_text(model, tokenizer, ["w3 w4"], max_new_tokens=2, add_bos=False)
