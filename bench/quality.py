@@ -137,15 +137,21 @@ def main() -> None:
             print(json.dumps({name: results["runs"][name]}))
         if args.heal_steps:
             results["runs"][healed(name)] = heal_row(
-                args, model, loaded, (lo, hi), text, results["dense"], CONFIGS[name]
+                args, model, loaded, (lo, hi), text, results["dense"], CONFIGS[name], sketched.get(name)
             )
             st.write_json_atomic(out, results)
             print(json.dumps({healed(name): results["runs"][healed(name)]}))
     print(json.dumps(results, indent=2))
 
 
-def heal_row(args, model, loaded, calib_range, text: str, dense_ppl: float, config: dict) -> dict:
-    """Heal ``model`` in place for ``args.heal_steps`` steps against the dense model; its perplexity and costs."""
+def heal_row(
+    args, model, loaded, calib_range, text: str, dense_ppl: float, config: dict, sketch_dir: str | None
+) -> dict:
+    """Heal ``model`` against the dense model for ``args.heal_steps`` steps; its perplexity and costs.
+
+    With ``--save-dir`` the sketch in ``sketch_dir`` is healed into ``<sketch_dir>-healed<N>``
+    (`st.heal_to_dir`: resumable, kept for fine-tuning); otherwise ``model`` is healed in place.
+    """
     from sketchtune_jax.calibration import calibration_token_ids
     from sketchtune_jax.heal import heal, heal_config, heal_windows
     from sketchtune_jax.train import read_log
@@ -153,29 +159,40 @@ def heal_row(args, model, loaded, calib_range, text: str, dense_ppl: float, conf
     hc = heal_config(
         steps=args.heal_steps, batch_size=args.heal_batch_size, seq_len=args.seq_len, lr=args.heal_lr, save_every=0
     )
-    ids = calibration_token_ids(args.text, loaded.tokenizer, text_range=calib_range)
-    windows = heal_windows(ids, steps=hc.max_steps, batch_size=hc.batch_size, seq_len=hc.seq_len)
-    with tempfile.TemporaryDirectory() as run:
-        wall, cpu = time.perf_counter(), time.process_time()
-        result = heal(model, loaded.model, windows, hc, run)
-        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-        kl = [r["loss"] for r in read_log(result.log_path) if "loss" in r]
+    if args.save_dir and sketch_dir:
+        out = Path(f"{sketch_dir}-healed{args.heal_steps}")
+        if not st.is_sketched_dir(out):
+            st.heal_to_dir(sketch_dir, args.model, args.text, out, config=hc, calib_range=calib_range)
+        record = json.loads((out / "sketch_config.json").read_text())["heal"]
+        model = st.load_sketched(out).model
+        wall, cpu, steps, windows = record["seconds"], record["cpu_seconds"], record["steps"], record["windows"]
+        kl = [r["loss"] for r in read_log(out / "heal_log.jsonl") if "loss" in r]
+    else:
+        ids = calibration_token_ids(args.text, loaded.tokenizer, text_range=calib_range)
+        batches = heal_windows(ids, steps=hc.max_steps, batch_size=hc.batch_size, seq_len=hc.seq_len)
+        with tempfile.TemporaryDirectory() as run:
+            wall, cpu = time.perf_counter(), time.process_time()
+            result = heal(model, loaded.model, batches, hc, run)
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            kl = [r["loss"] for r in read_log(result.log_path) if "loss" in r]
+        steps, windows = result.step, len(batches)
     ppl = st.perplexity(model, loaded.tokenizer, text, max_windows=args.eval_windows).ppl
     return {
         **config,
         "ppl": ppl,
         "ratio": ppl / dense_ppl,
-        "heal_steps": result.step,
+        "heal_steps": steps,
         "heal_batch_size": hc.batch_size,
         "heal_seq_len": hc.seq_len,
         "heal_lr": hc.lr,
         "heal_schedule": hc.schedule,
-        "heal_windows": len(windows),
+        "heal_windows": windows,
         "heal_seconds": wall,
         "heal_cpu_seconds": cpu,
         "first_kl": kl[0],
         "final_kl": kl[-1],
         "kl_every_step": kl,
+        "healed_dir": str(out) if args.save_dir and sketch_dir else None,
     }
 
 

