@@ -159,6 +159,20 @@ def write_checkpoint(
     return total
 
 
+def checkpoint_from_args(path: Path, args: argparse.Namespace, layers: int, calib_text: str) -> int:
+    """`write_checkpoint` with the model shape given on the command line; returns its weight bytes."""
+    return write_checkpoint(
+        path,
+        layers=layers,
+        hidden=args.hidden,
+        intermediate=args.intermediate,
+        heads=args.heads,
+        kv_heads=args.kv_heads,
+        calib_text=calib_text,
+        vocab=args.vocab,
+    )
+
+
 def sketch_peak_rss(
     model: Path,
     out: Path,
@@ -480,16 +494,7 @@ def sketch_mesh_main(args: argparse.Namespace) -> dict:
     runs = {}
     with tempfile.TemporaryDirectory(prefix="sketch-mesh-") as tmp:
         model = Path(tmp) / "llama"
-        write_checkpoint(
-            model,
-            layers=layers,
-            hidden=args.hidden,
-            intermediate=args.intermediate,
-            heads=args.heads,
-            kv_heads=args.kv_heads,
-            calib_text=calib_text,
-            vocab=args.vocab,
-        )
+        checkpoint_from_args(model, args, layers, calib_text)
         variants = {"mesh": ("--mesh", args.mesh), "one_device": (), "one_device_batch4": ("--batch-size", "4")}
         for name, extra in variants.items():
             out = Path(tmp) / name
@@ -595,16 +600,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="sketch-scale-") as tmp:
         for layers in args.layers:
             model = Path(tmp) / f"llama-{layers}l"
-            size = write_checkpoint(
-                model,
-                layers=layers,
-                hidden=args.hidden,
-                intermediate=args.intermediate,
-                heads=args.heads,
-                kv_heads=args.kv_heads,
-                calib_text=calib_text,
-                vocab=args.vocab,
-            )
+            size = checkpoint_from_args(model, args, layers, calib_text)
             for streaming in modes:
                 measured = sketch_peak_rss(
                     model,
