@@ -199,6 +199,12 @@ def cmd_sketch(args: argparse.Namespace) -> int:
     if distributed is not None and args.heal_steps:
         raise SettingError("heal_steps", "cannot run over several processes (for now); heal afterwards in one process")
     _start_distributed(args, distributed)
+    if settings.bits < 4 and not settings.layer_tune_steps:
+        print(
+            f"hint: at {settings.bits} bits, --layer-tune-steps 32 (and --heal-steps) recover much of the loss "
+            "to the dense model; see README 'Layer tuning'",
+            file=sys.stderr,
+        )
     report = sketch_to_dir(
         args.model,
         args.out,
@@ -493,7 +499,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--layer-tune-steps",
         type=int,
         default=0,
-        help="then train each sketched layer's codebooks for N Adam steps to the dense layer's output (0: no)",
+        help="then train each sketched layer's codebooks for N Adam steps to the dense layer's output "
+        "(0: no; 32 recommended below 4 bits, README 'Layer tuning')",
     )
     p.add_argument("--layer-tune-lr", type=float, default=1e-3, help="peak learning rate of the layer tuning")
     p.add_argument("--layer-tune-rows", type=int, default=4, help="calibration windows per layer-tuning step")

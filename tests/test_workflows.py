@@ -175,3 +175,13 @@ def test_finetune_mesh_is_for_sketch_tuning_only(tiny, tmp_path, capsys):
     argv[1] = str(tiny["root"] / "hf")
     assert main([*argv, "--method", "lora", "--mesh", "data=1"]) == 2
     assert "--mesh is supported for method sketch only (for now)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bits, tuned, hinted", [(2, "0", True), (2, "4", False), (4, "0", False)])
+def test_sketch_below_4_bits_without_layer_tuning_hints_at_it(tiny, capsys, bits, tuned, hinted):
+    argv = ["sketch", str(tiny["hf"]), "--bits", str(bits), "--layer-tune-steps", tuned]
+    # The existing sketch makes the command stop before any work, after the hint.
+    assert main([*argv, "--calib", str(tiny["calib"]), "--out", str(tiny["sketch"])]) == 2
+    err = capsys.readouterr().err
+    assert ("--layer-tune-steps 32" in err) is hinted
+    assert "exists" in err
