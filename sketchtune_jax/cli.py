@@ -202,7 +202,7 @@ def cmd_sketch(args: argparse.Namespace) -> int:
     if settings.bits < 4 and not settings.layer_tune_steps:
         print(
             f"hint: at {settings.bits} bits, --layer-tune-steps 32 (and --heal-steps) recover much of the loss "
-            "to the dense model; see README 'Layer tuning'",
+            "to the dense model; see README 'Closing the 3- and 2-bit gap'",
             file=sys.stderr,
         )
     report = sketch_to_dir(
@@ -500,7 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         help="then train each sketched layer's codebooks for N Adam steps to the dense layer's output "
-        "(0: no; 32 recommended below 4 bits, README 'Layer tuning')",
+        "(0: no; 32 recommended below 4 bits, README 'Closing the 3- and 2-bit gap')",
     )
     p.add_argument("--layer-tune-lr", type=float, default=1e-3, help="peak learning rate of the layer tuning")
     p.add_argument("--layer-tune-rows", type=int, default=4, help="calibration windows per layer-tuning step")
