@@ -61,7 +61,7 @@ def main() -> None:
     parser.add_argument("--markdown", action="store_true", help="print the results in --out as tables and exit")
     parser.add_argument("--heal-steps", type=int, default=0, help="also heal each sketch for N steps (0: no)")
     parser.add_argument("--heal-batch-size", type=int, default=2)
-    parser.add_argument("--heal-lr", type=float, default=1e-4)
+    parser.add_argument("--heal-lr", type=float, default=5e-4)
     parser.add_argument(
         "--dense-from",
         help="take the dense perplexity from this earlier results JSON "

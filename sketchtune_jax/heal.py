@@ -10,7 +10,7 @@ the student; see `sketchtune_jax.train.distill` for why its logits are not cache
     teacher = st.load_any("smollm2-135m").model
     student = st.load_sketched("smol-int3")
     windows = st.calibration_windows("wiki.txt", student.tokenizer, nsamples=64, seq_len=512)
-    st.heal(student.model, teacher, windows, st.TrainConfig(lr=1e-4, batch_size=4, max_steps=16,
+    st.heal(student.model, teacher, windows, st.TrainConfig(lr=5e-4, batch_size=4, max_steps=16,
             seq_len=512), "runs/heal")
 
 `sketchtune_jax.workflows.heal_to_dir` does the same from directories to a healed
@@ -162,7 +162,7 @@ def heal_config(
     steps: int,
     batch_size: int = 4,
     seq_len: int = 512,
-    lr: float = 1e-4,
+    lr: float = 5e-4,
     schedule: str = "cosine",
     warmup_steps: int = 0,
     save_every: int = 50,
