@@ -52,9 +52,10 @@ def calibration_windows(
 
 def calibration_token_ids(source: str, tokenizer, *, text_range: tuple[float, float] = (0.0, 1.0)) -> np.ndarray:
     """Token ids (int32 ``[n]``) of the ``text_range`` fraction of a text/JSON/JSONL file or ``hf:`` source."""
-    text = _read_calibration_text(source)
-    lo, hi = (int(len(text) * f) for f in text_range)
-    return np.asarray(tokenizer(text[lo:hi], add_special_tokens=False)["input_ids"], dtype=np.int32)
+    from sketchtune_jax.perplexity import text_fraction
+
+    text = text_fraction(_read_calibration_text(source), text_range)
+    return np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int32)
 
 
 def sample_windows(ids: np.ndarray, *, nsamples: int, seq_len: int, seed: int = 0) -> np.ndarray:

@@ -95,14 +95,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_eval_ppl(args: argparse.Namespace) -> int:
     from sketchtune_jax.fileio import write_json_atomic
-    from sketchtune_jax.perplexity import perplexity, read_text
+    from sketchtune_jax.perplexity import perplexity, read_text, text_fraction
     from sketchtune_jax.reporting import print_table
     from sketchtune_jax.workflows import calibration_overlap
 
-    text = read_text(args.text)
+    text_range = _fraction_range(args.text_range, "--text-range")
+    text = text_fraction(read_text(args.text), text_range)
     loaded = _load(args)
     overlap = calibration_overlap(
-        args.model, args.text, text, loaded.tokenizer, seq_len=args.seq_len, max_windows=args.max_windows
+        args.model,
+        args.text,
+        text,
+        loaded.tokenizer,
+        seq_len=args.seq_len,
+        max_windows=args.max_windows,
+        text_range=text_range,
     )
     if overlap:
         print(f"warning: {overlap}", file=sys.stderr)
@@ -121,11 +128,13 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fraction_range(text: str) -> tuple[float, float]:
+def _fraction_range(text: str, flag: str = "--calib-range") -> tuple[float, float]:
     try:
         lo, hi = (float(x) for x in text.split(":"))
     except ValueError:
-        raise ValueError(f"--calib-range must be START:END fractions like 0.5:1, got {text!r}") from None
+        raise ValueError(f"{flag} must be START:END fractions like 0.5:1, got {text!r}") from None
+    if not 0 <= lo < hi <= 1:
+        raise ValueError(f"{flag} must be fractions 0 <= START < END <= 1, got {text!r}")
     return lo, hi
 
 
@@ -287,6 +296,7 @@ def cmd_heal(args: argparse.Namespace) -> int:
         eval_text=args.eval_text,
         eval_windows=args.eval_windows,
         allow_sketched_teacher=args.allow_sketched_teacher,
+        train_norms=args.train_norms,
         overwrite=args.overwrite,
     )
     if args.json:
@@ -549,6 +559,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=5e-4, help="5e-4 from held-out figures (README)")
     p.add_argument("--schedule", choices=("linear", "cosine", "constant"), default="cosine")
     p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument(
+        "--train-norms",
+        action="store_true",
+        help="also train the RMSNorm scales (stored in every sketch already: the size does not change)",
+    )
     p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (a rerun resumes)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-text", help="also measure perplexity on this held-out text before and after")
@@ -573,6 +588,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_adapter_arg(p)
     p.add_argument("--text", required=True, help="a text file, or hf:NAME[:CONFIG]:SPLIT")
+    p.add_argument(
+        "--text-range",
+        default="0:1",
+        help="read only this fraction of the text, e.g. 0.25:0.5 for validation windows apart from the test ones",
+    )
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--max-windows", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=4)

@@ -63,6 +63,16 @@ def architecture_mismatch(student_config: Any, teacher_config: Any) -> str | Non
     return "; ".join(diffs) or None
 
 
+def is_norm_scale(path: tuple[Any, ...], value: Any) -> bool:
+    """NNX filter: the ``weight`` of an RMSNorm (a `nnx.Param` under a ``*norm`` attribute)."""
+    return isinstance(value, nnx.Param) and len(path) >= 2 and str(path[-2]).endswith("norm")
+
+
+def heal_targets(train_norms: bool = False) -> Any:
+    """What a heal trains: the `Codebook` leaves, and with ``train_norms`` the RMSNorm scales too."""
+    return nnx.Any(Codebook, is_norm_scale) if train_norms else Codebook
+
+
 def window_batches(windows: np.ndarray, batch_size: int) -> list[dict[str, np.ndarray]]:
     """``[N, T]`` token windows as ``N // batch_size`` batches of ``[batch_size, T]`` int32 with all-ones
     attention and loss masks (a remainder of fewer than ``batch_size`` windows is dropped)."""
@@ -117,6 +127,7 @@ def heal(
     val_windows: np.ndarray | None = None,
     progress: bool = True,
     save_result: Callable[[nnx.Module, str], str] | None = None,
+    train_norms: bool = False,
 ) -> TrainResult:
     """Train ``student``'s `Codebook` leaves in place to minimise KL(teacher || student) on ``windows``.
 
@@ -130,6 +141,8 @@ def heal(
         out_dir: run directory (log, checkpoints); a run found there is resumed exactly.
         val_windows: optional held-out windows; their mean KL is logged as ``val_loss``.
         save_result: what the finished run writes (default: ``codebooks.safetensors``).
+        train_norms: also train the RMSNorm scales (one float per channel, stored dense in
+            every sketch already, so the sketch's size does not change).
     """
     windows = np.asarray(windows)
     if windows.ndim != 2 or windows.shape[1] != config.seq_len:
@@ -149,7 +162,7 @@ def heal(
         out_dir,
         val_batches=val,
         progress=progress,
-        wrt=Codebook,
+        wrt=heal_targets(train_norms),
         save_result=save_result,
         loss_fn=loss_fn,
         loss_inputs=teacher_state,
@@ -186,4 +199,13 @@ def heal_config(
     )
 
 
-__all__ = ["ARCHITECTURE_FIELDS", "architecture_mismatch", "heal", "heal_config", "heal_windows", "window_batches"]
+__all__ = [
+    "ARCHITECTURE_FIELDS",
+    "architecture_mismatch",
+    "heal",
+    "heal_config",
+    "heal_targets",
+    "heal_windows",
+    "is_norm_scale",
+    "window_batches",
+]

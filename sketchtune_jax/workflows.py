@@ -356,12 +356,20 @@ def _mesh_put_batch(mesh):
 
 
 def calibration_overlap(
-    model_ref: str, text_source: str, text: str, tokenizer: Any, *, seq_len: int, max_windows: int | None
+    model_ref: str,
+    text_source: str,
+    text: str,
+    tokenizer: Any,
+    *,
+    seq_len: int,
+    max_windows: int | None,
+    text_range: tuple[float, float] = (0.0, 1.0),
 ) -> str | None:
     """Why the evaluation windows of ``text`` are not held out from ``model_ref``'s calibration, or None.
 
-    Perplexity reads ``text`` from its start; a sketch calibrated on the same file with a
-    ``calib_range`` starting before the end of what is read has seen those tokens.
+    ``text`` is the ``text_range`` fraction of ``text_source``; perplexity reads it from its
+    start. A sketch calibrated (or healed) on the same file with a ``calib_range`` that meets
+    the part read has seen those tokens.
     """
     if not is_sketched_dir(model_ref) or not _is_file_source(text_source) or not Path(text_source).is_file():
         return None
@@ -374,13 +382,15 @@ def calibration_overlap(
         from sketchtune_jax.perplexity import tokenize_windows
 
         windows = tokenize_windows(tokenizer, text, seq_len, max_windows)
-        read = len(tokenizer.decode(windows.ravel().tolist())) / max(len(text), 1)
+        read = min(len(tokenizer.decode(windows.ravel().tolist())) / max(len(text), 1), 1.0)
+        start, end = text_range
+        read_lo, read_hi = start, start + read * (end - start)
         lo, hi = tuple(saved.get("calib_range", (0.0, 1.0)))
-        if lo >= min(read, 1.0):
+        if lo >= read_hi or hi <= read_lo:
             continue
         return (
             f"{text_source} also {use} this sketch (calibration range {lo:g}:{hi:g}), and the evaluated "
-            f"windows cover its first {min(read, 1.0):.0%}: this perplexity is not on held-out text "
+            f"windows cover {read_lo:.0%} to {read_hi:.0%} of it: this perplexity is not on held-out text "
             "(sketch with --calib-range 0.5:1 and evaluate fewer windows, or evaluate another text)"
         )
     return None
@@ -406,12 +416,13 @@ def heal_to_dir(
     eval_windows: int = 20,
     eval_seq_len: int = 512,
     allow_sketched_teacher: bool = False,
+    train_norms: bool = False,
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Heal the sketch in ``sketch_dir`` against ``teacher_ref`` on ``calib`` text; write it to ``out_dir``.
 
-    Trains the codebooks only (`sketchtune_jax.heal.heal`) as ``config`` says (make it with
+    Trains the codebooks (with ``train_norms`` the RMSNorm scales too; `sketchtune_jax.heal.heal`) as ``config`` says (make it with
     `sketchtune_jax.heal.heal_config`): ``max_steps`` steps of ``batch_size`` windows of ``seq_len``
     tokens, drawn from the ``calib_range`` fraction of ``calib`` (a text/JSON/JSONL file,
     ``hf:...``, or ``self``: sampled from the teacher).
@@ -515,7 +526,9 @@ def heal_to_dir(
     if eval_text is not None:
         record["ppl_before"] = held_out_ppl()
     wall, cpu = time.perf_counter(), time.process_time()
-    result = heal(student.model, teacher.model, calib_windows, config, run_dir, progress=progress)
+    result = heal(
+        student.model, teacher.model, calib_windows, config, run_dir, progress=progress, train_norms=train_norms
+    )
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     from sketchtune_jax.train import read_log
 
@@ -531,6 +544,7 @@ def heal_to_dir(
         lr=config.lr,
         schedule=config.schedule,
         warmup_steps=config.warmup_steps,
+        train_norms=train_norms,
         seed=seed,
         seconds=wall,
         cpu_seconds=cpu,

@@ -223,11 +223,8 @@ def _tensors(path: Path) -> dict[str, np.ndarray]:
     return load_file(str(path / "model.safetensors"))
 
 
-def test_heal_command_writes_a_healed_sketch_with_the_same_codes(tiny, tmp_path):
-    from sketchtune_jax.cli import main
-
-    out = tmp_path / "healed"
-    argv = [
+def _heal_argv(tiny, out: Path) -> list[str]:
+    return [
         "heal",
         str(tiny["sketch"]),
         "--teacher",
@@ -251,6 +248,13 @@ def test_heal_command_writes_a_healed_sketch_with_the_same_codes(tiny, tmp_path)
         "--eval-windows",
         "2",
     ]
+
+
+def test_heal_command_writes_a_healed_sketch_with_the_same_codes(tiny, tmp_path):
+    from sketchtune_jax.cli import main
+
+    out = tmp_path / "healed"
+    argv = _heal_argv(tiny, out)
     assert main(argv) == 0
     record = json.loads((out / "sketch_config.json").read_text())["heal"]
     assert record["steps"] == 4 and record["batch_size"] == 2 and record["calib_range"] == [0.5, 1.0]
@@ -265,6 +269,24 @@ def test_heal_command_writes_a_healed_sketch_with_the_same_codes(tiny, tmp_path)
         assert before[key].dtype == after[key].dtype and np.array_equal(before[key], after[key]), key
     assert any(not np.array_equal(before[k], after[k]) for k in before if k.endswith(".codebook"))
     assert main(argv) == 2  # a finished heal is not overwritten without --overwrite
+
+
+def test_heal_with_train_norms_also_trains_the_norm_scales_and_nothing_else(tiny, tmp_path):
+    from sketchtune_jax.cli import main
+
+    out = tmp_path / "healed"
+    assert main([*_heal_argv(tiny, out), "--train-norms"]) == 0
+    record = json.loads((out / "sketch_config.json").read_text())["heal"]
+    assert record["train_norms"] is True and record["ppl_after"] < record["ppl_before"]
+    before, after = _tensors(tiny["sketch"]), _tensors(out)
+    norms = [k for k in before if k.endswith("norm.weight")]
+    assert len(norms) >= 3  # every layer's two norms and the final one
+    assert all(not np.array_equal(before[k], after[k]) for k in norms)
+    assert any(not np.array_equal(before[k], after[k]) for k in before if k.endswith(".codebook"))
+    for key in before:
+        if key in norms or key.endswith(".codebook"):
+            continue
+        assert np.array_equal(before[key], after[key]), key
 
 
 def test_bad_heal_inputs_are_refused_before_any_work(tiny, tmp_path, capsys):
@@ -322,3 +344,17 @@ def test_eval_warns_when_the_evaluated_text_healed_the_sketch(tiny, tmp_path):
 
     assert "also healed this sketch" in overlap([0.0, 1.0])
     assert overlap([0.5, 1.0]) is None
+
+    def overlap_of_range(heal_range: list[float], text_range: tuple[float, float]) -> str | None:
+        from sketchtune_jax.perplexity import text_fraction
+
+        record = {"settings": {"calib": "self"}, "heal": {"calib": str(tiny["calib"]), "calib_range": heal_range}}
+        (sketch / "sketch_config.json").write_text(json.dumps(record))
+        part = text_fraction(text, text_range)
+        return calibration_overlap(
+            str(sketch), str(tiny["calib"]), part, tokenizer, seq_len=32, max_windows=2, text_range=text_range
+        )
+
+    assert "cover 50% to" in overlap_of_range([0.5, 1.0], (0.5, 1.0))
+    assert overlap_of_range([0.0, 0.5], (0.5, 1.0)) is None
+    assert overlap_of_range([0.9, 1.0], (0.0, 0.5)) is None

@@ -147,6 +147,23 @@ def test_eval_ppl_warns_when_the_text_calibrated_the_sketch(tiny, capsys):
     assert "calibrated" not in capsys.readouterr().err
 
 
+def test_eval_ppl_text_range_reads_that_fraction_of_the_text(tiny, tmp_path, capsys):
+    text = tiny["calib"].read_text()
+    whole, part = tmp_path / "whole.txt", tmp_path / "part.txt"
+    whole.write_text(text)
+    part.write_text(text[len(text) // 2 :])
+    argv = ["eval", "ppl", str(tiny["sketch"]), "--seq-len", "32", "--max-windows", "2"]
+    assert main([*argv, "--text", str(whole), "--text-range", "0.5:1", "--json", str(tmp_path / "a.json")]) == 0
+    assert main([*argv, "--text", str(part), "--json", str(tmp_path / "b.json")]) == 0
+    assert main([*argv, "--text", str(whole), "--json", str(tmp_path / "c.json")]) == 0
+    ranged, sliced, full = (json.loads((tmp_path / f"{n}.json").read_text())["ppl"] for n in "abc")
+    assert ranged == pytest.approx(sliced, rel=1e-6)
+    assert abs(ranged - full) > 1e-3 * full
+    capsys.readouterr()
+    assert main([*argv, "--text", str(whole), "--text-range", "0.6:0.2"]) == 2
+    assert "--text-range must be fractions 0 <= START < END <= 1" in capsys.readouterr().err
+
+
 def test_finetune_on_a_mesh_of_one_device(tiny, tmp_path):
     """The mesh path end to end on the one device of this process (8 devices: tests/test_mesh_training.py)."""
     run = tmp_path / "run"
