@@ -209,8 +209,9 @@ def cmd_sketch(args: argparse.Namespace) -> int:
         raise SettingError("heal_steps", "cannot run over several processes (for now); heal afterwards in one process")
     _start_distributed(args, distributed)
     if settings.bits < 4 and not settings.layer_tune_steps:
+        heal = "" if args.heal_steps else " (and --heal-steps)"
         print(
-            f"hint: at {settings.bits} bits, --layer-tune-steps 32 (and --heal-steps) recover much of the loss "
+            f"hint: at {settings.bits} bits, --layer-tune-steps 32{heal} recover much of the loss "
             "to the dense model; see README 'Closing the 3- and 2-bit gap'",
             file=sys.stderr,
         )

@@ -167,7 +167,9 @@ def generate_text(
     did not add it itself.
     """
     if chat and not getattr(tokenizer, "chat_template", None):
-        raise ValueError("this model's tokenizer has no chat template; generate without chat (drop --chat)")
+        raise ValueError(
+            "this model's tokenizer has no chat template; generate without chat (chat=False; on the command line, drop --chat)"
+        )
     prompt_ids = []
     for prompt in prompts:
         if chat:

@@ -201,4 +201,9 @@ def test_sketch_below_4_bits_without_layer_tuning_hints_at_it(tiny, capsys, bits
     assert main([*argv, "--calib", str(tiny["calib"]), "--out", str(tiny["sketch"])]) == 2
     err = capsys.readouterr().err
     assert ("--layer-tune-steps 32" in err) is hinted
+    assert ("--heal-steps" in err) is hinted
     assert "exists" in err
+    if hinted:
+        assert main([*argv, "--heal-steps", "2", "--calib", str(tiny["calib"]), "--out", str(tiny["sketch"])]) == 2
+        err = capsys.readouterr().err
+        assert "--layer-tune-steps 32 recover" in err and "--heal-steps" not in err
