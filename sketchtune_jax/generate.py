@@ -168,7 +168,8 @@ def generate_text(
     """
     if chat and not getattr(tokenizer, "chat_template", None):
         raise ValueError(
-            "this model's tokenizer has no chat template; generate without chat (chat=False; on the command line, drop --chat)"
+            "this model's tokenizer has no chat template; "
+            "generate without chat (chat=False; on the command line, drop --chat)"
         )
     prompt_ids = []
     for prompt in prompts:

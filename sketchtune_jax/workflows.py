@@ -422,9 +422,9 @@ def heal_to_dir(
 ) -> dict[str, Any]:
     """Heal the sketch in ``sketch_dir`` against ``teacher_ref`` on ``calib`` text; write it to ``out_dir``.
 
-    Trains the codebooks (with ``train_norms`` the RMSNorm scales too; `sketchtune_jax.heal.heal`) as ``config`` says (make it with
-    `sketchtune_jax.heal.heal_config`): ``max_steps`` steps of ``batch_size`` windows of ``seq_len``
-    tokens, drawn from the ``calib_range`` fraction of ``calib`` (a text/JSON/JSONL file,
+    Trains the codebooks, with ``train_norms`` the RMSNorm scales too (`sketchtune_jax.heal.heal`),
+    as ``config`` says (make it with `sketchtune_jax.heal.heal_config`): ``max_steps`` steps of
+    ``batch_size`` windows of ``seq_len`` tokens, drawn from the ``calib_range`` fraction of ``calib`` (a text/JSON/JSONL file,
     ``hf:...``, or ``self``: sampled from the teacher).
     ``windows`` distinct windows (default ``max_steps * batch_size``, at most what the text
     holds without overlap) are cycled over. ``out_dir`` receives a sketched directory with
