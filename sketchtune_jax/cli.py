@@ -97,9 +97,10 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
     from sketchtune_jax.fileio import write_json_atomic
     from sketchtune_jax.perplexity import perplexity, read_text, text_fraction
     from sketchtune_jax.reporting import print_table
+    from sketchtune_jax.settings import fraction_range
     from sketchtune_jax.workflows import calibration_overlap
 
-    text_range = _fraction_range(args.text_range, "--text-range")
+    text_range = fraction_range(args.text_range, "text_range")
     text = text_fraction(read_text(args.text), text_range)
     loaded = _load(args)
     overlap = calibration_overlap(
@@ -126,16 +127,6 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
     if args.json:
         write_json_atomic(args.json, out)
     return 0
-
-
-def _fraction_range(text: str, flag: str = "--calib-range") -> tuple[float, float]:
-    try:
-        lo, hi = (float(x) for x in text.split(":"))
-    except ValueError:
-        raise ValueError(f"{flag} must be START:END fractions like 0.5:1, got {text!r}") from None
-    if not 0 <= lo < hi <= 1:
-        raise ValueError(f"{flag} must be fractions 0 <= START < END <= 1, got {text!r}")
-    return lo, hi
 
 
 def _add_distributed_args(p: argparse.ArgumentParser) -> None:
@@ -195,12 +186,15 @@ def _is_primary() -> bool:
 def cmd_sketch(args: argparse.Namespace) -> int:
     from sketchtune_jax.fileio import write_json_atomic
     from sketchtune_jax.reporting import print_table
-    from sketchtune_jax.settings import SettingError
+    from sketchtune_jax.settings import SettingError, fraction_range
     from sketchtune_jax.sketcher import SketchSettings
     from sketchtune_jax.workflows import sketch_to_dir
 
     settings = _settings_from_args(
-        SketchSettings, args, error_feedback=not args.no_error_feedback, calib_range=_fraction_range(args.calib_range)
+        SketchSettings,
+        args,
+        error_feedback=not args.no_error_feedback,
+        calib_range=fraction_range(args.calib_range, "calib_range"),
     )
     if args.heal_steps < 0:
         raise ValueError(f"--heal-steps must be >= 0, got {args.heal_steps}")
@@ -274,6 +268,7 @@ def cmd_heal(args: argparse.Namespace) -> int:
     from sketchtune_jax.fileio import write_json_atomic
     from sketchtune_jax.heal import heal_config
     from sketchtune_jax.reporting import print_table
+    from sketchtune_jax.settings import fraction_range
     from sketchtune_jax.workflows import heal_to_dir
 
     record = heal_to_dir(
@@ -291,7 +286,7 @@ def cmd_heal(args: argparse.Namespace) -> int:
             save_every=args.save_every,
             seed=args.seed,
         ),
-        calib_range=_fraction_range(args.calib_range),
+        calib_range=fraction_range(args.calib_range, "calib_range"),
         windows=args.windows,
         dtype=args.dtype,
         eval_text=args.eval_text,

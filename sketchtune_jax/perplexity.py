@@ -108,9 +108,9 @@ def perplexity(
 
 def text_fraction(text: str, text_range: tuple[float, float]) -> str:
     """The characters of ``text`` from fraction ``text_range[0]`` to ``text_range[1]`` of its length."""
-    lo, hi = text_range
-    if not 0 <= lo < hi <= 1:
-        raise ValueError(f"a text range must be fractions 0 <= start < end <= 1, got {lo:g}:{hi:g}")
+    from sketchtune_jax.settings import fraction_range
+
+    lo, hi = fraction_range(text_range, "text_range")
     return text[int(len(text) * lo) : int(len(text) * hi)]
 
 

@@ -65,6 +65,17 @@ def require(condition: bool, field: str, problem: str) -> None:
         raise SettingError(field, problem)
 
 
+def fraction_range(value: str | tuple[float, float] | list[float], field: str) -> tuple[float, float]:
+    """``value`` (``"START:END"`` or a pair) as the fractions ``(start, end)`` of a text, checked
+    ``0 <= start < end <= 1``; `SettingError` naming ``field`` otherwise."""
+    try:
+        lo, hi = (float(x) for x in (value.split(":") if isinstance(value, str) else value))
+    except (TypeError, ValueError):
+        raise SettingError(field, f"must be START:END fractions like 0.5:1, got {value!r}") from None
+    require(0 <= lo < hi <= 1, field, f"must be fractions 0 <= START < END <= 1, got {lo:g}:{hi:g}")
+    return lo, hi
+
+
 def require_positive(obj: Any, *fields: str, finite: bool = False) -> None:
     """Every named field of ``obj`` is > 0 (and finite with ``finite``)."""
     for name in fields:

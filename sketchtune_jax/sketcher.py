@@ -41,7 +41,7 @@ from sketchtune_jax.layers import Linear, SketchedLinear
 from sketchtune_jax.models import DecoderLayer, ModelConfig
 from sketchtune_jax.module_paths import get_submodule, set_submodule
 from sketchtune_jax.reporting import progress
-from sketchtune_jax.settings import OutputExistsError, SettingError, require, require_positive
+from sketchtune_jax.settings import OutputExistsError, SettingError, fraction_range, require, require_positive
 from sketchtune_jax.sharding import mesh_spec
 from sketchtune_jax.sketch import (
     accumulate_hessian,
@@ -106,8 +106,7 @@ class SketchSettings:
             "hessian_exponent",
             f"must be a finite number >= 0, got {self.hessian_exponent}",
         )
-        lo, hi = self.calib_range
-        require(0 <= lo < hi <= 1, "calib_range", f"must be fractions 0 <= START < END <= 1, got {lo}:{hi}")
+        fraction_range(self.calib_range, "calib_range")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SketchSettings:

@@ -21,7 +21,7 @@ from sketchtune_jax.checkpoint import SKETCH_CONFIG, is_sketched_dir, save_sketc
 from sketchtune_jax.distributed import barrier, is_primary
 from sketchtune_jax.fileio import check_output_dir, write_json_atomic
 from sketchtune_jax.methods import FinetuneMethod, check_method_fits, default_method
-from sketchtune_jax.settings import DTYPES, OutputExistsError, SettingError
+from sketchtune_jax.settings import DTYPES, OutputExistsError, SettingError, fraction_range
 from sketchtune_jax.sharding import mesh_spec
 from sketchtune_jax.sketcher import (
     SketchSettings,
@@ -445,9 +445,7 @@ def heal_to_dir(
     from sketchtune_jax.heal import architecture_mismatch, heal, heal_windows
 
     steps, batch_size, seq_len, seed = config.max_steps, config.batch_size, config.seq_len, config.seed
-    lo, hi = calib_range
-    if not 0 <= lo < hi <= 1:
-        raise SettingError("calib_range", f"must be fractions 0 <= start < end <= 1, got {lo}:{hi}")
+    lo, hi = fraction_range(calib_range, "calib_range")
     if windows is not None and windows < batch_size:
         raise SettingError("windows", f"must be at least one batch ({batch_size}), got {windows}")
     if eval_text is not None and (eval_windows < 1 or eval_seq_len < 2):

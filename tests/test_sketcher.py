@@ -232,3 +232,16 @@ def test_whole_model_gradients_match_between_pallas_and_the_jnp_twins(sketched):
     for (path, a), (_, b) in zip(reference, kernels):
         np.testing.assert_allclose(np.asarray(b[...]), np.asarray(a[...]), rtol=1e-4, atol=1e-6, err_msg=str(path))
         assert np.abs(np.asarray(a[...])).max() > 0
+
+
+def test_fraction_ranges_parse_from_text_or_pairs_and_refuse_what_is_not_a_slice_of_a_text():
+    from sketchtune_jax.perplexity import text_fraction
+    from sketchtune_jax.settings import SettingError, fraction_range
+
+    assert fraction_range("0.25:0.5", "text_range") == (0.25, 0.5) == fraction_range([0.25, 0.5], "text_range")
+    for bad, match in [("0.5", "START:END fractions"), ("a:b", "START:END"), ("0.7:0.2", "0 <= START < END <= 1")]:
+        with pytest.raises(SettingError, match=f"calib_range must be .*{match}"):
+            fraction_range(bad, "calib_range")
+    assert text_fraction("abcdefghij", (0.2, 0.5)) == "cde"
+    with pytest.raises(SettingError, match="text_range must be fractions"):
+        text_fraction("abcdefghij", (0.5, 1.5))
