@@ -43,8 +43,10 @@ def run_cli(argv: list[str]) -> None:
         raise SystemExit(f"failed: sketchtune {shlex.join(argv)}")
 
 
-def val_ppl(model: str, args: argparse.Namespace, json_path: Path) -> float:
-    """Perplexity of ``model`` on the validation windows, read from (or first written to) ``json_path``."""
+def val_ppl(model: str, args: argparse.Namespace) -> float:
+    """Perplexity of ``model`` on the validation windows, kept in ``--runs`` (a rerun reads it back)."""
+    where = f"{args.val_range.replace(':', '-')}-{args.val_windows}x{args.val_seq_len}"
+    json_path = Path(args.runs) / f"val-{Path(model).name}-{where}.json"
     if not json_path.is_file():
         argv = ["eval", "ppl", model, "--text", args.text, "--text-range", args.val_range]
         argv += ["--max-windows", str(args.val_windows), "--seq-len", str(args.val_seq_len), "--json", str(json_path)]
@@ -86,8 +88,8 @@ def main(argv: list[str] | None = None) -> None:
         f"--max-windows {args.val_windows} --seq-len {args.val_seq_len}",
     )
     results["val_ppl"] = {
-        "teacher": val_ppl(args.teacher, args, runs / "val-teacher.json"),
-        "unhealed": val_ppl(args.sketch, args, runs / "val-unhealed.json"),
+        "teacher": val_ppl(args.teacher, args),
+        "unhealed": val_ppl(args.sketch, args),
     }
     results.setdefault("variants", {})
     for name, flags in variants.items():
@@ -110,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
         keep = ("steps", "batch_size", "seq_len", "lr", "schedule", "warmup_steps", "train_norms", "seed")
         results["variants"][name] = {
             "flags": shlex.join(flags),
-            "val_ppl": val_ppl(str(healed), args, runs / f"val-{name}.json"),
+            "val_ppl": val_ppl(str(healed), args),
             **{k: record.get(k) for k in keep},
             "first_kl": record["first_kl"],
             "final_kl": record["final_kl"],
