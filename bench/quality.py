@@ -204,6 +204,16 @@ def markdown_tables(results: dict) -> str:
     lines = ["| bits | GPR 1 | GPR 2 | GPR 4 | GPR 8 |", "|---|---|---|---|---|"]
     for b in (4, 3, 2):
         lines.append(f"| INT{b} | " + " | ".join(cell(runs.get(f"int{b}-g{g}")) for g in (1, 2, 4, 8)) + " |")
+    healed_plain = {k.split("-healed")[0]: runs[k] for k in runs if "-healed" in k and "-lt" not in k}
+    if healed_plain:
+        lines += ["", "| bits: unhealed -> healed | GPR 1 | GPR 4 | GPR 8 |", "|---|---|---|---|"]
+        for b in (4, 3, 2):
+            pair = lambda g: (  # noqa: E731
+                f"{cell(runs.get(f'int{b}-g{g}'))} -> {cell(healed_plain[f'int{b}-g{g}'])}"
+                if f"int{b}-g{g}" in healed_plain
+                else "not run"
+            )
+            lines.append(f"| INT{b} | " + " | ".join(pair(g) for g in (1, 4, 8)) + " |")
     healed = sorted(k for k in runs if "-healed" in k)
     if healed:
         lines += [
