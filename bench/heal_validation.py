@@ -27,6 +27,7 @@ from sketchtune_jax.cli import main as sketchtune
 from sketchtune_jax.settings import fraction_range
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+HEAL_SETTINGS = ("steps", "batch_size", "seq_len", "lr", "schedule", "warmup_steps", "train_norms", "seed")
 
 
 def parse_variant(spec: str) -> tuple[str, list[str]]:
@@ -109,11 +110,10 @@ def main(argv: list[str] | None = None) -> None:
                 + ["--out", str(healed), *flags]
             )
         record = json.loads((healed / "sketch_config.json").read_text())["heal"]
-        keep = ("steps", "batch_size", "seq_len", "lr", "schedule", "warmup_steps", "train_norms", "seed")
         results["variants"][name] = {
             "flags": shlex.join(flags),
             "val_ppl": val_ppl(str(healed), args),
-            **{k: record.get(k) for k in keep},
+            **{k: record.get(k) for k in HEAL_SETTINGS},
             "first_kl": record["first_kl"],
             "final_kl": record["final_kl"],
             "seconds": record["seconds"],
@@ -121,7 +121,6 @@ def main(argv: list[str] | None = None) -> None:
         }
         st.write_json_atomic(out, results)
         print(json.dumps({name: results["variants"][name]}))
-    st.write_json_atomic(out, results)
     rows = sorted(results["variants"].items(), key=lambda kv: kv[1]["val_ppl"])
     print(f"teacher {results['val_ppl']['teacher']:.3f}, unhealed {results['val_ppl']['unhealed']:.3f}")
     for name, row in rows:
