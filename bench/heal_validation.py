@@ -24,7 +24,7 @@ from pathlib import Path
 
 import sketchtune_jax as st
 from sketchtune_jax.cli import main as sketchtune
-from sketchtune_jax.settings import fraction_range
+from sketchtune_jax.settings import fraction_range, fraction_ranges_meet
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 HEAL_SETTINGS = ("steps", "batch_size", "seq_len", "lr", "schedule", "warmup_steps", "train_norms", "seed")
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
 
     variants = dict(parse_variant(v) for v in args.variant)
     calib, val = fraction_range(args.calib_range, "calib_range"), fraction_range(args.val_range, "val_range")
-    if max(calib[0], val[0]) < min(calib[1], val[1]):
+    if fraction_ranges_meet(calib, val):
         raise SystemExit(f"--val-range {args.val_range} meets --calib-range {args.calib_range}; keep them apart")
     if not st.is_sketched_dir(args.sketch):
         raise SystemExit(f"{args.sketch} is not a sketched directory")

@@ -40,6 +40,7 @@ CONFIGS: dict[str, dict] = {
     "int4-g4-restarts4": dict(bits=4, groups_per_row=4, kmeans_restarts=4),
     "int4-g4-refit-restarts4": dict(bits=4, groups_per_row=4, refit_codebook=True, kmeans_restarts=4),
     "int4-g4-trueseq": dict(bits=4, groups_per_row=4, true_sequential=True),
+    **{f"int{b}-g4-ao": dict(bits=b, groups_per_row=4, act_order=True) for b in (4, 3, 2)},
     **{
         f"int{b}-g{g}-lt{n}": dict(bits=b, groups_per_row=g, layer_tune_steps=n, layer_tune_lr=LAYER_TUNE_LR)
         for b in (4, 3, 2)

@@ -502,6 +502,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kmeans-restarts", type=int, default=1, help="k-means++ restarts; the best fit is kept")
     p.add_argument("--refit-codebook", action="store_true", help="re-fit codebooks by least squares after the sweep")
     p.add_argument(
+        "--act-order",
+        action="store_true",
+        help="sweep each group's columns by descending Hessian diagonal (same groups, same size)",
+    )
+    p.add_argument(
         "--layer-tune-steps",
         type=int,
         default=0,

@@ -76,6 +76,11 @@ def fraction_range(value: str | tuple[float, float] | list[float], field: str) -
     return lo, hi
 
 
+def fraction_ranges_meet(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    """Whether the text fractions ``a`` and ``b`` (``(start, end)``, end exclusive) share any part."""
+    return max(a[0], b[0]) < min(a[1], b[1])
+
+
 def require_positive(obj: Any, *fields: str, finite: bool = False) -> None:
     """Every named field of ``obj`` is > 0 (and finite with ``finite``)."""
     for name in fields:

@@ -45,10 +45,12 @@ from sketchtune_jax.settings import OutputExistsError, SettingError, fraction_ra
 from sketchtune_jax.sharding import mesh_spec
 from sketchtune_jax.sketch import (
     accumulate_hessian,
+    act_order_within_groups,
     check_finite,
     init_hessian,
     prepare_hessian,
     relative_output_error,
+    restore_column_order,
     sketch_matrix,
 )
 from sketchtune_jax.sketch.layer_tune import tune_layer_codebooks
@@ -67,6 +69,8 @@ class SketchSettings:
     ``layer_tune_steps`` > 0 trains each sketched layer's codebooks to the dense layer's output on the
     calibration rows (`sketchtune_jax.sketch.layer_tune`): that many Adam steps of ``layer_tune_rows``
     rows each, cosine-decayed from ``layer_tune_lr``.
+    ``act_order`` sweeps each column group's columns by descending ``H_ii`` (`act_order_within_groups`);
+    the groups, and so the sketch's size and layout, stay as they are.
     """
 
     bits: int = 4
@@ -77,6 +81,7 @@ class SketchSettings:
     kmeans_iters: int = 100
     kmeans_restarts: int = 1
     refit_codebook: bool = False
+    act_order: bool = False
     error_feedback: bool = True
     true_sequential: bool = False
     layer_tune_steps: int = 0
@@ -232,8 +237,12 @@ def _sketch_stage(
         if not isinstance(linear, Linear):
             raise TypeError(f"{name} is a {type(linear).__name__}, expected a dense Linear to sketch")
     weights = [linear.weight[...].astype(jnp.float32) for linear in linears]
+    w_stage, h_stage = jnp.concatenate(weights, axis=0), hessian
+    if settings.act_order:
+        order = act_order_within_groups(hessian, settings.groups_per_row)
+        w_stage, h_stage = w_stage[:, order], hessian[order][:, order]
     try:
-        hinv_upper, w_prepared = prepare_hessian(hessian, jnp.concatenate(weights, axis=0), percdamp=settings.percdamp)
+        hinv_upper, w_prepared = prepare_hessian(h_stage, w_stage, percdamp=settings.percdamp)
         result = sketch_matrix(
             w_prepared,
             hinv_upper,
@@ -250,6 +259,8 @@ def _sketch_stage(
         )
     except ValueError as e:
         raise ValueError(f"{'/'.join(stage)}: {e}") from e
+    if settings.act_order:
+        result = restore_column_order(result, order)
     seconds = (time.perf_counter() - start) / len(stage)
     rows, lo = [], 0
     for name, linear, w in zip(stage, linears, weights):

@@ -21,7 +21,7 @@ from sketchtune_jax.checkpoint import SKETCH_CONFIG, is_sketched_dir, save_sketc
 from sketchtune_jax.distributed import barrier, is_primary
 from sketchtune_jax.fileio import check_output_dir, write_json_atomic
 from sketchtune_jax.methods import FinetuneMethod, check_method_fits, default_method
-from sketchtune_jax.settings import DTYPES, OutputExistsError, SettingError, fraction_range
+from sketchtune_jax.settings import DTYPES, OutputExistsError, SettingError, fraction_range, fraction_ranges_meet
 from sketchtune_jax.sharding import mesh_spec
 from sketchtune_jax.sketcher import (
     SketchSettings,
@@ -386,7 +386,7 @@ def calibration_overlap(
         start, end = text_range
         read_lo, read_hi = start, start + read * (end - start)
         lo, hi = tuple(saved.get("calib_range", (0.0, 1.0)))
-        if lo >= read_hi or hi <= read_lo:
+        if not fraction_ranges_meet((lo, hi), (read_lo, read_hi)):
             continue
         return (
             f"{text_source} also {use} this sketch (calibration range {lo:g}:{hi:g}), and the evaluated "

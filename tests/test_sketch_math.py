@@ -11,10 +11,12 @@ import pytest
 
 from sketchtune_jax.sketch import (
     accumulate_hessian,
+    act_order_within_groups,
     assign_nearest,
     init_hessian,
     prepare_hessian,
     relative_output_error,
+    restore_column_order,
     sketch_matrix,
     weighted_kmeans,
 )
@@ -369,6 +371,44 @@ def test_refit_codebook_lowers_output_error(layer, sketched):
         assert pairs == len(np.unique(o)) == len(np.unique(n))
     # Measured 0.88-0.89x over seeds 0-2 on this layer family.
     assert relative_output_error(w, r.w_hat, h) < 0.95 * relative_output_error(w, sketched.w_hat, h)
+
+
+def _act_order_sketch(w, h, bits):
+    order = act_order_within_groups(h, GROUPS)
+    u, wp = prepare_hessian(h[order][:, order], jnp.asarray(w)[:, order])
+    return order, restore_column_order(sketch_matrix(wp, u, bits=bits, groups=GROUPS), order)
+
+
+def test_act_order_keeps_each_group_and_sorts_it_by_hessian_diagonal(layer):
+    _, _, h, _, _ = layer
+    order = np.asarray(act_order_within_groups(h, GROUPS)).reshape(GROUPS, -1)
+    cols = IN // GROUPS
+    for g, group in enumerate(order):
+        np.testing.assert_array_equal(np.sort(group), np.arange(g * cols, (g + 1) * cols))
+        assert np.all(np.diff(np.asarray(jnp.diagonal(h))[group]) <= 0)
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_act_order_lowers_output_error_and_rebuilds_in_the_original_order(layer, bits):
+    w, _, h, u, wp = layer
+    _, r = _act_order_sketch(w, h, bits)
+    rebuilt = np.take_along_axis(np.asarray(r.codebook), np.asarray(r.codes).astype(np.int64), axis=2)
+    np.testing.assert_array_equal(rebuilt.reshape(OUT, IN), np.asarray(r.w_hat))
+    # Measured 0.88-0.96x over seeds 0-3 of this layer family at 2 and 3 bits (0.92x, 0.90x on seed 0).
+    plain = sketch_matrix(wp, u, bits=bits, groups=GROUPS)
+    assert relative_output_error(w, r.w_hat, h) < 0.96 * relative_output_error(w, plain.w_hat, h)
+
+
+def test_act_order_on_an_already_sorted_diagonal_changes_nothing(layer):
+    w, _, h, _, _ = layer
+    order = act_order_within_groups(h, GROUPS)
+    w_sorted, h_sorted = jnp.asarray(w)[:, order], h[order][:, order]
+    u, wp = prepare_hessian(h_sorted, w_sorted)
+    plain = sketch_matrix(wp, u, bits=BITS, groups=GROUPS)
+    again, r = _act_order_sketch(w_sorted, h_sorted, BITS)
+    np.testing.assert_array_equal(np.asarray(again), np.arange(IN))
+    for a, b in zip(r, plain):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_relative_output_error_is_output_error_ratio(layer, sketched):

@@ -14,20 +14,24 @@ from sketchtune_jax.sketch.hessian import accumulate_hessian, check_finite, init
 from sketchtune_jax.sketch.kmeans import assign_nearest, weighted_kmeans
 from sketchtune_jax.sketch.sweep import (
     SketchResult,
+    act_order_within_groups,
     importance_weights,
     relative_output_error,
+    restore_column_order,
     sketch_matrix,
 )
 
 __all__ = [
     "SketchResult",
     "accumulate_hessian",
+    "act_order_within_groups",
     "check_finite",
     "assign_nearest",
     "importance_weights",
     "init_hessian",
     "prepare_hessian",
     "relative_output_error",
+    "restore_column_order",
     "sketch_matrix",
     "weighted_kmeans",
 ]

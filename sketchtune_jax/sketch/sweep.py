@@ -71,6 +71,28 @@ def problem_ids(groups: int, out: int) -> jax.Array:
     return jnp.arange(groups * out, dtype=jnp.uint32).reshape(groups, out)
 
 
+def act_order_within_groups(h: jax.Array, groups: int) -> jax.Array:
+    """Sweep order for ``act_order``: inside each contiguous column group, columns by
+    descending ``H_ii`` (ties by index), as int32 ``[in]`` indices into the columns.
+
+    Groups keep their columns, so the codebooks cover the same weights and the sketch
+    keeps its size; only the order in which the sweep maps them (and so where the error
+    feedback lands) changes: the columns that matter most are mapped first, while the
+    most columns are left to absorb their error.
+    """
+    d = jnp.diagonal(jnp.asarray(h, jnp.float32)).reshape(groups, -1)
+    local = jnp.argsort(-d, axis=1, stable=True)
+    return (local + d.shape[1] * jnp.arange(groups)[:, None]).reshape(-1).astype(jnp.int32)
+
+
+def restore_column_order(result: SketchResult, order: jax.Array) -> SketchResult:
+    """Undo the column permutation ``order`` (from `act_order_within_groups`) on a
+    `SketchResult` computed on ``w[:, order]``: codes and ``w_hat`` back in ``w``'s order."""
+    inv = jnp.argsort(order)
+    codes = result.codes.reshape(result.codes.shape[0], -1)[:, inv].reshape(result.codes.shape)
+    return SketchResult(result.codebook, codes, result.w_hat[:, inv])
+
+
 @functools.partial(jax.jit, static_argnames=("k", "groups", "block", "iters", "init", "chunk", "restarts"))
 def _sketch_feedback(w, u, ids, seed, s, tol, *, k, groups, block, iters, init, chunk, restarts):
     out, inp = w.shape
