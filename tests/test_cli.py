@@ -6,8 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-from model_utils import assert_cli_refuses, tiny_hf_model
+from model_utils import assert_cli_refuses, sketch_tiny_with_cli, tiny_hf_model
 
+import sketchtune_jax as st
 from sketchtune_jax.cli import main
 
 WIKI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2" / "test.txt"
@@ -97,3 +98,11 @@ def test_info_prints_and_writes_json(tmp_path, capsys, hf_dir):
     info = json.loads((tmp_path / "info.json").read_text())
     assert info["layers"] == 2 and info["kv_heads"] == 2 and info["params"] > 0
     assert info["bytes"] == 4 * info["params"]
+
+
+def test_sketch_act_order_is_recorded_and_the_sketch_loads(tmp_path):
+    made = sketch_tiny_with_cli(tmp_path, extra_args=["--act-order"])
+    settings = json.loads((made["sketch"] / "sketch_config.json").read_text())["settings"]
+    assert settings["act_order"] is True
+    assert st.SketchSettings.from_dict(settings).act_order
+    assert st.is_sketched_dir(made["sketch"]) and st.load_sketched(made["sketch"]).model is not None
