@@ -5,7 +5,8 @@
 
 Calibrates on windows from one part of the text (default: its second half) and
 measures perplexity on the first windows of the text, so the sketch never saw the
-evaluation tokens. One process, so programs compiled for one configuration serve
+evaluation tokens (``--eval-range 0.25:0.5``: on the first windows of that part instead,
+to choose settings without looking at the test windows). One process, so programs compiled for one configuration serve
 the next; results are written after every configuration and finished ones are
 skipped when the command is run again. ``--heal-steps N`` adds a ``<config>-healed<N>`` row
 per configuration: its codebooks distilled from the dense model (`sketchtune_jax.heal`) on
@@ -26,6 +27,8 @@ from pathlib import Path
 from flax import nnx
 
 import sketchtune_jax as st
+from sketchtune_jax.perplexity import text_fraction
+from sketchtune_jax.settings import fraction_range, fraction_ranges_meet
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -58,6 +61,11 @@ def main() -> None:
     parser.add_argument("--nsamples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=20)
+    parser.add_argument(
+        "--eval-range",
+        help="score on the first windows of this fraction of the text (e.g. 0.25:0.5 for validation "
+        "windows when choosing settings) instead of the text's start; must not meet --calib-range",
+    )
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, from {', '.join(CONFIGS)}")
     parser.add_argument("--out", required=True)
     parser.add_argument("--markdown", action="store_true", help="print the results in --out as tables and exit")
@@ -86,12 +94,16 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown configs {unknown}; choose from {list(CONFIGS)}")
     sketched = dict(item.split("=", 1) for item in args.sketched)
-    lo, hi = (float(x) for x in args.calib_range.split(":"))
+    lo, hi = fraction_range(args.calib_range, "calib_range")
+    if args.eval_range and fraction_ranges_meet((lo, hi), fraction_range(args.eval_range, "eval_range")):
+        raise SystemExit(f"--eval-range {args.eval_range} meets --calib-range {args.calib_range}; keep them apart")
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.is_file() else {"setup": vars(args), "runs": {}}
     results.setdefault("invocations", []).append(vars(args))  # a rerun that adds rows records its own flags
 
     text = st.read_text(args.text)
+    if args.eval_range:
+        text = text_fraction(text, fraction_range(args.eval_range, "eval_range"))
     loaded = st.load_any(args.model)
     calib = st.calibration_windows(
         args.text, loaded.tokenizer, nsamples=args.nsamples, seq_len=args.seq_len, text_range=(lo, hi)
