@@ -95,15 +95,16 @@ def main() -> None:
         raise SystemExit(f"unknown configs {unknown}; choose from {list(CONFIGS)}")
     sketched = dict(item.split("=", 1) for item in args.sketched)
     lo, hi = fraction_range(args.calib_range, "calib_range")
-    if args.eval_range and fraction_ranges_meet((lo, hi), fraction_range(args.eval_range, "eval_range")):
+    eval_range = fraction_range(args.eval_range, "eval_range") if args.eval_range else None
+    if eval_range and fraction_ranges_meet((lo, hi), eval_range):
         raise SystemExit(f"--eval-range {args.eval_range} meets --calib-range {args.calib_range}; keep them apart")
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.is_file() else {"setup": vars(args), "runs": {}}
     results.setdefault("invocations", []).append(vars(args))  # a rerun that adds rows records its own flags
 
     text = st.read_text(args.text)
-    if args.eval_range:
-        text = text_fraction(text, fraction_range(args.eval_range, "eval_range"))
+    if eval_range:
+        text = text_fraction(text, eval_range)
     loaded = st.load_any(args.model)
     calib = st.calibration_windows(
         args.text, loaded.tokenizer, nsamples=args.nsamples, seq_len=args.seq_len, text_range=(lo, hi)
