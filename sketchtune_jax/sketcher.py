@@ -45,13 +45,10 @@ from sketchtune_jax.settings import OutputExistsError, SettingError, fraction_ra
 from sketchtune_jax.sharding import mesh_spec
 from sketchtune_jax.sketch import (
     accumulate_hessian,
-    act_order_within_groups,
     check_finite,
     init_hessian,
-    prepare_hessian,
     relative_output_error,
-    restore_column_order,
-    sketch_matrix,
+    sketch_weight,
 )
 from sketchtune_jax.sketch.layer_tune import tune_layer_codebooks
 
@@ -237,17 +234,14 @@ def _sketch_stage(
         if not isinstance(linear, Linear):
             raise TypeError(f"{name} is a {type(linear).__name__}, expected a dense Linear to sketch")
     weights = [linear.weight[...].astype(jnp.float32) for linear in linears]
-    w_stage, h_stage = jnp.concatenate(weights, axis=0), hessian
-    if settings.act_order:
-        order = act_order_within_groups(hessian, settings.groups_per_row)
-        w_stage, h_stage = w_stage[:, order], hessian[order][:, order]
     try:
-        hinv_upper, w_prepared = prepare_hessian(h_stage, w_stage, percdamp=settings.percdamp)
-        result = sketch_matrix(
-            w_prepared,
-            hinv_upper,
+        result = sketch_weight(
+            jnp.concatenate(weights, axis=0),
+            hessian,
             bits=settings.bits,
             groups=settings.groups_per_row,
+            percdamp=settings.percdamp,
+            act_order=settings.act_order,
             s=settings.hessian_exponent,
             block_size=settings.block_size,
             kmeans_iters=settings.kmeans_iters,
@@ -259,8 +253,6 @@ def _sketch_stage(
         )
     except ValueError as e:
         raise ValueError(f"{'/'.join(stage)}: {e}") from e
-    if settings.act_order:
-        result = restore_column_order(result, order)
     seconds = (time.perf_counter() - start) / len(stage)
     rows, lo = [], 0
     for name, linear, w in zip(stage, linears, weights):

@@ -5,8 +5,7 @@ Typical use, per linear layer::
     h, n = init_hessian(in_features)
     for x in calibration_inputs:              # [..., in_features]
         h, n = accumulate_hessian(h, n, x)
-    hinv_upper, w = prepare_hessian(h, weight)
-    result = sketch_matrix(w, hinv_upper, bits=4, groups=4)
+    result = sketch_weight(weight, h, bits=4, groups=4)   # or act_order=True
     relative_output_error(weight, result.w_hat, h)
 """
 
@@ -19,6 +18,7 @@ from sketchtune_jax.sketch.sweep import (
     relative_output_error,
     restore_column_order,
     sketch_matrix,
+    sketch_weight,
 )
 
 __all__ = [
@@ -33,5 +33,6 @@ __all__ = [
     "relative_output_error",
     "restore_column_order",
     "sketch_matrix",
+    "sketch_weight",
     "weighted_kmeans",
 ]

@@ -17,14 +17,14 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from sketchtune_jax.sketch.hessian import check_finite
+from sketchtune_jax.sketch.hessian import check_finite, prepare_hessian
 from sketchtune_jax.sketch.kmeans import CHUNK_ELEMENTS, INITS, assign_nearest, kmeans_batched
 
 _HIGHEST = lax.Precision.HIGHEST
@@ -358,6 +358,30 @@ class _RowOptions:
     chunk: int | None
     error_feedback: bool
     refit: bool
+
+
+def sketch_weight(
+    w: jax.Array,
+    h: jax.Array,
+    *,
+    bits: int,
+    groups: int,
+    percdamp: float = 0.01,
+    act_order: bool = False,
+    **options: Any,
+) -> SketchResult:
+    """Sketch ``w`` ``[out, in]`` against its input Hessian ``h`` ``[in, in]``: damp and
+    factor ``h`` (`prepare_hessian`), run `sketch_matrix` (``options`` are its keyword
+    arguments), with ``act_order`` sweeping each group by `act_order_within_groups`.
+
+    The result is always in ``w``'s column order (float32 codebook, uint8 codes, w_hat).
+    """
+    order = act_order_within_groups(h, groups) if act_order else None
+    if order is not None:
+        w, h = jnp.asarray(w)[:, order], jnp.asarray(h)[order][:, order]
+    hinv_upper, w_prepared = prepare_hessian(h, w, percdamp=percdamp)
+    result = sketch_matrix(w_prepared, hinv_upper, bits=bits, groups=groups, **options)
+    return result if order is None else restore_column_order(result, order)
 
 
 def _sketch_rows(
