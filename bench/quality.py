@@ -84,6 +84,9 @@ def main() -> None:
         metavar="NAME=DIR",
         help="take configuration NAME from this sketched directory instead of sketching it",
     )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="k-means++ seed of new sketches; with N > 0 rows are named CONFIG-seedN"
+    )
     parser.add_argument("--save-dir", help="save each new sketch in DIR/NAME, resuming an unfinished one there")
     args = parser.parse_args()
     if args.markdown:
@@ -114,7 +117,8 @@ def main() -> None:
     if "dense" not in results:
         results["dense"] = st.perplexity(loaded.model, loaded.tokenizer, text, max_windows=args.eval_windows).ppl
     healed = lambda name: f"{name}-healed{args.heal_steps}"  # noqa: E731
-    for name in names:
+    for config in names:
+        name = config if args.seed == 0 else f"{config}-seed{args.seed}"
         if name in results["runs"] and (not args.heal_steps or healed(name) in results["runs"]):
             continue
         if args.save_dir and name not in sketched and st.is_sketched_dir(Path(args.save_dir) / name):
@@ -125,7 +129,12 @@ def main() -> None:
             seconds, cpu = report.get("seconds"), None
         else:
             settings = st.SketchSettings(
-                calib=args.text, nsamples=args.nsamples, seq_len=args.seq_len, calib_range=(lo, hi), **CONFIGS[name]
+                calib=args.text,
+                nsamples=args.nsamples,
+                seq_len=args.seq_len,
+                calib_range=(lo, hi),
+                seed=args.seed,
+                **CONFIGS[config],
             )
             start, cpu = time.perf_counter(), time.process_time()
             if args.save_dir:
@@ -139,7 +148,8 @@ def main() -> None:
         if name not in results["runs"]:
             ppl = st.perplexity(model, loaded.tokenizer, text, max_windows=args.eval_windows).ppl
             results["runs"][name] = {
-                **CONFIGS[name],
+                **CONFIGS[config],
+                "seed": args.seed,
                 "ppl": ppl,
                 "ratio": ppl / results["dense"],
                 "mean_rel_output_error": report["mean_rel_output_error"],
@@ -152,7 +162,7 @@ def main() -> None:
             print(json.dumps({name: results["runs"][name]}))
         if args.heal_steps:
             results["runs"][healed(name)] = heal_row(
-                args, model, loaded, (lo, hi), text, results["dense"], CONFIGS[name], sketched.get(name)
+                args, model, loaded, (lo, hi), text, results["dense"], CONFIGS[config], sketched.get(name)
             )
             st.write_json_atomic(out, results)
             print(json.dumps({healed(name): results["runs"][healed(name)]}))
