@@ -100,9 +100,20 @@ def test_info_prints_and_writes_json(tmp_path, capsys, hf_dir):
     assert info["bytes"] == 4 * info["params"]
 
 
-def test_sketch_act_order_is_recorded_and_the_sketch_loads(tmp_path):
+def test_sketch_act_order_is_recorded_and_the_sketch_loads(tmp_path, capsys):
     made = sketch_tiny_with_cli(tmp_path, extra_args=["--act-order"])
+    hint = [line for line in capsys.readouterr().err.splitlines() if line.startswith("hint:")]
+    assert hint == [
+        "hint: at 2 bits, --layer-tune-steps 32, --heal-steps recover much of the loss "
+        "to the dense model; see README 'Closing the 3- and 2-bit gap'"
+    ]
     settings = json.loads((made["sketch"] / "sketch_config.json").read_text())["settings"]
     assert settings["act_order"] is True
     assert st.SketchSettings.from_dict(settings).act_order
     assert st.is_sketched_dir(made["sketch"]) and st.load_sketched(made["sketch"]).model is not None
+
+
+def test_a_plain_two_bit_sketch_hints_at_layer_tuning_act_order_and_healing(tmp_path, capsys):
+    sketch_tiny_with_cli(tmp_path)
+    hint = [line for line in capsys.readouterr().err.splitlines() if line.startswith("hint:")]
+    assert len(hint) == 1 and "--layer-tune-steps 32, --act-order, --heal-steps recover" in hint[0]
