@@ -194,16 +194,25 @@ def test_finetune_mesh_is_for_sketch_tuning_only(tiny, tmp_path, capsys):
     assert "--mesh is supported for method sketch only (for now)" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("bits, tuned, hinted", [(2, "0", True), (2, "4", False), (4, "0", False)])
-def test_sketch_below_4_bits_without_layer_tuning_hints_at_it(tiny, capsys, bits, tuned, hinted):
-    argv = ["sketch", str(tiny["hf"]), "--bits", str(bits), "--layer-tune-steps", tuned]
+@pytest.mark.parametrize(
+    "flags, levers",
+    [
+        ("--bits 2 --layer-tune-steps 0", "--layer-tune-steps 32, --act-order, --heal-steps"),
+        ("--bits 2 --layer-tune-steps 0 --heal-steps 2", "--layer-tune-steps 32, --act-order"),
+        ("--bits 2 --layer-tune-steps 4", "--act-order, --heal-steps"),
+        ("--bits 2 --layer-tune-steps 4 --act-order", None),
+        ("--bits 3 --layer-tune-steps 0", "--layer-tune-steps 32, --heal-steps"),
+        ("--bits 3 --layer-tune-steps 4", None),
+        ("--bits 4 --layer-tune-steps 0", None),
+    ],
+)
+def test_sketch_below_4_bits_hints_at_the_levers_not_yet_on(tiny, capsys, flags, levers):
+    argv = ["sketch", str(tiny["hf"]), *flags.split(), "--calib", str(tiny["calib"]), "--out", str(tiny["sketch"])]
     # The existing sketch makes the command stop before any work, after the hint.
-    assert main([*argv, "--calib", str(tiny["calib"]), "--out", str(tiny["sketch"])]) == 2
+    assert main(argv) == 2
     err = capsys.readouterr().err
-    assert ("--layer-tune-steps 32" in err) is hinted
-    assert ("--heal-steps" in err) is hinted
+    hints = [line for line in err.splitlines() if line.startswith("hint:")]
+    bits = flags.split()[1]
+    want = f"hint: at {bits} bits, {levers} recover much of the loss to the dense model; see README"
+    assert [h.split(" 'Closing")[0] for h in hints] == ([] if levers is None else [want])
     assert "exists" in err
-    if hinted:
-        assert main([*argv, "--heal-steps", "2", "--calib", str(tiny["calib"]), "--out", str(tiny["sketch"])]) == 2
-        err = capsys.readouterr().err
-        assert "--layer-tune-steps 32 recover" in err and "--heal-steps" not in err
