@@ -19,6 +19,7 @@ so that it can be healed or fine-tuned later.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import tempfile
 import time
@@ -53,7 +54,7 @@ CONFIGS: dict[str, dict] = {
 }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--text", default=str(DATA / "wikitext-2" / "test.txt"))
@@ -88,7 +89,7 @@ def main() -> None:
         "--seed", type=int, default=0, help="k-means++ seed of new sketches; with N > 0 rows are named CONFIG-seedN"
     )
     parser.add_argument("--save-dir", help="save each new sketch in DIR/NAME, resuming an unfinished one there")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.markdown:
         print(markdown_tables(json.loads(Path(args.out).read_text())))
         return
@@ -123,9 +124,12 @@ def main() -> None:
             continue
         if args.save_dir and name not in sketched and st.is_sketched_dir(Path(args.save_dir) / name):
             sketched[name] = str(Path(args.save_dir) / name)
+        seed = args.seed
         if name in sketched:
+            saved = json.loads((Path(sketched[name]) / "sketch_config.json").read_text())
+            seed = check_saved_settings(config, sketched[name], saved.get("settings", {}))
             model = st.load_sketched(sketched[name]).model
-            report = json.loads((Path(sketched[name]) / "sketch_config.json").read_text())["report"]
+            report = saved["report"]
             seconds, cpu = report.get("seconds"), None
         else:
             settings = st.SketchSettings(
@@ -149,7 +153,7 @@ def main() -> None:
             ppl = st.perplexity(model, loaded.tokenizer, text, max_windows=args.eval_windows).ppl
             results["runs"][name] = {
                 **CONFIGS[config],
-                "seed": args.seed,
+                "seed": seed,
                 "ppl": ppl,
                 "ratio": ppl / results["dense"],
                 "mean_rel_output_error": report["mean_rel_output_error"],
@@ -167,6 +171,19 @@ def main() -> None:
             st.write_json_atomic(out, results)
             print(json.dumps({healed(name): results["runs"][healed(name)]}))
     print(json.dumps(results, indent=2))
+
+
+def check_saved_settings(config: str, sketch_dir: str, settings: dict) -> int:
+    """The k-means++ seed of the sketch in ``sketch_dir``; SystemExit if its saved ``settings``
+    disagree with configuration ``config`` (its row would be mislabelled)."""
+    varied = {k for c in CONFIGS.values() for k in c}
+    defaults = dataclasses.asdict(st.SketchSettings())
+    want = {k: CONFIGS[config].get(k, defaults[k]) for k in sorted(varied)}
+    differ = {k: (v, settings.get(k, defaults[k])) for k, v in want.items() if settings.get(k, defaults[k]) != v}
+    if differ:
+        found = ", ".join(f"{k} {got!r} (config {want!r})" for k, (want, got) in differ.items())
+        raise SystemExit(f"{sketch_dir} is not configuration {config}: its sketch has {found}; name the right config")
+    return int(settings.get("seed", 0))
 
 
 def heal_row(
