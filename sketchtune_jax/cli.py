@@ -198,6 +198,26 @@ def cmd_sketch(args: argparse.Namespace) -> int:
     )
     if args.heal_steps < 0:
         raise ValueError(f"--heal-steps must be >= 0, got {args.heal_steps}")
+    # The heal's own settings, by their `heal_config` names; a sketch's flags carry a heal_ prefix.
+    chosen = {k: v for k, v in (("batch_size", args.heal_batch_size), ("lr", args.heal_lr)) if v is not None}
+    as_flag = {"steps": "heal_steps", "batch_size": "heal_batch_size", "lr": "heal_lr"}
+    unused = [as_flag[k] for k in chosen] + (["heal_train_norms"] if args.heal_train_norms else [])
+    if unused and not args.heal_steps:
+        named = ", ".join("{" + u + "}" for u in unused)
+        raise SettingError("heal_steps", f"is 0, so {named} would do nothing; give N > 0", tuple(unused))
+    heal = None
+    if args.heal_steps:
+        from sketchtune_jax.heal import heal_config
+
+        # Built (and so checked) before the sketch, which may take an hour, not after it.
+        try:
+            heal = heal_config(steps=args.heal_steps, seq_len=settings.seq_len, seed=settings.seed, **chosen)
+        except SettingError as e:
+            problem = e.problem
+            for m in e.mentions:
+                problem = problem.replace("{" + m + "}", "{" + as_flag.get(m, m) + "}")
+            mentions = tuple(as_flag.get(m, m) for m in e.mentions)
+            raise SettingError(as_flag.get(e.field, e.field), problem, mentions) from None
     distributed = _distributed_settings(args)
     if distributed is not None and args.heal_steps:
         raise SettingError("heal_steps", "cannot run over several processes (for now); heal afterwards in one process")
@@ -244,8 +264,7 @@ def cmd_sketch(args: argparse.Namespace) -> int:
             "seconds": report["seconds"],
         },
     )
-    if args.heal_steps:
-        from sketchtune_jax.heal import heal_config
+    if heal is not None:
         from sketchtune_jax.workflows import heal_to_dir
 
         record = heal_to_dir(
@@ -253,9 +272,10 @@ def cmd_sketch(args: argparse.Namespace) -> int:
             args.model,
             settings.calib,
             args.out,
-            config=heal_config(steps=args.heal_steps, seq_len=settings.seq_len, seed=settings.seed),
+            config=heal,
             calib_range=settings.calib_range,
             dtype=args.dtype,
+            train_norms=args.heal_train_norms,
             overwrite=True,
         )
         print_table(f"healed {args.out} against {args.model}", _heal_summary(record))
@@ -548,6 +568,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="then heal the sketch for N steps against MODEL on the calibration text (0: no healing)",
     )
+    p.add_argument("--heal-batch-size", type=int, help="windows per heal step (default: sketchtune heal's, 4)")
+    p.add_argument("--heal-lr", type=float, help="peak heal learning rate (default: sketchtune heal's, 5e-4)")
+    p.add_argument("--heal-train-norms", action="store_true", help="the heal also trains the RMSNorm scales")
     p.set_defaults(func=cmd_sketch)
 
     p = sub.add_parser("heal", help="distil a sketch's codebooks from the dense model (KL on generic text)")

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from model_utils import sketch_tiny_with_cli, tiny_hf_model
+from model_utils import assert_cli_refuses, sketch_tiny_with_cli, tiny_hf_model
 from tiny_lm import TinyCausalLM
 
 from sketchtune_jax.heal import heal, window_batches
@@ -215,6 +215,30 @@ def test_sketch_then_heal_in_one_command(tiny):
     assert record["steps"] == 2 and record["teacher"] == str(tiny["hf"]) and record["seq_len"] == 32
     assert record["calib"] == str(tiny["calib"].resolve()) and sketch_config["settings"]["bits"] == 2
     assert not (tiny["root"] / "sketch.heal").exists() and not (tiny["root"] / "sketch.partial").exists()
+
+
+def test_sketch_then_heal_in_one_command_takes_the_heal_settings(tmp_path):
+    root = sketch_tiny_with_cli(
+        tmp_path,
+        extra_args=["--heal-steps", "2", "--heal-batch-size", "2", "--heal-lr", "1e-3", "--heal-train-norms"],
+    )
+    record = json.loads((root["sketch"] / "sketch_config.json").read_text())["heal"]
+    assert record["steps"] == 2 and record["batch_size"] == 2 and record["lr"] == 1e-3
+    assert record["train_norms"] is True and record["windows"] == 4
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        ("--heal-lr 1e-3 --heal-train-norms", "--heal-steps is 0, so --heal-lr, --heal-train-norms would do nothing"),
+        ("--heal-steps 2 --heal-lr -1", "--heal-lr must be a finite number > 0"),
+        ("--heal-steps 2 --heal-batch-size 0", "--heal-batch-size must be"),
+    ],
+)
+def test_bad_heal_flags_of_the_sketch_command_are_refused_before_it_sketches(tmp_path, capsys, flags, message):
+    argv = ["sketch", str(tmp_path / "no-such-model"), "--calib", str(tmp_path / "no-such.txt")]
+    err = assert_cli_refuses([*argv, "--out", str(tmp_path / "out"), *flags.split()], capsys, message)
+    assert err.startswith("sketchtune sketch: error: ") and not (tmp_path / "out").exists()
 
 
 def _tensors(path: Path) -> dict[str, np.ndarray]:
