@@ -100,7 +100,9 @@ def assert_sketches_close(got: dict[str, np.ndarray], want: dict[str, np.ndarray
 
 
 @needs_8
-def test_sketch_matrix_split_by_rows_is_bit_identical():
+def test_sketch_matrix_split_by_rows_gives_the_same_codes_and_codebooks_to_float32_rounding():
+    """Codes exactly; codebooks and W_hat to a few float32 ulps, since XLA's CPU kernels may sum a
+    16-row shard in another order than 64 rows, depending on the CPU's vector width."""
     rng = np.random.default_rng(0)
     h, n = init_hessian(32)
     h, _ = accumulate_hessian(h, n, rng.standard_normal((256, 32)).astype(np.float32))
@@ -110,8 +112,10 @@ def test_sketch_matrix_split_by_rows_is_bit_identical():
     got = sketch_matrix(w, u, mesh=make_mesh(MESH), **kwargs)
     assert len(got.codes.sharding.device_set) == DEVICES
     assert got.codes.sharding.shard_shape(got.codes.shape)[0] == 64 // DEVICES
-    for a, b in zip(got, want):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(np.asarray(got.codes), np.asarray(want.codes))
+    for name in ("codebook", "w_hat"):
+        a, b = np.asarray(getattr(got, name)), np.asarray(getattr(want, name))
+        np.testing.assert_allclose(a, b, rtol=4e-7, atol=4e-7 * np.abs(b).max(), err_msg=name)
 
 
 @needs_8
