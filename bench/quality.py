@@ -176,14 +176,13 @@ def main(argv: list[str] | None = None) -> None:
 def check_saved_settings(config: str, sketch_dir: str, settings: dict) -> int:
     """The k-means++ seed of the sketch in ``sketch_dir``; SystemExit if its saved ``settings``
     disagree with configuration ``config`` (its row would be mislabelled)."""
-    varied = {k for c in CONFIGS.values() for k in c}
-    defaults = dataclasses.asdict(st.SketchSettings())
-    want = {k: CONFIGS[config].get(k, defaults[k]) for k in sorted(varied)}
-    differ = {k: (v, settings.get(k, defaults[k])) for k, v in want.items() if settings.get(k, defaults[k]) != v}
-    if differ:
-        found = ", ".join(f"{k} {got!r} (config {want!r})" for k, (want, got) in differ.items())
+    saved = dataclasses.asdict(st.SketchSettings.from_dict(settings))
+    named = dataclasses.asdict(st.SketchSettings(**CONFIGS[config]))
+    varied = sorted({k for c in CONFIGS.values() for k in c})
+    found = ", ".join(f"{k} {saved[k]!r} (config {named[k]!r})" for k in varied if saved[k] != named[k])
+    if found:
         raise SystemExit(f"{sketch_dir} is not configuration {config}: its sketch has {found}; name the right config")
-    return int(settings.get("seed", 0))
+    return saved["seed"]
 
 
 def heal_row(
