@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import mmap
 import re
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -240,7 +239,8 @@ def load_gguf(
     """Load a Llama-family ``.gguf`` -> ``(model, config, tokenizer or None)``.
 
     Quantized tensors (Q4_1, Q8_0, ...) are dequantized to float32 and cast to
-    ``param_dtype``. The tokenizer is built by transformers from the file's metadata.
+    ``param_dtype``. The tokenizer is rebuilt from the file's metadata (`converters.gguf_tokenizer`);
+    a file without one gives None, one that cannot be rebuilt is refused before the weights are read.
     """
     tensors = GGUFTensors(path, load_tokenizer=load_tokenizer)
     model = abstract_model(tensors.config, dtype, param_dtype)
@@ -251,15 +251,11 @@ def load_gguf(
 
 
 def _tokenizer(path: Path, reader: Any) -> Any:
-    if "tokenizer.ggml.model" not in reader.fields:
-        return None
-    try:
-        from transformers import AutoTokenizer
+    """The file's tokenizer (None when it has none), built from its metadata without torch."""
+    from converters.gguf_tokenizer import build_tokenizer, read_tokenizer_metadata
 
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    except Exception as e:  # noqa: BLE001 - the weights are usable without a tokenizer
-        warnings.warn(f"could not build the tokenizer of {path}: {e}", stacklevel=3)
-        return None
+    meta = read_tokenizer_metadata(reader, str(path))
+    return None if meta is None else build_tokenizer(meta, str(path))
 
 
 __all__ = ["GGUFTensors", "config_from_gguf", "hf_tensor_name", "load_gguf", "unpermute_rotary"]
