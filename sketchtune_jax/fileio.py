@@ -1,4 +1,10 @@
-"""Atomic writes and output-directory checks: nothing a reader sees is ever half-written."""
+"""Atomic writes and output-directory checks: nothing a reader sees is ever half-written.
+
+Outputs are staged in `tempfile` files and directories, which are created private (0600 and
+0700) whatever the umask; before they are renamed into place they are given the mode a plain
+``open`` or ``mkdir`` would have (0644 and 0755 under the usual umask 022), so that others who
+may read the output (on a shared file system, say) can.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +12,33 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 from sketchtune_jax.settings import OutputExistsError
+
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process's file mode creation mask (e.g. ``0o022``), read without changing it for long.
+
+    Linux reports it in ``/proc/self/status``; elsewhere it is set and restored under a lock
+    (`os.umask` can only be read by setting it).
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o077)
+        os.umask(mask)
+    return mask
 
 
 def write_json_atomic(path: str | os.PathLike, data: object) -> None:
@@ -19,12 +47,16 @@ def write_json_atomic(path: str | os.PathLike, data: object) -> None:
 
 
 def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> None:
-    """Write ``payload`` to ``path`` so that readers see the old file or the new one, never half."""
+    """Write ``payload`` to ``path`` so that readers see the old file or the new one, never half.
+
+    The file has the mode ``open`` would give a new file under the current umask.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~current_umask())
             f.write(payload)
             f.flush()
             os.fsync(f.fileno())
@@ -46,11 +78,15 @@ def check_output_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Pat
 
 @contextmanager
 def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory beside ``path``; on success it replaces ``path`` in one rename."""
+    """Yield a temporary directory beside ``path``; on success it replaces ``path`` in one rename.
+
+    The directory has the mode ``mkdir`` would give it under the current umask.
+    """
     path = check_output_dir(path, overwrite=overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
+        tmp.chmod(0o777 & ~current_umask())
         yield tmp
         if path.exists():
             old = path.with_name(f".{path.name}.old")

@@ -1,6 +1,8 @@
 """Atomic writes and output-directory checks."""
 
 import json
+import os
+import stat
 
 import pytest
 
@@ -52,3 +54,22 @@ def test_setting_errors_name_settings_as_the_library_does_and_render_flags_for_t
     assert str(e) == "nsamples of 9 windows do not fit; lower nsamples or seq_len"
     flags = e.render(lambda name: "--" + name.replace("_", "-"))
     assert flags == "--nsamples of 9 windows do not fit; lower --nsamples or --seq-len"
+
+
+@pytest.mark.parametrize(("umask", "file_mode", "dir_mode"), [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700)])
+def test_atomic_outputs_get_the_modes_the_umask_gives(tmp_path, umask, file_mode, dir_mode):
+    from sketchtune_jax.fileio import atomic_write_bytes, current_umask
+
+    old = os.umask(umask)
+    try:
+        assert current_umask() == umask
+        write_json_atomic(tmp_path / "r.json", {"a": 1})
+        atomic_write_bytes(tmp_path / "b.bin", b"x")
+        with atomic_directory(tmp_path / "out") as staged:
+            (staged / "inside.txt").write_text("1")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "r.json").stat().st_mode) == file_mode
+    assert stat.S_IMODE((tmp_path / "b.bin").stat().st_mode) == file_mode
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == dir_mode
+    assert stat.S_IMODE((tmp_path / "out" / "inside.txt").stat().st_mode) == file_mode
