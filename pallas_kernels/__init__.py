@@ -3,6 +3,7 @@
 Self-contained: nothing here imports ``sketchtune_jax``.
 """
 
+from pallas_kernels.backends import KERNEL_BACKENDS, backend_for, default_backend, describe
 from pallas_kernels.packing import (
     SUPPORTED_BITS,
     decode_codes,
@@ -27,6 +28,7 @@ from pallas_kernels.sketched_matmul import (
 )
 
 __all__ = [
+    "KERNEL_BACKENDS",
     "SUPPORTED_BITS",
     "Backend",
     "BlockSizes",
@@ -35,7 +37,10 @@ __all__ = [
     "DxBlockSizes",
     "ForwardBlockSizes",
     "SketchSharding",
+    "backend_for",
     "decode_codes",
+    "describe",
+    "default_backend",
     "dequantize",
     "dequantize_reference",
     "pack_codes",
