@@ -122,7 +122,6 @@ def _forward_call(xs, cbt, codes2, *, bits: int, groups: int, lanes: int, interp
         grid_names=("n", "m"),
         scratch_types=dict(o_smem=plgpu.SMEM((_ROWS, _TOKENS), jnp.float32)),
         interpret=interpret_params() if interpret else False,
-        name="sketch_matmul_mgpu",
     )(xs, cbt, codes2)
 
 

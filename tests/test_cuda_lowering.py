@@ -1,4 +1,6 @@
-"""The GPU path, checked on a CPU-only host: every kernel and a whole sketched model lower for CUDA.
+"""The GPU and TPU paths, checked on a CPU-only host: every kernel and a whole sketched model
+lower for CUDA (Triton kernels; the Mosaic GPU kernel's lowering is in test_kernel_backends.py)
+and for TPU (Mosaic TPU kernels), with no dense weight buffer.
 
 ``jax.export`` with ``platforms=["cuda"]`` runs the Pallas Triton lowering (kernel jaxpr to
 Triton IR, serialised into a ``__gpu$xla.gpu.triton`` custom call) without a GPU. What it
@@ -151,7 +153,7 @@ def weight_buffers(module: str) -> set[tuple[int, int]]:
     return found
 
 
-def train_step_module(dtype, backend=None) -> str:
+def train_step_module(dtype, backend=None, lower=None) -> str:
     model = sketched_llama(dtype, backend)
     optimizer = nnx.Optimizer(model, optax.adamw(1e-3), wrt=Codebook)
     graphdef, state = nnx.split((model, optimizer))
@@ -167,7 +169,7 @@ def train_step_module(dtype, backend=None) -> str:
         metrics = apply_train_step(model, optimizer, batch)
         return nnx.state((model, optimizer)), metrics
 
-    return cuda_module(step, state, batch)
+    return (lower or cuda_module)(step, state, batch)
 
 
 def test_sketched_llama_train_step_lowers_for_cuda_without_dense_weights():
@@ -199,4 +201,41 @@ def test_sketched_llama_decode_step_lowers_for_cuda():
 
     module = cuda_module(decode, state, jnp.zeros((2,), jnp.int32), cache)
     assert triton_calls(module) == ["sketch_matmul"] * len(PROJECTION_SHAPES)
+    assert weight_buffers(module) == set()
+
+
+# The same whole steps lowered for TPU: backend=None picks the Mosaic TPU kernels.
+TPU_KERNELS = ["sketch_matmul_tpu", "sketch_matmul_dcodebook_tpu", "sketch_matmul_dx_tpu"]
+
+
+def tpu_module(f, *args) -> str:
+    exported = jax.export.export(jax.jit(f), platforms=["tpu"])(*args)
+    assert exported.platforms == ("tpu",)
+    return exported.mlir_module()
+
+
+def tpu_calls(module: str) -> list[str]:
+    calls = re.findall(r'stablehlo.custom_call @tpu_custom_call\(.*?\).*?kernel_name = "([\w.]+)"', module)
+    assert len(calls) == module.count("@tpu_custom_call("), "a TPU kernel whose name was not found"
+    return calls
+
+
+def test_sketched_llama_train_step_lowers_for_tpu_without_dense_weights():
+    module = train_step_module(jnp.bfloat16, lower=tpu_module)
+    assert sorted(set(tpu_calls(module))) == sorted(TPU_KERNELS)
+    assert len(tpu_calls(module)) >= len(TPU_KERNELS) * len(PROJECTION_SHAPES)
+    assert weight_buffers(module) == set(), "a dequantized W_hat [out, in] buffer reaches HBM"
+
+
+def test_sketched_llama_decode_step_lowers_for_tpu():
+    model = sketched_llama(jnp.bfloat16)
+    graphdef, state = nnx.split(model)
+    cache = init_cache(CONFIG, 2, 16, jnp.bfloat16)
+
+    def decode(state, token, cache):
+        logits, cache = nnx.merge(graphdef, state)(token[:, None], cache=cache)
+        return jnp.argmax(logits[:, 0], axis=-1), cache
+
+    module = tpu_module(decode, state, jnp.zeros((2,), jnp.int32), cache)
+    assert set(tpu_calls(module)) == {"sketch_matmul_tpu"}
     assert weight_buffers(module) == set()

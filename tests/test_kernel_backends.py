@@ -1,0 +1,92 @@
+"""The backend table (platform and chip -> kernel backend) and the ``backend=``/``interpret=``
+overrides; the Mosaic GPU kernel's lowering for CUDA."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import backends, pack_codes, sketched_matmul, sketched_matmul_reference
+from pallas_kernels.backends import Choice, backend_for, resolve
+from pallas_kernels.mosaic_gpu import supports_forward
+
+
+@pytest.mark.parametrize(
+    "platform,cc,want",
+    [
+        ("tpu", None, "mosaic_tpu"),
+        ("cuda", (8, 0), "triton"),
+        ("cuda", (8, 9), "triton"),
+        ("rocm", None, "triton"),
+        ("cpu", None, "reference"),
+    ],
+)
+def test_backend_table(platform, cc, want):
+    assert backend_for(platform, cc) == want
+
+
+def test_hopper_gets_mosaic_gpu_only_once_verified(monkeypatch):
+    assert backend_for("cuda", (9, 0)) == "triton"
+    monkeypatch.setattr(backends, "MOSAIC_GPU_AUTOMATIC", True)
+    assert backend_for("cuda", (9, 0)) == "mosaic_gpu"
+    assert backend_for("cuda", (10, 0)) == "mosaic_gpu"
+    assert backend_for("cuda", (8, 9)) == "triton"
+
+
+def test_this_host_runs_the_reference():
+    assert backends.default_backend() == "reference"
+    assert backends.describe()["kernel_backend"] == "reference"
+
+
+def test_overrides():
+    assert resolve(None) == Choice(None, False)
+    assert resolve("pallas") == Choice("triton", False)
+    assert resolve("interpret") == Choice("triton", True)
+    assert resolve("interpret", interpret=True) == Choice("triton", True)
+    assert resolve("mosaic_tpu", interpret=True) == Choice("mosaic_tpu", True)
+    assert resolve("reference", interpret=False) == Choice("reference", False)
+    with pytest.raises(ValueError, match="'cuda'"):
+        resolve("cuda")
+    with pytest.raises(ValueError, match="interpret=False"):
+        resolve("interpret", interpret=False)
+    with pytest.raises(ValueError, match="backend=None"):
+        resolve(None, interpret=True)
+    with pytest.raises(ValueError, match="backend='reference'"):
+        resolve("reference", interpret=True)
+
+
+def test_legacy_and_new_names_run_the_same_triton_kernel():
+    rng = np.random.default_rng(0)
+    codebook = jnp.asarray(rng.normal(size=(24, 2, 16)), jnp.float32)
+    codes = pack_codes(jnp.asarray(rng.integers(0, 16, (24, 2, 16)), jnp.uint8), 4)
+    x = jnp.asarray(rng.normal(size=(3, 32)), jnp.float32)
+    old = sketched_matmul(x, codebook, codes, 4, backend="interpret")
+    new = sketched_matmul(x, codebook, codes, 4, backend="triton", interpret=True)
+    np.testing.assert_array_equal(old, new)
+    np.testing.assert_allclose(new, sketched_matmul_reference(x, codebook, codes, 4), rtol=1e-5, atol=1e-5)
+
+
+def test_mosaic_gpu_forward_coverage():
+    assert supports_forward(jnp.bfloat16, 128, 512, 4)
+    assert supports_forward(jnp.float16, 64, 1024, 2)
+    assert not supports_forward(jnp.float32, 128, 512, 4)  # wgmma takes 16-bit registers
+    assert not supports_forward(jnp.bfloat16, 128, 512, 3)  # bit planes: Triton
+    assert not supports_forward(jnp.bfloat16, 96, 512, 4)  # out not a multiple of 64
+    assert not supports_forward(jnp.bfloat16, 128, 576, 4)  # 72 words a group
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_mosaic_gpu_forward_lowers_for_cuda(bits):
+    out, k, groups = 128, 2048, 2
+    rng = np.random.default_rng(0)
+    codebook = jnp.asarray(rng.normal(size=(out, groups, 2**bits)), jnp.float32)
+    codes = pack_codes(jnp.asarray(rng.integers(0, 2**bits, (out, groups, k // groups)), jnp.uint8), bits)
+    x = jax.ShapeDtypeStruct((5, k), jnp.bfloat16)
+    exported = jax.export.export(
+        jax.jit(lambda x, cb: sketched_matmul(x, cb, codes, bits, backend="mosaic_gpu")), platforms=["cuda"]
+    )(x, codebook)
+    module = exported.mlir_module()
+    assert module.count("stablehlo.custom_call @mosaic_gpu_v2(") == 1
+    assert "__gpu$xla.gpu.triton" not in module
