@@ -16,6 +16,7 @@ import argparse
 import datetime
 import json
 import statistics
+import sys
 import time
 from typing import Any, Callable
 
@@ -23,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import pack_codes, packed_words, sketched_matmul
+from pallas_kernels import describe, pack_codes, packed_words, sketched_matmul
 
 FULL = dict(layers=[(4096, 4096), (14336, 4096), (4096, 14336)], decode=[1, 8, 16], prefill=[512, 4096], bits=[4, 2])
 SMALL = dict(layers=[(256, 128), (128, 256)], decode=[1, 8], prefill=[64], bits=[4, 2])
@@ -53,9 +54,36 @@ def _peak_bytes() -> int | None:
     return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
 
 
+# Peak HBM bandwidth (bytes/s) by device kind, from the vendors' data sheets.
+CHIP_BANDWIDTH = {
+    "H100 80GB HBM3": 3.35e12,
+    "H100": 3.35e12,
+    "H200": 4.8e12,
+    "A100-SXM4-80GB": 2.04e12,
+    "A100": 1.56e12,
+    "TPU v4": 1.2e12,
+    "TPU v5 lite": 8.19e11,
+    "TPU v5e": 8.19e11,
+    "TPU v5p": 2.765e12,
+    "TPU v5": 2.765e12,
+    "TPU v6 lite": 1.64e12,
+    "TPU v6e": 1.64e12,
+}
+
+
+def chip_bandwidth(device_kind: str) -> float | None:
+    """The longest `CHIP_BANDWIDTH` key contained in ``device_kind`` (None: unknown chip)."""
+    keys = [k for k in CHIP_BANDWIDTH if k.lower() in device_kind.lower()]
+    return CHIP_BANDWIDTH[max(keys, key=len)] if keys else None
+
+
+_BANDWIDTH = chip_bandwidth(jax.devices()[0].device_kind)
+
+
 def _measure(name: str, fn, args, *, nbytes: int, flops: int, iters: int, warmup: int, **meta: Any) -> dict:
     t = _time(fn, args, iters, warmup)
     return dict(
+        bandwidth_fraction=nbytes / t / _BANDWIDTH if _BANDWIDTH else None,
         impl=name,
         **meta,
         median_ms=t * 1e3,
@@ -85,8 +113,13 @@ def run(config: dict, *, groups: int, dtype, backend: str | None, iters: int, wa
             def fwd(x, cb, c, bits=bits):
                 return sketched_matmul(x, cb, c, bits, backend=backend)
 
+            def twin(x, cb, c, bits=bits):
+                return sketched_matmul(x, cb, c, bits, backend="reference")
+
             sk_fwd = jax.jit(fwd)
             sk_vjp = jax.jit(lambda x, cb, c, dy, fwd=fwd: jax.vjp(lambda x, cb: fwd(x, cb, c), x, cb)[1](dy))
+            ref_fwd = jax.jit(twin)
+            ref_vjp = jax.jit(lambda x, cb, c, dy, f=twin: jax.vjp(lambda x, cb: f(x, cb, c), x, cb)[1](dy))
             for m in config["decode"] + config["prefill"]:
                 x = jnp.asarray(rng.normal(size=(m, k)), dtype)
                 act = (m * k + m * out) * item
@@ -114,7 +147,19 @@ def run(config: dict, *, groups: int, dtype, backend: str | None, iters: int, wa
                     **meta,
                 )
                 sk["speedup_vs_dense"] = dense["median_ms"] / sk["median_ms"]
-                results += [dense, sk]
+                # The jnp twin moves the sketch in, and writes and reads back W_hat.
+                twin_row = _measure(
+                    "jnp_twin",
+                    ref_fwd,
+                    (x, codebook, codes),
+                    op="forward",
+                    nbytes=act + sketch_bytes + 2 * out * k * item,
+                    flops=2 * m * out * k,
+                    iters=iters,
+                    warmup=warmup,
+                    **meta,
+                )
+                results += [dense, sk, twin_row]
                 if m not in config["prefill"]:
                     continue
                 dy = jnp.asarray(rng.normal(size=(m, out)), dtype)
@@ -144,8 +189,19 @@ def run(config: dict, *, groups: int, dtype, backend: str | None, iters: int, wa
                     **meta,
                 )
                 sk["speedup_vs_dense"] = dense["median_ms"] / sk["median_ms"]
-                results += [dense, sk]
-                print(f"{out}x{k} {bits}-bit rows={m} done", flush=True)
+                twin_row = _measure(
+                    "jnp_twin",
+                    ref_vjp,
+                    (x, codebook, codes, dy),
+                    op="forward_backward",
+                    nbytes=train_act + 2 * sketch_bytes + 4 * out * k * item,
+                    flops=6 * m * out * k,
+                    iters=iters,
+                    warmup=warmup,
+                    **meta,
+                )
+                results += [dense, sk, twin_row]
+                print(f"{out}x{k} {bits}-bit rows={m} done", file=sys.stderr, flush=True)
     return results
 
 
@@ -164,7 +220,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument(
         "--backend",
-        choices=["pallas", "interpret", "reference"],
+        choices=["triton", "mosaic_gpu", "mosaic_tpu", "reference", "pallas", "interpret"],
         default=None,
         help="force a sketched_matmul backend (default: by platform)",
     )
@@ -184,6 +240,8 @@ def main(argv: list[str] | None = None) -> dict:
         jax=jax.__version__,
         dtype=args.dtype,
         backend=args.backend or "auto",
+        kernel_backend=args.backend or describe()["kernel_backend"],
+        chip_bandwidth_bytes_per_s=_BANDWIDTH,
         iters=iters,
         results=run(
             config,

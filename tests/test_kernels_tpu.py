@@ -1,8 +1,10 @@
 """Mosaic TPU kernels: run in the TPU interpreter (``pltpu.InterpretParams``) against the
-``jnp`` twins, and lowered for TPU with ``jax.export`` from this CPU host."""
+``jnp`` twins, and lowered for TPU with ``jax.export`` from this CPU host. On a TPU,
+``SKETCHTUNE_KERNEL_INTERPRET=0`` runs the same cases compiled (`bench/tpu_check.sh`)."""
 
 from __future__ import annotations
 
+import os
 import re
 
 import jax
@@ -22,6 +24,8 @@ from pallas_kernels import (
     sketched_matmul_reference,
 )
 from pallas_kernels.mosaic_tpu import _TpuLayout
+
+INTERPRET = os.environ.get("SKETCHTUNE_KERNEL_INTERPRET", "1") != "0"
 
 
 def make_sketch(out, k, groups, bits, seed=0):
@@ -56,7 +60,7 @@ def test_tpu_kernels_match_reference_in_interpreter(m, out, k, groups, bits, dty
     x = jnp.asarray(rng.normal(size=(m, k)), dtype)
     dy = jnp.asarray(rng.normal(size=(m, out)), dtype)
     tol = 1e-5 if dtype == jnp.float32 else 2e-2
-    run = dict(backend="mosaic_tpu", interpret=True)
+    run = dict(backend="mosaic_tpu", interpret=INTERPRET)
 
     w = dequantize(codebook, codes, bits, k, **run, block_sizes=blocks and DequantizeBlockSizes(*blocks[1:]))
     np.testing.assert_array_equal(np.asarray(w), np.asarray(dequantize_reference(codebook, codes, bits, k)))
@@ -80,7 +84,9 @@ def test_tpu_custom_vjp_under_jit():
         return lambda x, cb: jnp.sum(jnp.sin(f(x, cb)))
 
     kernel = jax.jit(
-        jax.grad(loss(lambda x, cb: sketched_matmul(x, cb, codes, 4, backend="mosaic_tpu", interpret=True)), (0, 1))
+        jax.grad(
+            loss(lambda x, cb: sketched_matmul(x, cb, codes, 4, backend="mosaic_tpu", interpret=INTERPRET)), (0, 1)
+        )
     )
     reference = jax.grad(loss(lambda x, cb: sketched_matmul_reference(x, cb, codes, 4)), (0, 1))
     for got, want in zip(kernel(x, codebook), reference(x, codebook)):
