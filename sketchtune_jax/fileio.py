@@ -76,18 +76,34 @@ def check_output_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Pat
     return path
 
 
+def _umask_modes(root: Path, umask: int) -> None:
+    """Give ``root``, its directories and files the default modes under ``umask`` (executables keep
+    their execute bits)."""
+    root.chmod(0o777 & ~umask)
+    for directory, subdirs, files in os.walk(root):
+        for name in subdirs:
+            os.chmod(os.path.join(directory, name), 0o777 & ~umask)
+        for name in files:
+            file = os.path.join(directory, name)
+            executable = os.stat(file, follow_symlinks=False).st_mode & 0o111
+            if not os.path.islink(file):
+                os.chmod(file, (0o777 if executable else 0o666) & ~umask)
+
+
 @contextmanager
 def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside ``path``; on success it replaces ``path`` in one rename.
 
-    The directory has the mode ``mkdir`` would give it under the current umask.
+    Before the rename, the directory and everything in it get the modes ``mkdir`` and ``open``
+    give under the current umask: libraries that stage their own files (safetensors writes 0600
+    files) would otherwise leave them private.
     """
     path = check_output_dir(path, overwrite=overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
-        tmp.chmod(0o777 & ~current_umask())
         yield tmp
+        _umask_modes(tmp, current_umask())
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)

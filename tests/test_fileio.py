@@ -67,9 +67,15 @@ def test_atomic_outputs_get_the_modes_the_umask_gives(tmp_path, umask, file_mode
         atomic_write_bytes(tmp_path / "b.bin", b"x")
         with atomic_directory(tmp_path / "out") as staged:
             (staged / "inside.txt").write_text("1")
+            # As safetensors' save_file leaves its files: private, whatever the umask.
+            (staged / "sub").mkdir(mode=0o700)
+            (staged / "sub" / "weights.safetensors").write_bytes(b"w")
+            (staged / "sub" / "weights.safetensors").chmod(0o600)
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "r.json").stat().st_mode) == file_mode
     assert stat.S_IMODE((tmp_path / "b.bin").stat().st_mode) == file_mode
     assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == dir_mode
     assert stat.S_IMODE((tmp_path / "out" / "inside.txt").stat().st_mode) == file_mode
+    assert stat.S_IMODE((tmp_path / "out" / "sub").stat().st_mode) == dir_mode
+    assert stat.S_IMODE((tmp_path / "out" / "sub" / "weights.safetensors").stat().st_mode) == file_mode
