@@ -7,6 +7,7 @@
     sketchtune sketch MODEL --bits 4 --groups-per-row 4 --calib FILE|hf:NAME|self --nsamples N --seq-len L --out DIR [--mesh data=8]
     sketchtune heal SKETCH --teacher MODEL --calib FILE|self --out DIR --steps N [--lr --batch-size --seq-len ...]
     sketchtune finetune SKETCH --data FILE --out RUN [--epochs --lr --batch-size ... --mesh data=2,model=4 --resume]
+    sketchtune finetune MODEL --method qlora --qlora-qtype nf2 --lora-init loftq --text FILE --text-range 0.5:1 --out RUN
     sketchtune sketch|finetune ... --coordinator HOST:PORT --num-processes N --process-id I   (in every process)
     sketchtune eval math|commonsense MODEL --data FILE [--limit N] [--codebooks FILE]
     sketchtune eval commonsense MODEL --data FILE --scoring loglik [--continuation response|option|question]
@@ -349,6 +350,8 @@ def _finetune_method(args: argparse.Namespace):
     from sketchtune_jax.settings import SettingError
 
     name = args.method
+    if args.lora_init != "default" and name != "qlora":
+        raise SettingError("lora_init", f"{args.lora_init} initialises a QLoRA adapter; add --method qlora")
     if name is None:
         return None, None
     if name not in ("lora", "qlora"):
@@ -368,17 +371,19 @@ def _finetune_method(args: argparse.Namespace):
             qtype=args.qlora_qtype if name == "qlora" else None,
             tile_size=args.qlora_tile_size,
             seed=args.seed,
+            init=args.lora_init,
+            loftq_iters=args.loftq_iters,
         )
     except SettingError as e:
         # The flags of LoraSettings' fields carry the method's name: --lora-rank, --qlora-qtype, ...
-        prefix = "qlora_" if e.field in ("qtype", "tile_size") else "lora_"
+        prefix = {"qtype": "qlora_", "tile_size": "qlora_", "loftq_iters": ""}.get(e.field, "lora_")
         raise SettingError(prefix + e.field, e.problem, e.mentions) from None
     return FinetuneMethod(name, lora=settings), rank
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     from sketchtune_jax.reporting import print_table
-    from sketchtune_jax.settings import SettingError
+    from sketchtune_jax.settings import SettingError, fraction_range
     from sketchtune_jax.train import TrainConfig
     from sketchtune_jax.workflows import finetune_to_dir
 
@@ -393,6 +398,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         args.data,
         args.out,
         config=config,
+        text=args.text,
+        text_range=fraction_range(args.text_range, "text_range"),
         method=method,
         auto_lora_rank=rank == "auto",
         lora_alpha=args.lora_alpha,
@@ -405,7 +412,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         mesh=args.mesh,
     )
     if _is_primary():
-        print_table(f"fine-tuned {args.model} on {args.data} ({summary['method']})", summary)
+        print_table(f"fine-tuned {args.model} on {args.data or args.text} ({summary['method']})", summary)
     return 0
 
 
@@ -657,6 +664,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "text after 'Question: ...\\nAnswer:' (lm-evaluation-harness's ARC format)",
             )
         p.set_defaults(func=cmd_eval_task)
+    from sketchtune_jax.quantized_base import QTYPES
 
     p = sub.add_parser("finetune", help="fine-tune a sketch's codebooks, or a dense model by LoRA, QLoRA or fully")
     _add_model_args(p)
@@ -678,9 +686,33 @@ def build_parser() -> argparse.ArgumentParser:
         default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
         help="comma-separated projections that get adapters",
     )
-    p.add_argument("--qlora-qtype", choices=("nf4", "int4"), default="nf4", help="storage of QLoRA's frozen base")
+    p.add_argument(
+        "--qlora-qtype",
+        choices=QTYPES,
+        default="nf4",
+        help="storage of QLoRA's frozen base: NormalFloat or evenly spaced levels at 4, 3 or 2 bits",
+    )
     p.add_argument("--qlora-tile-size", type=int, default=64, help="input columns per QLoRA quantization scale")
-    p.add_argument("--data", required=True, help="JSON/JSONL records {instruction, input, output}")
+    p.add_argument(
+        "--lora-init",
+        choices=("default", "loftq"),
+        default="default",
+        help="default: the adapter starts at zero; loftq (qlora only): base and adapter fitted together "
+        "so that they start close to the dense weights (the run also writes the quantized base as base/)",
+    )
+    p.add_argument("--loftq-iters", type=int, default=1, help="LoftQ alternations (LoftQ's paper reports 1 and 5)")
+    data = p.add_mutually_exclusive_group(required=True)
+    data.add_argument("--data", help="JSON/JSONL records {instruction, input, output}; the response is scored")
+    data.add_argument(
+        "--text",
+        help="plain text (a .txt, JSON/JSONL or hf:NAME[:CONFIG]:SPLIT source) cut into packed windows of "
+        "--seq-len tokens; every token is scored (language modelling)",
+    )
+    p.add_argument(
+        "--text-range",
+        default="0:1",
+        help="with --text: the fraction of the text to train on, e.g. 0.5:1 (held-out text stays unread)",
+    )
     p.add_argument(
         "--out",
         required=True,

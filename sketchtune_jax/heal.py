@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
+from sketchtune_jax.batches import window_batches
 from sketchtune_jax.layers import Codebook
 from sketchtune_jax.settings import SettingError
 from sketchtune_jax.train.config import TrainConfig
@@ -71,24 +72,6 @@ def is_norm_scale(path: tuple[Any, ...], value: Any) -> bool:
 def heal_targets(train_norms: bool = False) -> Any:
     """What a heal trains: the `Codebook` leaves, and with ``train_norms`` the RMSNorm scales too."""
     return nnx.Any(Codebook, is_norm_scale) if train_norms else Codebook
-
-
-def window_batches(windows: np.ndarray, batch_size: int) -> list[dict[str, np.ndarray]]:
-    """``[N, T]`` token windows as ``N // batch_size`` batches of ``[batch_size, T]`` int32 with all-ones
-    attention and loss masks (a remainder of fewer than ``batch_size`` windows is dropped)."""
-    windows = np.asarray(windows, np.int32)
-    if windows.ndim != 2:
-        raise ValueError(f"windows must be [N, T] token ids, got shape {windows.shape}")
-    if len(windows) < batch_size:
-        raise ValueError(
-            f"{len(windows)} windows cannot fill one batch of {batch_size}; "
-            "give more calibration text or lower the batch size"
-        )
-    ones = np.ones((batch_size, windows.shape[1]), np.int32)
-    return [
-        {"input_ids": windows[i : i + batch_size], "attention_mask": ones, "loss_mask": ones}
-        for i in range(0, len(windows) - batch_size + 1, batch_size)
-    ]
 
 
 def heal_windows(

@@ -13,7 +13,7 @@ method      model it takes      trains              a finished run writes
 ==========  ==================  ==================  ==========================================
 sketch      a sketched model    `Codebook`          ``codebooks.safetensors``
 lora        a dense model       `nnx.LoRAParam`     ``adapter/`` (PEFT format)
-qlora       a dense model       `nnx.LoRAParam`     ``adapter/``; the base is held in NF4/INT4
+qlora       a dense model       `nnx.LoRAParam`     ``adapter/``; with LoftQ also ``base/``
 full        a dense model       every `nnx.Param`   ``model/`` (an HF directory)
 ==========  ==================  ==================  ==========================================
 """
@@ -81,7 +81,7 @@ class FinetuneMethod:
             if self.lora is None:
                 raise ValueError(f"method {self.name} needs LoraSettings")
             if (self.lora.qtype is not None) != (self.name == "qlora"):
-                raise ValueError("qlora needs LoraSettings.qtype ('nf4' or 'int4'); lora needs qtype=None")
+                raise ValueError("qlora needs LoraSettings.qtype (e.g. 'nf4'); lora needs qtype=None")
         elif self.lora is not None:
             raise ValueError(f"method {self.name} takes no LoraSettings")
 
@@ -115,7 +115,11 @@ class FinetuneMethod:
             elif self.lora is not None:
                 from sketchtune_jax.lora import save_adapter
 
-                save_adapter(model, self.lora, path, base_model=base_model, overwrite=True)
+                base = base_model
+                if self.lora.init == "loftq":
+                    # LoftQ changed the base the adapter belongs to; it is written beside it.
+                    base = write_loftq_base(model, config, tokenizer, out_dir)
+                save_adapter(model, self.lora, path, base_model=base, overwrite=True)
             else:
                 if config is None:
                     raise ValueError("full fine-tuning writes an HF directory and needs the model's config")
@@ -125,3 +129,19 @@ class FinetuneMethod:
             return path
 
         return write
+
+
+LOFTQ_BASE = "base"
+
+
+def write_loftq_base(model: nnx.Module, config: Any, tokenizer: Any, out_dir: str) -> str:
+    """Write the dequantized base of a LoftQ-initialised QLoRA ``model`` as an HF directory
+    ``out_dir/base`` (the model ``export --adapter`` merges the adapter into); returns its path."""
+    from converters import export_hf
+    from sketchtune_jax.lora import dense_base
+
+    if config is None:
+        raise ValueError("a LoftQ run writes its base as an HF directory and needs the model's config")
+    path = os.path.join(out_dir, LOFTQ_BASE)
+    export_hf(dense_base(model), config, tokenizer, path, overwrite=True)
+    return path

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sketchtune_jax.batches import packed_windows
 from sketchtune_jax.reporting import progress
 from sketchtune_jax.settings import SettingError
 from sketchtune_jax.train.step import token_nll_sum
@@ -20,7 +21,8 @@ from sketchtune_jax.train.step import token_nll_sum
 
 @dataclass(frozen=True)
 class PerplexityResult:
-    """Perplexity over ``windows`` windows of ``seq_len`` tokens (``tokens`` predicted in all)."""
+    """Perplexity over ``windows`` windows of ``seq_len`` tokens (``tokens`` predicted in all);
+    ``window_nll`` is each window's mean next-token NLL (for a bootstrap over windows)."""
 
     ppl: float
     nll: float
@@ -29,6 +31,7 @@ class PerplexityResult:
     seq_len: int
     seconds: float
     tokens_per_s: float
+    window_nll: tuple[float, ...] = ()
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -62,16 +65,16 @@ def tokenize_windows(tokenizer, text: str, seq_len: int, max_windows: int | None
             f"of {seq_len} is longer than the text ({len(ids)} tokens); give a longer text or a smaller {{seq_len}}",
             ("seq_len",),
         )
-    return np.asarray(ids[: n_windows * seq_len], dtype=np.int32).reshape(n_windows, seq_len)
+    return packed_windows(np.asarray(ids[: n_windows * seq_len]), seq_len)
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _windows_nll(graphdef: nnx.GraphDef, state: nnx.State, ids: jax.Array) -> jax.Array:
-    """Summed next-token negative log-likelihood over all rows of ``ids`` [B, T]: f32 scalar."""
+    """Summed next-token negative log-likelihood of each row of ``ids`` [B, T]: f32 ``[B]``."""
     # split/merge rather than nnx.jit: the model is an input only, never copied into outputs.
     logits, _ = nnx.merge(graphdef, state)(ids)
-    nll, _ = token_nll_sum(logits, {"input_ids": ids, "loss_mask": jnp.ones_like(ids)})
-    return nll
+    rows = {"input_ids": ids[:, None], "loss_mask": jnp.ones_like(ids)[:, None]}
+    return jax.vmap(lambda lg, batch: token_nll_sum(lg, batch)[0])(logits[:, None], rows)
 
 
 def perplexity(
@@ -87,14 +90,14 @@ def perplexity(
     """Perplexity of ``model`` on ``text``: exp of the mean NLL of every token after the first of each window."""
     windows = tokenize_windows(tokenizer, text, seq_len, max_windows)
     graphdef, state = nnx.split(model)
-    total = 0.0
+    sums = []
     start = time.perf_counter()
     for lo in progress(range(0, len(windows), batch_size), desc="perplexity", disable=not show_progress):
         batch = windows[lo : lo + batch_size]
-        total += float(_windows_nll(graphdef, state, jnp.asarray(batch)))
+        sums.extend(np.asarray(_windows_nll(graphdef, state, jnp.asarray(batch)), np.float64).tolist())
     seconds = time.perf_counter() - start
     tokens = windows.shape[0] * (seq_len - 1)
-    nll = total / tokens
+    nll = sum(sums) / tokens
     return PerplexityResult(
         ppl=math.exp(nll),
         nll=nll,
@@ -103,6 +106,7 @@ def perplexity(
         seq_len=seq_len,
         seconds=seconds,
         tokens_per_s=windows.size / seconds,
+        window_nll=tuple(x / (seq_len - 1) for x in sums),
     )
 
 

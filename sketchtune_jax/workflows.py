@@ -203,10 +203,12 @@ def check_run_dir(out_dir: str | os.PathLike, *, resume: bool, overwrite: bool) 
 
 def finetune_to_dir(
     model_ref: str,
-    data: str | os.PathLike,
+    data: str | os.PathLike | None,
     out_dir: str | os.PathLike,
     *,
     config: TrainConfig,
+    text: str | None = None,
+    text_range: tuple[float, float] = (0.0, 1.0),
     method: FinetuneMethod | None = None,
     auto_lora_rank: bool = False,
     lora_alpha: float | None = None,
@@ -219,7 +221,13 @@ def finetune_to_dir(
     progress: bool = True,
     mesh: str | None = None,
 ) -> dict[str, Any]:
-    """Fine-tune ``model_ref`` on instruction records ``data`` by ``method``; outputs in ``out_dir``.
+    """Fine-tune ``model_ref`` on instruction records ``data``, or on plain ``text``, by ``method``;
+    outputs in ``out_dir``.
+
+    With ``text`` (a text/JSON/JSONL file or ``hf:`` source; ``data`` None) the ``text_range``
+    fraction of it is cut into packed windows of ``config.seq_len`` tokens and every token is
+    scored (language modelling; `sketchtune_jax.batches.text_batches`); ``val_fraction`` holds
+    out the last windows. Instruction records score the response tokens only.
 
     ``method`` None means sketch tuning, which only a sketched ``model_ref`` has as its default;
     lora, qlora and full take a dense model (see `sketchtune_jax.methods`). ``auto_lora_rank`` replaces the adapter
@@ -246,8 +254,12 @@ def finetune_to_dir(
     if config.scan_layers and method.lora is not None:
         # qwix records each adapted module's own path on it, so no two layers are alike.
         raise SettingError("scan_layers", f"applies to methods sketch and full, not {method.name}")
-    if not Path(data).is_file():
-        raise FileNotFoundError(f"data file not found: {data}")
+    if (data is None) == (text is None):
+        raise SettingError("data", "or {text} is needed, not both: instruction records or plain text", ("text",))
+    source = data if text is None else text
+    if (text is None or _is_file_source(text)) and not Path(source).is_file():
+        raise FileNotFoundError(f"{'data' if text is None else 'text'} file not found: {source}")
+    text_range = fraction_range(text_range, "text_range")
     if not 0 <= val_fraction < 1:
         raise SettingError("val_fraction", f"must be in [0, 1), got {val_fraction}")
     if mesh is None and jax.process_count() > 1:
@@ -256,7 +268,7 @@ def finetune_to_dir(
     check_run_dir(out_dir, resume=resume, overwrite=overwrite)
     # Every process has looked at out_dir before process 0 changes it.
     barrier("finetune: output checked")
-    records = load_instruction_data(data)
+    records = load_instruction_data(data) if text is None else None
     loaded = _load(model_ref, dtype, codebooks)
     if method.lora is not None:
         rank = auto_rank(loaded.model, method.lora.targets) if auto_lora_rank else method.lora.rank
@@ -269,16 +281,29 @@ def finetune_to_dir(
 
         shard_model(model, device_mesh)
         put_batch = _mesh_put_batch(device_mesh)
-    train, val = build_batches(
-        records,
-        loaded.tokenizer,
-        batch_size=config.batch_size,
-        seq_len=config.seq_len,
-        val_fraction=val_fraction,
-        seed=config.seed,
-        on_long_prompt="skip",
-        pad_multiple=pad_multiple,
-    )
+    if text is None:
+        train, val = build_batches(
+            records,
+            loaded.tokenizer,
+            batch_size=config.batch_size,
+            seq_len=config.seq_len,
+            val_fraction=val_fraction,
+            seed=config.seed,
+            on_long_prompt="skip",
+            pad_multiple=pad_multiple,
+        )
+    else:
+        from sketchtune_jax.batches import text_batches
+
+        train, val = text_batches(
+            text,
+            loaded.tokenizer,
+            batch_size=config.batch_size,
+            seq_len=config.seq_len,
+            text_range=text_range,
+            val_fraction=val_fraction,
+            seed=config.seed,
+        )
     if overwrite and is_primary():
         shutil.rmtree(out_dir, ignore_errors=True)
     barrier("finetune: output cleared")
@@ -296,6 +321,8 @@ def finetune_to_dir(
     )
     summary = {
         "method": method.name,
+        "data": str(source),
+        "objective": "instruction" if text is None else "text",
         "step": result.step,
         "loss": result.loss,
         "val_loss": result.val_loss,
@@ -308,6 +335,10 @@ def finetune_to_dir(
         summary["mesh"] = mesh_spec(device_mesh)
     if method.lora is not None:
         summary.update(lora_rank=method.lora.rank, lora_alpha=method.lora.alpha, lora_qtype=method.lora.qtype)
+        if method.lora.init == "loftq":
+            summary.update(lora_init="loftq", loftq_iters=method.lora.loftq_iters)
+    if text is not None:
+        summary["text_range"] = list(text_range)
     if is_primary():
         write_json_atomic(Path(out_dir) / "summary.json", summary)
     return summary
