@@ -3,7 +3,8 @@
 It answers ``POST /v1/chat/completions`` with a verdict chosen by ``policy`` and ``GET /v1/models``
 with one model, and can be told to fail: the first ``fail`` chat requests get ``fail_status``
 (with ``Retry-After: 0`` on 429), the first ``slow`` ones wait ``slow_s`` seconds first, the
-next ``garbage`` replies are a 200 with a body that is not JSON, and every reply waits ``delay_s``. Every chat request it would answer is logged in ``requests``, on arrival, as
+next ``garbage`` replies are a 200 with a body that is not JSON, and every reply waits
+``delay_s``. Every chat request it would answer is logged in ``requests``, on arrival, as
 ``(question, first answer, second answer)``.
 
 Policies: ``longer`` prefers the longer answer (ties on equal length; consistent in both
