@@ -8,6 +8,7 @@ length up to a multiple of 64, so that similar batches share compilations.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 
@@ -17,8 +18,28 @@ import numpy as np
 from flax import nnx
 
 from sketchtune_jax.models import LlamaForCausalLM, init_cache
+from sketchtune_jax.settings import require, setting
 
 _PROMPT_BUCKET = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateSettings:
+    """How text is continued (checked when built, before a model is loaded)."""
+
+    max_new_tokens: int = setting(64, "tokens to generate after each prompt, at most")
+    temperature: float = setting(0.0, "sampling temperature; 0 is greedy")
+    top_p: float = setting(1.0, "sample only from the most likely tokens whose probability reaches this")
+    seed: int = setting(0, "random seed of the sampling")
+
+    def __post_init__(self):
+        require(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+        require(
+            self.temperature >= 0 and self.temperature < float("inf"),
+            "temperature",
+            f"must be a finite number >= 0, got {self.temperature}",
+        )
+        require(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
 
 
 def generate(
@@ -161,11 +182,13 @@ def generate_text(
 ) -> list[str]:
     """Continue each text prompt and return the decoded new text (special tokens dropped).
 
+    The settings are checked as `GenerateSettings` (`SettingError` before any work).
     ``chat`` wraps each prompt in the tokenizer's chat template as a user turn (a
     tokenizer without one is refused before any work).
     ``add_bos`` puts the tokenizer's BOS token first when the tokenizer has one and
     did not add it itself.
     """
+    GenerateSettings(max_new_tokens, temperature, top_p, seed)
     if chat and not getattr(tokenizer, "chat_template", None):
         raise ValueError(
             "this model's tokenizer has no chat template; "

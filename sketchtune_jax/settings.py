@@ -4,13 +4,20 @@ A `SettingError` names the field that is wrong (``field``) and what is wrong wit
 (``problem``). Other settings its text mentions are written ``{name}`` and listed in
 ``mentions``. ``str(e)`` names settings as the library does; the command line renders the
 same error with `SettingError.render`, naming each setting by its flag.
+
+Settings dataclasses hold every default once: fields made with `setting` carry their help text,
+and the command line builds its flags from them (`add_settings_arguments`, `settings_from_args`).
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import math
-from collections.abc import Callable
-from typing import Any
+import types
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import jax.numpy as jnp
 
@@ -94,3 +101,73 @@ def require_non_negative(obj: Any, *fields: str) -> None:
     for name in fields:
         value = getattr(obj, name)
         require(value >= 0 and value == value, name, f"must be >= 0, got {value}")
+
+
+# ----------------------------------------------------------------------------- settings -> command line
+#
+# A settings dataclass holds each default once; a field made with `setting` also carries its help
+# text, and `add_settings_arguments` turns such fields into flags (``--name-with-dashes``, or
+# ``--PREFIX-name``), so the command line neither repeats a default nor disagrees with the library.
+
+
+def setting(default: Any, help: str, **flag: Any) -> Any:
+    """A dataclass field with ``default`` whose flag shows ``help`` (``flag``: more argparse keywords,
+    e.g. ``choices`` or ``metavar``)."""
+    return dataclasses.field(default=default, metadata={"help": help, **flag})
+
+
+def _flag_kind(annotation: Any) -> tuple[Any, dict[str, Any]]:
+    """``(type, argparse keywords)`` for a field annotated ``annotation`` (int, float, str, bool,
+    ``X | None`` or a `Literal`)."""
+    if get_origin(annotation) is Literal:
+        choices = get_args(annotation)
+        return type(choices[0]), {"choices": choices}
+    if get_origin(annotation) in (Union, types.UnionType):
+        inner = [a for a in get_args(annotation) if a is not type(None)]
+        if len(inner) == 1:
+            return _flag_kind(inner[0])
+    return annotation, {}
+
+
+def add_settings_arguments(
+    parser: argparse._ActionsContainer, cls: type, *, prefix: str = "", skip: tuple[str, ...] = ()
+) -> None:
+    """Add a flag for every field of the dataclass ``cls`` made with `setting` (less ``skip``):
+    ``--{prefix}{name}`` with the field's default, type, help and choices. A bool field gives
+    ``--name`` and ``--no-name``."""
+    hints = get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        if "help" not in field.metadata or field.name in skip:
+            continue
+        extra = {k: v for k, v in field.metadata.items() if k != "help"}
+        kind, found = _flag_kind(hints[field.name])
+        flag = "--" + (prefix + field.name).replace("_", "-")
+        if kind is bool:
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=field.default, help=field.metadata["help"]
+            )
+            continue
+        parser.add_argument(flag, type=kind, default=field.default, help=field.metadata["help"], **{**found, **extra})
+
+
+def settings_from_args(cls: type, args: argparse.Namespace, *, prefix: str = "", **values: Any) -> Any:
+    """``cls`` built (and so checked) from the flags `add_settings_arguments` added, plus ``values``;
+    a `SettingError` names the field's flag (``prefix`` + field)."""
+    given = vars(args)
+    fields = {f.name: given[prefix + f.name] for f in dataclasses.fields(cls) if prefix + f.name in given}
+    with prefixed_settings(prefix):
+        return cls(**{**fields, **values})
+
+
+@contextmanager
+def prefixed_settings(prefix: str) -> Iterator[None]:
+    """Re-raise a `SettingError` (or `OutputExistsError`) of the block with ``prefix`` before every
+    setting it names: the settings of a sub-job, named as the flags that fill them (``heal_lr``)."""
+    try:
+        yield
+    except SettingError as e:
+        if not prefix:
+            raise
+        mentions = tuple(prefix + m for m in e.mentions)
+        problem = name_settings(e.problem, e.mentions, lambda m: "{" + prefix + m + "}")
+        raise SettingError(prefix + e.field, problem, mentions) from None

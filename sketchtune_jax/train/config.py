@@ -18,7 +18,10 @@ class TrainConfig:
     ``batch_size`` rows each. ``max_steps > 0`` overrides ``epochs``.
 
     - ``schedule``: after ``warmup_steps`` of linear warmup from 0, decay linearly or
-      by cosine to 0 at the last step, or stay constant.
+      by cosine to 0 at the last step, or stay constant. ``warmup_steps=None`` (the default)
+      warms up for a tenth of the run, at most 100 steps: the paper's 100 on its runs of
+      thousands of steps, none on a run of fewer than 10. A number is taken as given, and must
+      be shorter than the run.
     - ``max_grad_norm``: global-norm clipping (None or 0: off).
     - ``save_every``: checkpoint every N steps (0: only at the end); ``keep_checkpoints``
       most recent are kept. ``eval_every``: validation every N steps (0: at the end only).
@@ -40,7 +43,7 @@ class TrainConfig:
 
     lr: float = 1e-4
     schedule: Literal["linear", "cosine", "constant"] = "linear"
-    warmup_steps: int = 0
+    warmup_steps: int | None = None
     weight_decay: float = 0.0
     adam_b1: float = 0.9
     adam_b2: float = 0.999
@@ -70,7 +73,9 @@ class TrainConfig:
         )
         require_positive(self, "lr", "adam_eps", finite=True)
         require_positive(self, "grad_accum", "batch_size", "seq_len", "log_every", "keep_checkpoints")
-        require_non_negative(self, "warmup_steps", "max_steps", "save_every", "eval_every", "epochs", "weight_decay")
+        require_non_negative(self, "max_steps", "save_every", "eval_every", "epochs", "weight_decay")
+        if self.warmup_steps is not None:
+            require_non_negative(self, "warmup_steps")
         for name in ("adam_b1", "adam_b2"):
             value = getattr(self, name)
             require(0 <= value < 1, name, f"must be in [0, 1), got {value}")
@@ -88,8 +93,15 @@ class TrainConfig:
         if self.max_steps > 0:
             self.check_warmup(self.max_steps)
 
+    def warmup_for(self, total_steps: int) -> int:
+        """Warmup steps of a run of ``total_steps``: ``warmup_steps``, or when None a tenth of the
+        run, at most 100."""
+        return min(100, total_steps // 10) if self.warmup_steps is None else self.warmup_steps
+
     def check_warmup(self, total_steps: int) -> None:
-        """Raise `SettingError` unless the warmup is shorter than a run of ``total_steps``."""
+        """Raise `SettingError` unless a warmup that was given is shorter than a run of ``total_steps``."""
+        if self.warmup_steps is None:
+            return
         require(
             self.warmup_steps < total_steps,
             "warmup_steps",

@@ -11,12 +11,12 @@ from sketchtune_jax.train.config import TrainConfig
 
 def _phases(config: TrainConfig, total_steps: int) -> tuple[int, int]:
     """(warmup steps, decay steps): warmup leaves at least one step to decay."""
-    warmup = min(config.warmup_steps, max(total_steps - 1, 0))
+    warmup = min(config.warmup_for(total_steps), max(total_steps - 1, 0))
     return warmup, max(total_steps - warmup, 1)
 
 
 def make_schedule(config: TrainConfig, total_steps: int) -> optax.Schedule:
-    """Linear warmup to ``config.lr`` over ``warmup_steps``, then linear/cosine decay to 0 or constant."""
+    """Linear warmup to ``config.lr`` over `TrainConfig.warmup_for` steps, then linear/cosine decay to 0 or constant."""
     warmup, decay_steps = _phases(config, total_steps)
     if config.schedule == "linear":
         after = optax.linear_schedule(config.lr, 0.0, decay_steps)
