@@ -153,7 +153,7 @@ def test_schedule_and_config():
     s = make_schedule(cfg, 110)
     assert float(s(0)) == 0.0 and math.isclose(float(s(5)), 0.5) and math.isclose(float(s(10)), 1.0)
     assert math.isclose(float(s(60)), 0.5, rel_tol=1e-6) and float(s(110)) == 0.0
-    cos = make_schedule(TrainConfig(lr=1.0, schedule="cosine", max_steps=100), 100)
+    cos = make_schedule(TrainConfig(lr=1.0, schedule="cosine", warmup_steps=0, max_steps=100), 100)
     assert math.isclose(float(cos(50)), 0.5, rel_tol=1e-6)
     assert float(make_schedule(TrainConfig(lr=2.0, schedule="constant", max_steps=5), 5)(4)) == 2.0
     with pytest.raises(ValueError, match="schedule"):
