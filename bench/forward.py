@@ -6,7 +6,10 @@ Forward: jitted full-window logits on WikiText-2 windows. Decoding: `generate` w
 KV cache, ``--decode-rows`` prompts of 64 tokens each continued by exactly
 ``--decode-tokens`` greedy tokens (no EOS stop), beside ``transformers.generate``.
 
-Prints one JSON object. Both sides see the same weights (ours are exported to a
+Prints one JSON object, with the kernel backend the sketched layers get on this device and
+why (`pallas_kernels.describe`), and, on a chip of known memory bandwidth, each of our
+figures as a fraction of it (the weights read once per forward pass or decode step over
+the chip's peak bytes/s). Both sides see the same weights (ours are exported to a
 temporary HF directory for transformers) and the same token windows. No assertions:
 the figures are for reading, not for passing.
 """
@@ -26,7 +29,9 @@ import numpy as np
 from flax import nnx
 
 from converters import export_hf, load_model
+from pallas_kernels import describe
 from sketchtune_jax.generate import generate
+from sketchtune_jax.profiling import state_bytes
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2" / "test.txt"
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -77,6 +82,16 @@ def bench_ours_decode(model, prompts: np.ndarray, new_tokens: int) -> tuple[dict
         "seconds": round(elapsed, 3),
         "new_tokens_per_s": round(tokens.size / elapsed, 1),
     }, tokens
+
+
+def add_bandwidth_fraction(figures: dict, weight_bytes: int, weight_reads: int, bandwidth: float | None) -> None:
+    """Adds ``bandwidth_fraction`` to ``figures`` (``None`` on a chip of unknown bandwidth):
+    ``weight_reads`` reads of ``weight_bytes`` in ``figures["seconds"]`` over the peak bytes/s.
+    A lower bound on the traffic (activations, KV cache and logits are left out)."""
+    seconds = figures["seconds"]
+    figures["bandwidth_fraction"] = (
+        round(weight_bytes * weight_reads / seconds / bandwidth, 4) if bandwidth and seconds > 0 else None
+    )
 
 
 def transformers_model(loaded, dtype: str):
@@ -141,6 +156,9 @@ def main() -> None:
         raise SystemExit(f"{args.model} has no tokenizer")
     batches = windows(loaded.tokenizer, args.data, args.seq_len, args.windows)
     ours, ours_logits = bench_ours(loaded.model, batches)
+    kernels = describe()
+    weight_bytes = state_bytes(loaded.model)
+    add_bandwidth_fraction(ours, weight_bytes, len(batches), kernels["chip_bandwidth_bytes_per_s"])
     result = {
         "model": args.model,
         "dtype": args.dtype,
@@ -149,12 +167,16 @@ def main() -> None:
         "device": jax.devices()[0].device_kind,
         "host": platform.machine(),
         "jax": jax.__version__,
+        "kernels": kernels,
+        "weight_bytes": weight_bytes,
         "sketchtune_jax": ours,
     }
     prompts = windows(loaded.tokenizer, args.data, 64, args.decode_rows) if args.decode_rows else None
     if prompts is not None:
         result["decode"] = {"rows": args.decode_rows, "prompt_tokens": 64, "new_tokens": args.decode_tokens}
-        result["decode"]["sketchtune_jax"], ours_tokens = bench_ours_decode(loaded.model, prompts, args.decode_tokens)
+        ours_decode, ours_tokens = bench_ours_decode(loaded.model, prompts, args.decode_tokens)
+        add_bandwidth_fraction(ours_decode, weight_bytes, args.decode_tokens, kernels["chip_bandwidth_bytes_per_s"])
+        result["decode"]["sketchtune_jax"] = ours_decode
     if not args.skip_transformers:
         hf = transformers_model(loaded, args.dtype)
         theirs, theirs_logits = bench_transformers(hf, batches)

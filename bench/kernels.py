@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import describe, pack_codes, packed_words, sketched_matmul
+from pallas_kernels.backends import chip_bandwidth
 
 FULL = dict(layers=[(4096, 4096), (14336, 4096), (4096, 14336)], decode=[1, 8, 16], prefill=[512, 4096], bits=[4, 2])
 SMALL = dict(layers=[(256, 128), (128, 256)], decode=[1, 8], prefill=[64], bits=[4, 2])
@@ -52,29 +53,6 @@ def _temp_bytes(fn, args) -> int | None:
 def _peak_bytes() -> int | None:
     stats = jax.devices()[0].memory_stats()
     return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
-
-
-# Peak HBM bandwidth (bytes/s) by device kind, from the vendors' data sheets.
-CHIP_BANDWIDTH = {
-    "H100 80GB HBM3": 3.35e12,
-    "H100": 3.35e12,
-    "H200": 4.8e12,
-    "A100-SXM4-80GB": 2.04e12,
-    "A100": 1.56e12,
-    "TPU v4": 1.2e12,
-    "TPU v5 lite": 8.19e11,
-    "TPU v5e": 8.19e11,
-    "TPU v5p": 2.765e12,
-    "TPU v5": 2.765e12,
-    "TPU v6 lite": 1.64e12,
-    "TPU v6e": 1.64e12,
-}
-
-
-def chip_bandwidth(device_kind: str) -> float | None:
-    """The longest `CHIP_BANDWIDTH` key contained in ``device_kind`` (None: unknown chip)."""
-    keys = [k for k in CHIP_BANDWIDTH if k.lower() in device_kind.lower()]
-    return CHIP_BANDWIDTH[max(keys, key=len)] if keys else None
 
 
 _BANDWIDTH = chip_bandwidth(jax.devices()[0].device_kind)
@@ -241,6 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
         dtype=args.dtype,
         backend=args.backend or "auto",
         kernel_backend=args.backend or describe()["kernel_backend"],
+        kernel_backend_reason="forced by --backend" if args.backend else describe()["reason"],
         chip_bandwidth_bytes_per_s=_BANDWIDTH,
         iters=iters,
         results=run(

@@ -4,7 +4,8 @@ Every method trains the project's `LlamaForCausalLM` with the same random config
 ``sketch`` has every decoder projection as a `SketchedLinear` (random codebooks and
 codes; codebooks train), ``lora``/``qlora`` add adapters through qwix to the dense model
 (QLoRA's base in NF4), ``full`` trains every weight. Each method runs in its own process
-so the device's peak-memory counter is its own. Prints one JSON object:
+so the device's peak-memory counter is its own. Prints one JSON object, with the kernel
+backend the sketch gets on this device and why (``"kernels"``, `pallas_kernels.describe`):
 ``{"methods": {"sketch": {"argument_bytes", "temp_bytes", "output_bytes", "compile_s",
 "tokens_per_s", "trainable_params", ...}, "lora": ..., "qlora": ..., "full": ...}}``.
 
@@ -170,6 +171,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     import jax
 
+    from pallas_kernels import describe
+
     methods = [LEGACY_NAMES.get(m.strip(), m.strip()) for m in args.methods.split(",") if m.strip()]
     if unknown := set(methods) - set(METHODS):
         raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {METHODS}")
@@ -195,6 +198,7 @@ def main(argv: list[str] | None = None) -> None:
         "command": "python bench/train_step.py " + " ".join(child_argv),
         "device": str(jax.devices()[0].device_kind),
         "platform": jax.devices()[0].platform,
+        "kernels": describe(),
         "config": {k: v for k, v in vars(args).items() if k not in ("single", "out")},
         "methods": results,
     }

@@ -101,17 +101,79 @@ def cuda_backend() -> KernelBackend:
     return backend_for("cuda", _capability(gpus[0]) if gpus else None)
 
 
+def _default_platform(device) -> str:
+    """The lowering platform of ``device``: ``"cuda"`` for an NVIDIA GPU."""
+    if device.platform == "gpu" and "NVIDIA" in device.device_kind.upper():
+        return "cuda"
+    return device.platform
+
+
 def default_backend() -> KernelBackend:
     """What ``backend=None`` runs on this process's default device."""
     device = jax.devices()[0]
-    platform = "cuda" if device.platform == "gpu" and "NVIDIA" in device.device_kind.upper() else device.platform
-    return backend_for(platform, _capability(device))
+    return backend_for(_default_platform(device), _capability(device))
 
 
-def describe() -> dict[str, str]:
-    """The default device and the kernel backend it gets (for ``sketchtune info`` and benches)."""
+def reason_for(platform: str, compute_capability: tuple[int, int] | None = None) -> str:
+    """Why `backend_for` picks what it picks, in one line (for ``sketchtune info`` and benches)."""
+    backend = backend_for(platform, compute_capability)
+    if platform == "tpu":
+        return "TPU: Mosaic TPU kernels (W_hat rebuilt tile by tile in VMEM)"
+    if platform in ("cuda", "gpu"):
+        cc = compute_capability or CROSS_LOWERING_CUDA_CAPABILITY
+        chip = f"sm{cc[0]}{cc[1]}"
+        if backend == "mosaic_gpu":
+            return f"NVIDIA {chip}: Mosaic GPU kernels (Hopper or newer)"
+        if tuple(cc) >= MOSAIC_GPU_MIN_CAPABILITY:
+            return (
+                f"NVIDIA {chip}: Triton kernels; Mosaic GPU is not picked automatically until "
+                "bench/gpu_check.sh has verified it (backend='mosaic_gpu' forces it)"
+            )
+        return f"NVIDIA {chip}: Triton kernels (Mosaic GPU needs sm90 or newer)"
+    if platform == "rocm":
+        return "ROCm: Triton kernels"
+    return (
+        f"{platform}: no Pallas kernel runs here; the jnp twin rebuilds W_hat on every call "
+        "(generate and eval precompute it once per call, sketchtune_jax.inference)"
+    )
+
+
+# Peak HBM bandwidth (bytes/s) by device kind, from the vendors' data sheets.
+CHIP_BANDWIDTH = {
+    "H100 80GB HBM3": 3.35e12,
+    "H100": 3.35e12,
+    "H200": 4.8e12,
+    "A100-SXM4-80GB": 2.04e12,
+    "A100": 1.56e12,
+    "TPU v4": 1.2e12,
+    "TPU v5 lite": 8.19e11,
+    "TPU v5e": 8.19e11,
+    "TPU v5p": 2.765e12,
+    "TPU v5": 2.765e12,
+    "TPU v6 lite": 1.64e12,
+    "TPU v6e": 1.64e12,
+}
+
+
+def chip_bandwidth(device_kind: str) -> float | None:
+    """Peak memory bandwidth in bytes/s of the chip named ``device_kind``: the longest
+    `CHIP_BANDWIDTH` key it contains (``None``: an unknown chip, e.g. a CPU)."""
+    keys = [k for k in CHIP_BANDWIDTH if k.lower() in device_kind.lower()]
+    return CHIP_BANDWIDTH[max(keys, key=len)] if keys else None
+
+
+def describe() -> dict[str, str | float | None]:
+    """The default device, the kernel backend a sketched matmul gets there and why, and the
+    chip's peak memory bandwidth (``None`` when unknown): for ``sketchtune info`` and benches."""
     device = jax.devices()[0]
-    return {"platform": device.platform, "device": device.device_kind, "kernel_backend": default_backend()}
+    platform, cc = _default_platform(device), _capability(device)
+    return {
+        "platform": device.platform,
+        "device": device.device_kind,
+        "kernel_backend": backend_for(platform, cc),
+        "reason": reason_for(platform, cc),
+        "chip_bandwidth_bytes_per_s": chip_bandwidth(device.device_kind),
+    }
 
 
 def dispatch(

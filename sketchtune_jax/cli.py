@@ -62,12 +62,15 @@ def _settings_from_args(cls: type, args: argparse.Namespace, **values: Any) -> A
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from pallas_kernels import describe
     from sketchtune_jax.fileio import write_json_atomic
     from sketchtune_jax.loading import model_info
     from sketchtune_jax.reporting import print_table
 
     loaded = _load(args)
     info = model_info(loaded.model, loaded.config)
+    kernels = describe()  # which kernels a sketched layer runs on this machine, and why
+    info["kernel_backend"] = f"{kernels['kernel_backend']} ({kernels['reason']})"
     print_table(f"{args.model}", info)
     if args.json:
         write_json_atomic(args.json, info)

@@ -3,6 +3,8 @@ overrides; the Mosaic GPU kernel's lowering for CUDA."""
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,7 +40,37 @@ def test_hopper_gets_mosaic_gpu_only_once_verified(monkeypatch):
 @pytest.mark.skipif(jax.devices()[0].platform != "cpu", reason="the default device is not a CPU")
 def test_this_host_runs_the_reference():
     assert backends.default_backend() == "reference"
-    assert backends.describe()["kernel_backend"] == "reference"
+    described = backends.describe()
+    assert described["kernel_backend"] == "reference"
+    assert "jnp twin" in described["reason"]
+    assert described["chip_bandwidth_bytes_per_s"] is None
+
+
+def test_reasons_name_the_chip_and_the_gate(monkeypatch):
+    assert "Mosaic TPU" in backends.reason_for("tpu")
+    assert "sm80" in backends.reason_for("cuda", (8, 0)) and "sm90 or newer" in backends.reason_for("cuda", (8, 0))
+    assert "gpu_check.sh" in backends.reason_for("cuda", (9, 0))
+    monkeypatch.setattr(backends, "MOSAIC_GPU_AUTOMATIC", True)
+    assert "Mosaic GPU" in backends.reason_for("cuda", (9, 0))
+
+
+def test_chip_bandwidth_takes_the_longest_match():
+    assert backends.chip_bandwidth("NVIDIA H100 80GB HBM3") == 3.35e12
+    assert backends.chip_bandwidth("TPU v5 lite") == 8.19e11
+    assert backends.chip_bandwidth("cpu") is None
+
+
+@pytest.mark.skipif(jax.devices()[0].platform != "cpu", reason="the default device is not a CPU")
+def test_info_prints_the_kernel_backend(tmp_path, capsys):
+    from model_utils import tiny_hf_model
+
+    from sketchtune_jax.cli import main
+
+    tiny_hf_model("llama_gqa").save_pretrained(tmp_path / "tiny")
+    assert main(["info", str(tmp_path / "tiny"), "--json", str(tmp_path / "info.json")]) == 0
+    assert "kernel_backend" in capsys.readouterr().out
+    info = json.loads((tmp_path / "info.json").read_text())
+    assert info["kernel_backend"].startswith("reference (cpu: ")
 
 
 def test_overrides():
