@@ -47,6 +47,7 @@ __all__ = [
     "DequantizeBlockSizes",
     "DxBlockSizes",
     "ForwardBlockSizes",
+    "dense_matmul_reference",
     "dequantize",
     "dequantize_reference",
     "sketched_matmul",
@@ -103,16 +104,20 @@ def _dequantize_ref(codebook, codes, bits, cols):
     return w.reshape(codebook.shape[0], codebook.shape[1] * cols)
 
 
-def _forward_ref(x2, codebook, codes, bits, cols):
-    w = _dequantize_ref(codebook, codes, bits, cols).astype(x2.dtype)
+def _dense_product(x2, w):
+    # W_hat is rounded to x's dtype, the product accumulated in fp32 (HIGHEST for fp32 x).
     y = jnp.einsum(
         "mi,oi->mo",
         x2,
-        w,
+        w.astype(x2.dtype),
         preferred_element_type=jnp.float32,
         precision=dot_precision(x2.dtype),
     )
     return y.astype(x2.dtype)
+
+
+def _forward_ref(x2, codebook, codes, bits, cols):
+    return _dense_product(x2, _dequantize_ref(codebook, codes, bits, cols))
 
 
 def _grads_ref(x2, codebook, codes, bits, cols, dy2):
@@ -140,6 +145,17 @@ def sketched_matmul_reference(x: jax.Array, codebook: jax.Array, codes: jax.Arra
     cols = _check_sketch(codebook, codes, bits, in_features)
     y2 = _forward_ref(x.reshape(-1, in_features), codebook, codes, bits, cols)
     return y2.reshape(*x.shape[:-1], codebook.shape[0])
+
+
+def dense_matmul_reference(x: jax.Array, w_hat: jax.Array) -> jax.Array:
+    """`sketched_matmul_reference` with ``W_hat [out, in]`` (any float dtype) already rebuilt:
+    ``x [..., in] @ W_hat.T -> [..., out]`` in ``x.dtype``, the same numbers bit for bit
+    (``sketchtune_jax.inference`` serves CPU decoding with it)."""
+    in_features = _in_features(x)
+    if w_hat.ndim != 2 or w_hat.shape[1] != in_features:
+        raise ValueError(f"w_hat must be [out, {in_features}] for x of shape {x.shape}, got {w_hat.shape}")
+    y2 = _dense_product(x.reshape(-1, in_features), w_hat)
+    return y2.reshape(*x.shape[:-1], w_hat.shape[0])
 
 
 def sketched_matmul_grads_reference(

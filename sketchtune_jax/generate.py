@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sketchtune_jax.inference import inference_view
 from sketchtune_jax.models import LlamaForCausalLM, init_cache
 from sketchtune_jax.settings import require, setting
 
@@ -86,7 +87,8 @@ def generate(
     for row, prompt in enumerate(prompt_ids):
         ids[row, width - len(prompt) :] = prompt
         mask[row, width - len(prompt) :] = 1
-    graphdef, state = nnx.split(model)
+    # On a CPU, rebuild each sketched weight once here rather than per decoded token.
+    graphdef, state = nnx.split(inference_view(model))
     tokens = _generate(
         graphdef,
         state,

@@ -41,6 +41,7 @@ from flax import nnx
 
 from sketchtune_jax.data import TokenizerLike, read_json_records, tokenize_example
 from sketchtune_jax.fileio import atomic_write_bytes
+from sketchtune_jax.inference import inference_view
 from sketchtune_jax.train.step import token_nll_sum
 
 Continuation = Literal["response", "option", "question"]
@@ -181,7 +182,8 @@ def sequence_logliks(
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    graphdef, state = nnx.split(model)
+    # On a CPU, rebuild each sketched weight once for all rows rather than per batch.
+    graphdef, state = nnx.split(inference_view(model))
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
     out = np.zeros(len(rows), np.float32)
     for start in range(0, len(order), batch_size):
