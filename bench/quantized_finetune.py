@@ -206,6 +206,18 @@ def prepare_sketch(row: Row, work: Path, text: str) -> tuple[str, dict[str, Any]
     return str(out), prep
 
 
+def prepare_loftq(settings, out: Path) -> tuple[str, str, dict[str, Any]]:
+    """LoftQ once per row (`loftq_to_dir`): the quantized base, the initial adapter and the record."""
+    from sketchtune_jax.workflows import loftq_to_dir
+
+    done = read_json(out / "loftq.json")
+    if done is None:
+        loftq_to_dir(MODEL, settings, out, overwrite=True)
+        done = read_json(out / "loftq.json")
+    prep = {"seconds": done["loftq_seconds"], "what": f"quantize + LoftQ ({settings.loftq_iters} iterations)"}
+    return done["base"], done["adapter"], prep
+
+
 def method_of(row: Row, rank: int, loftq_iters: int, seed: int):
     from sketchtune_jax.lora import LoraSettings
     from sketchtune_jax.methods import FinetuneMethod
@@ -234,23 +246,25 @@ def load_result(row: Row, model_ref: str, run: Path | None):
         return load_any(model_ref, codebooks=str(run / "codebooks.safetensors"))
     if row.method == "full":
         return load_any(str(run / "model"))
-    base = str(run / "base") if row.loftq else model_ref
-    return load_any(base, adapter=str(run / "adapter"))
+    return load_any(model_ref, adapter=str(run / "adapter"))
 
 
-def initial_model(row: Row, model_ref: str, method):
-    """The model as fine-tuning starts (for QLoRA/LoftQ the quantized base with its initial adapter)
-    and the seconds `FinetuneMethod.prepare` took (quantization, LoftQ's SVDs)."""
+def initial_model(row: Row, model_ref: str, method, adapter: str | None):
+    """The model as fine-tuning starts (for QLoRA the quantized base with its initial adapter; for
+    LoftQ the adapter ``loftq_to_dir`` wrote) and the seconds preparing it took (quantization)."""
     from sketchtune_jax.loading import load_any
+    from sketchtune_jax.lora import load_adapter
 
     loaded = load_any(model_ref)
     t0 = time.perf_counter()
-    model = method.prepare(loaded.model)
+    model = (
+        method.prepare(loaded.model) if adapter is None else load_adapter(loaded.model, adapter, for_training=True)[0]
+    )
     return loaded, model, time.perf_counter() - t0
 
 
 def finetune_run(
-    row: Row, model_ref: str, method, lr: float, steps: int, run: Path, args: argparse.Namespace
+    model_ref: str, adapter: str | None, method, lr: float, steps: int, run: Path, args: argparse.Namespace
 ) -> dict[str, Any]:
     """Fine-tune (or resume) into ``run``; the summary, with train tokens/s from the run's log."""
     from sketchtune_jax.train import TrainConfig
@@ -278,6 +292,7 @@ def finetune_run(
             text=args.text,
             text_range=TRAIN_RANGE,
             method=method,
+            adapter=adapter,
             resume=run.is_dir() and any(run.iterdir()),
             progress=True,
         )
@@ -306,7 +321,7 @@ def bootstrap_ppl(window_nll: list[float], resamples: int, seed: int) -> float:
     return float(np.std(np.exp(nll[idx].mean(axis=1)), ddof=1))
 
 
-def memory_of(row: Row, model_ref: str, method, args: argparse.Namespace) -> dict[str, Any]:
+def memory_of(row: Row, model_ref: str, method, adapter: str | None, args: argparse.Namespace) -> dict[str, Any]:
     """Compiled train-step memory, trainable count and base bytes held, on a freshly prepared model."""
     import numpy as np
     from flax import nnx
@@ -315,7 +330,7 @@ def memory_of(row: Row, model_ref: str, method, args: argparse.Namespace) -> dic
     from sketchtune_jax.profiling import train_step_memory
     from sketchtune_jax.train import TrainConfig, make_optimizer, trainable_parameter_count
 
-    loaded, model, prepare_s = initial_model(row, model_ref, method)
+    loaded, model, prepare_s = initial_model(row, model_ref, method, adapter)
     config = TrainConfig(batch_size=args.batch_size, seq_len=args.seq_len, max_steps=args.steps)
     optimizer = nnx.Optimizer(model, make_optimizer(config, args.steps), wrt=method.wrt)
     ones = np.ones((args.batch_size, args.seq_len), np.int32)
@@ -339,27 +354,30 @@ def run_row(row: Row, args: argparse.Namespace, work: Path, text: str) -> dict[s
         return finished
     row_dir.mkdir(parents=True, exist_ok=True)
     prep: dict[str, Any] = {}
+    adapter = None
+    method = method_of(row, args.rank, args.loftq_iters, args.seed)
     if row.method == "sketch":
         model_ref, prep = prepare_sketch(row, work, args.text)
+    elif row.loftq:
+        model_ref, adapter, prep = prepare_loftq(method.lora, row_dir / "loftq-init")
     else:
         model_ref = MODEL
-    method = method_of(row, args.rank, args.loftq_iters, args.seed)
     val_text = text_fraction(read_text(args.text), VAL_RANGE)
 
     costs = read_json(row_dir / "costs.json")
     if costs is None:
-        costs = memory_of(row, model_ref, method, args)
+        costs = memory_of(row, model_ref, method, adapter, args)
         (row_dir / "costs.json").write_text(json.dumps(costs, indent=2))
-    if row.method != "sketch":
-        what = {"lora": "adapters", "full": "none", "qlora": "quantize" + (" + LoftQ" if row.loftq else "")}
-        prep = {"seconds": costs["prepare_seconds"], "what": what[row.method]}
+    if row.method != "sketch" and not row.loftq:
+        what = {"lora": "adapters", "full": "none", "qlora": "quantize"}[row.method]
+        prep = {"seconds": costs["prepare_seconds"], "what": what}
 
     pilots = []
     for lr in row.lrs:
         pilot_dir = row_dir / f"pilot-lr{lr:g}"
         scored = read_json(pilot_dir / "val.json")
         if scored is None:
-            summary = finetune_run(row, model_ref, method, lr, args.pilot_steps, pilot_dir / "run", args)
+            summary = finetune_run(model_ref, adapter, method, lr, args.pilot_steps, pilot_dir / "run", args)
             loaded = load_result(row, model_ref, pilot_dir / "run")
             scored = {"lr": lr, "val": ppl(loaded.model, loaded.tokenizer, val_text, args.val_windows, args.seq_len)}
             scored["train_loss"] = summary["loss"]
@@ -370,11 +388,11 @@ def run_row(row: Row, args: argparse.Namespace, work: Path, text: str) -> dict[s
     lr = best["lr"]
 
     final_dir = row_dir / f"final-lr{lr:g}"
-    summary = finetune_run(row, model_ref, method, lr, args.steps, final_dir, args)
+    summary = finetune_run(model_ref, adapter, method, lr, args.steps, final_dir, args)
     test_text = read_text(args.text)
     before = read_json(row_dir / "test-before.json")
     if before is None:
-        loaded, model, _ = initial_model(row, model_ref, method)
+        loaded, model, _ = initial_model(row, model_ref, method, adapter)
         before = ppl(model, loaded.tokenizer, test_text, args.test_windows, args.seq_len)
         (row_dir / "test-before.json").write_text(json.dumps(before, indent=2))
     loaded = load_result(row, model_ref, final_dir)
@@ -387,7 +405,7 @@ def run_row(row: Row, args: argparse.Namespace, work: Path, text: str) -> dict[s
         "init": "loftq" if row.loftq else None,
         "bits": row.bits or (int(row.qtype[-1]) if row.qtype else None),
         "groups_per_row": row.groups_per_row,
-        "model": model_ref if row.method == "sketch" else MODEL,
+        "model": model_ref,
         "preparation": prep,
         "lr_grid": [{"lr": p["lr"], "val_ppl": p["val"]["ppl"], "train_loss": p["train_loss"]} for p in pilots],
         "lr": lr,

@@ -9,22 +9,32 @@ are laid out as `sketchtune_jax.lora` keeps them.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sketchtune_jax.quantized_base import DEFAULT_BLOCK, dequantize_blockwise, quantize_blockwise
 
 
-@functools.partial(jax.jit, static_argnames=("rank",))
 def low_rank_factors(residual: jax.Array, rank: int, scale: float) -> tuple[jax.Array, jax.Array]:
-    """``A [in, rank]``, ``B [rank, out]`` with ``scale * (A B)^T`` the best rank-``rank`` fit of ``residual [out, in]``."""
-    u, s, vt = jnp.linalg.svd(residual.astype(jnp.float32), full_matrices=False)
-    root = jnp.sqrt(s[:rank] / scale)
-    a = vt[:rank].T * root
-    b = root[:, None] * u[:, :rank].T
-    return a, b
+    """``A [in, rank]``, ``B [rank, out]`` with ``scale * (A B)^T`` the best rank-``rank`` fit of ``residual [out, in]``.
+
+    The top singular pairs come from the eigenvectors of the smaller Gram matrix in float64 on the
+    host: for a rank far below the width that is several times faster than a full SVD, and exact
+    to float32 for the leading pairs.
+    """
+    r = np.asarray(jax.device_get(residual), np.float64)
+    tall = r.shape[0] >= r.shape[1]
+    gram = r.T @ r if tall else r @ r.T
+    eigvals, eigvecs = np.linalg.eigh(gram)
+    top = eigvecs[:, ::-1][:, :rank]
+    sing = np.sqrt(np.maximum(eigvals[::-1][:rank], 0.0))
+    other = (r @ top if tall else r.T @ top) / np.where(sing > 0, sing, 1.0)
+    v, u = (top, other) if tall else (other, top)
+    root = np.sqrt(sing / scale)
+    a = v * root
+    b = root[:, None] * u.T
+    return jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
 
 
 def loftq_fit(

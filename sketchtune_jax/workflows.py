@@ -213,6 +213,7 @@ def finetune_to_dir(
     auto_lora_rank: bool = False,
     lora_alpha: float | None = None,
     codebooks: str | None = None,
+    adapter: str | None = None,
     dtype: str = "float32",
     val_fraction: float = 0.0,
     pad_multiple: int = 64,
@@ -229,6 +230,9 @@ def finetune_to_dir(
     scored (language modelling; `sketchtune_jax.batches.text_batches`); ``val_fraction`` holds
     out the last windows. Instruction records score the response tokens only.
 
+    ``adapter`` (methods lora and qlora) starts from that adapter directory, whose settings (rank,
+    alpha, quantized base) then replace ``method``'s: e.g. a LoftQ initialisation made once and
+    trained several times (`loftq_to_dir`).
     ``method`` None means sketch tuning, which only a sketched ``model_ref`` has as its default;
     lora, qlora and full take a dense model (see `sketchtune_jax.methods`). ``auto_lora_rank`` replaces the adapter
     rank by `auto_rank` of the model; ``lora_alpha`` None means 2 x rank. ``resume`` continues the
@@ -251,6 +255,17 @@ def finetune_to_dir(
     check_method_fits(method.name, sketched=sketched, model=model_ref)
     if codebooks and method.name != "sketch":
         raise SettingError("codebooks", "apply to method sketch only")
+    if adapter is not None:
+        from sketchtune_jax.lora import read_adapter_settings
+
+        start = read_adapter_settings(adapter)
+        if method.name not in ("lora", "qlora") or (start.qtype is not None) != (method.name == "qlora"):
+            raise SettingError(
+                "adapter",
+                f"{adapter} is a {'QLoRA' if start.qtype else 'LoRA'} adapter; train it with method "
+                f"{'qlora' if start.qtype else 'lora'}, not {method.name}",
+            )
+        method = FinetuneMethod(method.name, lora=start)
     if config.scan_layers and method.lora is not None:
         # qwix records each adapted module's own path on it, so no two layers are alike.
         raise SettingError("scan_layers", f"applies to methods sketch and full, not {method.name}")
@@ -270,11 +285,17 @@ def finetune_to_dir(
     barrier("finetune: output checked")
     records = load_instruction_data(data) if text is None else None
     loaded = _load(model_ref, dtype, codebooks)
-    if method.lora is not None:
+    if method.lora is not None and adapter is None:
         rank = auto_rank(loaded.model, method.lora.targets) if auto_lora_rank else method.lora.rank
         alpha = 2.0 * rank if lora_alpha is None else lora_alpha
         method = FinetuneMethod(method.name, lora=dataclasses.replace(method.lora, rank=rank, alpha=alpha))
-    model = method.prepare(loaded.model)
+    if adapter is None:
+        model = method.prepare(loaded.model)
+    else:
+        from sketchtune_jax.lora import load_adapter
+
+        method.check_model(loaded.model)
+        model, _ = load_adapter(loaded.model, adapter, for_training=True)
     put_batch = None
     if device_mesh is not None:
         from sketchtune_jax.sharding import shard_model
@@ -341,6 +362,43 @@ def finetune_to_dir(
         summary["text_range"] = list(text_range)
     if is_primary():
         write_json_atomic(Path(out_dir) / "summary.json", summary)
+    return summary
+
+
+def loftq_to_dir(
+    model_ref: str,
+    settings: Any,
+    out_dir: str | os.PathLike,
+    *,
+    dtype: str = "float32",
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """LoftQ-initialise a QLoRA adapter on ``model_ref`` once: writes ``out_dir/base`` (the quantized
+    base, dequantized, as an HF directory) and ``out_dir/adapter`` (the initial adapter, PEFT format).
+
+    ``settings`` is a `LoraSettings` with a ``qtype`` and ``init="loftq"``. Fine-tune from it with
+    ``finetune_to_dir(out_dir/base, ..., method=FinetuneMethod("qlora", ...), adapter=out_dir/adapter)``.
+    Returns the paths and the seconds LoftQ took.
+    """
+    import time
+
+    from sketchtune_jax.lora import apply_lora, save_adapter
+    from sketchtune_jax.methods import LOFTQ_BASE, write_loftq_base
+
+    if settings.init != "loftq" or settings.qtype is None:
+        raise SettingError("lora_init", "loftq_to_dir needs QLoRA settings with init='loftq'")
+    check_output_dir(out_dir, overwrite=overwrite)
+    loaded = _load(model_ref, dtype)
+    check_method_fits("qlora", sketched=is_sketched_dir(model_ref), model=model_ref)
+    start = time.perf_counter()
+    model = apply_lora(loaded.model, settings)
+    seconds = time.perf_counter() - start
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    base = write_loftq_base(model, loaded.config, loaded.tokenizer, str(out))
+    save_adapter(model, settings, out / "adapter", base_model=base, overwrite=True)
+    summary = {"base": str(out / LOFTQ_BASE), "adapter": str(out / "adapter"), "loftq_seconds": seconds}
+    write_json_atomic(out / "loftq.json", {**summary, "settings": dataclasses.asdict(settings), "source": model_ref})
     return summary
 
 
