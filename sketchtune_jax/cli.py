@@ -14,7 +14,11 @@
     sketchtune export SKETCH [--codebooks FILE] --out DIR
 
 MODEL is a Hugging Face directory, a GGUF file, a sketched directory, or the
-built-in name ``smollm2-135m``.
+built-in name ``smollm2-135m``. ``--help`` on any command shows its flags and their defaults.
+
+Exit status: 0 done, 2 refused input (a bad flag, setting or file, said in one line before any
+work), 1 a failure while running, 130 interrupted (Ctrl-C). Quiet by default; ``-v`` shows the
+library's debug lines and a failure's traceback.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +35,18 @@ if TYPE_CHECKING:
     from sketchtune_jax.distributed import DistributedSettings
 
 DTYPE_CHOICES = ("float32", "bfloat16")
+
+
+class _Parser(argparse.ArgumentParser):
+    """Every (sub-)command shows its defaults in ``--help`` and takes ``-v``."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+        # SUPPRESS: a sub-command's -v adds to the top level's instead of resetting it.
+        self.add_argument(
+            "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug lines and tracebacks"
+        )
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -78,22 +95,21 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from sketchtune_jax.generate import generate_text
+    from sketchtune_jax.fileio import write_json_atomic
+    from sketchtune_jax.generate import GenerateSettings, generate_text
+    from sketchtune_jax.settings import settings_from_args
 
+    settings = settings_from_args(GenerateSettings, args)
     loaded = _load(args)
     prompts = args.prompt
-    outs = generate_text(
-        loaded.model,
-        loaded.tokenizer,
-        prompts,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        seed=args.seed,
-        chat=args.chat,
-    )
+    outs = generate_text(loaded.model, loaded.tokenizer, prompts, **dataclasses.asdict(settings), chat=args.chat)
     for prompt, out in zip(prompts, outs):
         print(f"### {prompt}\n{out}\n")
+    if args.json:
+        outputs = [{"prompt": p, "output": o} for p, o in zip(prompts, outs)]
+        write_json_atomic(
+            args.json, {"model": args.model, "settings": dataclasses.asdict(settings), "outputs": outputs}
+        )
     return 0
 
 
@@ -342,6 +358,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         model = merge_lora(model, read_adapter_settings(args.adapter))
     export_hf(model, loaded.config, loaded.tokenizer, args.out, overwrite=args.overwrite)
     print(f"wrote {args.out}")
+    if args.json:
+        from sketchtune_jax.fileio import write_json_atomic
+
+        sources = {"codebooks": getattr(args, "codebooks", None), "adapter": getattr(args, "adapter", None)}
+        write_json_atomic(args.json, {"model": args.model, **sources, "out": str(Path(args.out).resolve())})
     return 0
 
 
@@ -416,6 +437,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     )
     if _is_primary():
         print_table(f"fine-tuned {args.model} on {args.data or args.text} ({summary['method']})", summary)
+        if args.json:
+            from sketchtune_jax.fileio import write_json_atomic
+
+            write_json_atomic(args.json, summary)
     return 0
 
 
@@ -484,14 +509,27 @@ def cmd_eval_task(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_codebooks_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--codebooks", help="fine-tuned codebook file to apply to a sketched model first")
+
+
+def _add_json_arg(p: argparse.ArgumentParser, what: str = "the result") -> None:
+    p.add_argument("--json", metavar="FILE", help=f"also write {what} to this JSON file")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sketchtune", description=__doc__.split("\n\n")[0])
+    from sketchtune_jax import __version__
+
+    parser = _Parser(prog="sketchtune", description=__doc__.split("\n\n")[0])
+    parser.set_defaults(verbose=False)
+    parser.add_argument("--version", action="version", version=f"sketchtune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("convert", help="write a model as a Hugging Face directory")
     _add_model_args(p)
     p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
     p.add_argument("--overwrite", action="store_true")
+    _add_json_arg(p, "what was written")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("info", help="architecture, parameter count and bytes of a model")
@@ -499,15 +537,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.set_defaults(func=cmd_info)
 
+    from sketchtune_jax.generate import GenerateSettings
+    from sketchtune_jax.settings import add_settings_arguments
+
     p = sub.add_parser("generate", help="generate text from one or more prompts")
     _add_model_args(p)
+    _add_codebooks_arg(p)
     _add_adapter_arg(p)
     p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    add_settings_arguments(p, GenerateSettings)
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
+    _add_json_arg(p, "the prompts and outputs")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("sketch", help="sketch a model's projections into codebooks and codes")
@@ -615,14 +655,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a model as a dense HF directory (a sketch as W_hat, an adapter merged)")
     _add_model_args(p)
     _add_adapter_arg(p)
-    p.add_argument("--codebooks", help="fine-tuned codebook file to apply first")
-    p.add_argument("--out", required=True)
+    _add_codebooks_arg(p)
+    p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
     p.add_argument("--overwrite", action="store_true")
+    _add_json_arg(p, "what was written")
     p.set_defaults(func=cmd_export)
 
     ev = sub.add_parser("eval", help="evaluate a model").add_subparsers(dest="task", required=True)
     p = ev.add_parser("ppl", help="perplexity over non-overlapping windows of a text")
     _add_model_args(p)
+    _add_codebooks_arg(p)
     _add_adapter_arg(p)
     p.add_argument("--text", required=True, help="a text file, or hf:NAME[:CONFIG]:SPLIT")
     p.add_argument(
@@ -640,7 +682,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_model_args(p)
         _add_adapter_arg(p)
         p.add_argument("--data", required=True, help="JSON records {instruction, input, answer}")
-        p.add_argument("--codebooks", help="fine-tuned codebook file to apply first")
+        _add_codebooks_arg(p)
         p.add_argument("--limit", type=int, help="evaluate only the first N records")
         p.add_argument("--batch-size", type=int, default=8)
         p.add_argument("--max-new-tokens", type=int, default=256 if task == "math" else 32)
@@ -726,7 +768,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (overrides --epochs)")
     p.add_argument("--lr", type=float, default=8e-5)
     p.add_argument("--schedule", choices=("linear", "cosine", "constant"), default="linear")
-    p.add_argument("--warmup-steps", type=int, default=100)
+    p.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=None,
+        help="steps of linear warmup (None: a tenth of the run, at most 100, the paper's 100 on long runs)",
+    )
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=16)
@@ -759,19 +806,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue the run in --out from its latest checkpoint (same batch size, seed, seq len)",
     )
     p.add_argument("--overwrite", action="store_true", help="delete the run in --out and start over")
+    _add_json_arg(p, "the run's summary")
     _add_distributed_args(p)
     p.set_defaults(func=cmd_finetune)
     return parser
 
 
-def _show_library_info() -> None:
-    # The library reports through logging; the command line prints its info lines.
+def _quiet_other_libraries() -> None:
+    """No banners from other libraries (transformers' "PyTorch was not found", for one); set
+    before they are imported."""
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _show_library_info(verbose: bool) -> None:
+    # The library reports through logging; the command line prints its info lines (debug with -v),
+    # once each: not passed on to the root logger, which another library may have set up to print too.
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
     root = logging.getLogger("sketchtune_jax")
     if not root.handlers:
         root.addHandler(handler)
-    root.setLevel(logging.INFO)
+    root.propagate = False
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
 def _error_line(args: argparse.Namespace, error: Exception) -> str:
@@ -786,9 +843,11 @@ def _error_line(args: argparse.Namespace, error: Exception) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns the exit status (module docstring)."""
+    _quiet_other_libraries()
     parser = build_parser()
     args = parser.parse_args(argv)
-    _show_library_info()
+    _show_library_info(args.verbose)
     try:
         return args.func(args)
     # SettingError and OutputExistsError among them: rendered with flag names.
@@ -798,6 +857,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - any other failure while running: one line, the traceback with -v
+        if args.verbose:
+            raise
+        print(f"{_error_line(args, e)} ({type(e).__name__}; -v for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
