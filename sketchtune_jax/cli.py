@@ -11,6 +11,7 @@
     sketchtune sketch|finetune ... --coordinator HOST:PORT --num-processes N --process-id I   (in every process)
     sketchtune eval math|commonsense MODEL --data FILE [--limit N] [--codebooks FILE]
     sketchtune eval commonsense MODEL --data FILE --scoring loglik [--continuation response|option|question]
+    sketchtune eval judge --model-a MODEL [--codebooks-a F] --model-b MODEL --prompts FILE --judge-model NAME --out DIR
     sketchtune export SKETCH [--codebooks FILE] --out DIR
 
 MODEL is a Hugging Face directory, a GGUF file, a sketched directory, or the
@@ -709,6 +710,10 @@ def build_parser() -> argparse.ArgumentParser:
                 "text after 'Question: ...\\nAnswer:' (lm-evaluation-harness's ARC format)",
             )
         p.set_defaults(func=cmd_eval_task)
+    from sketchtune_jax.judge.cli import add_judge_parser
+
+    add_judge_parser(ev)
+
     from sketchtune_jax.quantized_base import QTYPES
 
     p = sub.add_parser("finetune", help="fine-tune a sketch's codebooks, or a dense model by LoRA, QLoRA or fully")
