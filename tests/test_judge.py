@@ -276,7 +276,7 @@ def test_a_failing_judge_stops_the_run_and_the_rerun_asks_only_the_rest(tmp_path
             return reply
 
         client.ask = ask_then_break
-        with pytest.raises(JudgeError, match="run the same command again to go on"):
+        with pytest.raises(JudgeUnavailable, match="run the same command again to go on"):
             run_judge(QUESTIONS, _answerers(), client, JudgeStore(tmp_path, IDENTITY), concurrency=1)
     saved = (tmp_path / "verdicts.jsonl").read_text().splitlines()
     assert len(saved) == 5
@@ -395,6 +395,17 @@ def test_command_errors_are_one_line_and_come_before_any_work(tiny_models, tmp_p
     assert not list(tmp_path.glob("o*/answers_*.jsonl"))
 
 
+def test_a_judge_failing_while_running_is_one_line_and_exit_status_1(tiny_models, tmp_path, capsys):
+    from sketchtune_jax.cli import main
+
+    with serve(StubJudge(fail=10**6)) as url:
+        assert main(_argv(tiny_models, url, tmp_path / "out", "--max-retries", "1", "--limit", "2")) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "failed after 2 tries; last: HTTP 500" in err and "run the same command again to go on" in err
+    # The answers it generated are kept for the rerun.
+    assert len((tmp_path / "out" / "answers_b.jsonl").read_text().splitlines()) == 2
+
+
 def test_endpoint_and_key_come_from_the_environment(tiny_models, tmp_path, monkeypatch):
     from sketchtune_jax.cli import main
 
@@ -470,16 +481,18 @@ def test_a_fine_tuned_smollm2_sketch_against_its_base(smollm2, tmp_path):
 
     sketch, run = tmp_path / "sketch", tmp_path / "run"
     wiki = DATA / "wikitext-2" / "test.txt"
-    common = ["--calib", str(wiki), "--nsamples", "2", "--seq-len", "128", "--kmeans-iters", "5"]
+    common = ["--calib", str(wiki), "--nsamples", "2", "--seq-len", "64", "--kmeans-iters", "5"]
     assert main(["sketch", "smollm2-135m", "--bits", "4", "--groups-per-row", "4", *common, "--out", str(sketch)]) == 0
     train = DATA / "math" / "math_data.train.json"
-    tune = ["--max-steps", "3", "--batch-size", "2", "--seq-len", "128", "--lr", "1e-3", "--warmup-steps", "1"]
+    # Two steps, layers scanned (one layer compiled, not 30): the codebooks move, quickly.
+    tune = ["--max-steps", "2", "--batch-size", "2", "--seq-len", "128", "--lr", "1e-3", "--warmup-steps", "1"]
+    tune += ["--scan-layers"]
     assert main(["finetune", str(sketch), "--data", str(train), "--out", str(run), *tune, "--pad-multiple", "128"]) == 0
     prompts = DATA / "math" / "gsm8k.test.json"
     judge = StubJudge()
     with serve(judge) as url:
         argv = ["eval", "judge", "--model-a", str(sketch), "--codebooks-a", str(run / "codebooks.safetensors")]
-        argv += ["--model-b", str(sketch), "--prompts", str(prompts), "--limit", "3", "--max-new-tokens", "12"]
+        argv += ["--model-b", str(sketch), "--prompts", str(prompts), "--limit", "3", "--max-new-tokens", "8"]
         argv += ["--endpoint", url, "--judge-model", "stub-judge", "--out", str(tmp_path / "judged")]
         assert main(argv) == 0
     summary = json.loads((tmp_path / "judged" / "summary.json").read_text())

@@ -23,8 +23,9 @@ class JudgeError(ValueError):
     says what to change. A `ValueError`, so the command line prints it as one line."""
 
 
-class JudgeUnavailable(JudgeError):
-    """The judge kept failing (throttled, server errors, timeouts) after every retry."""
+class JudgeUnavailable(RuntimeError):
+    """The judge kept failing (throttled, server errors, timeouts) after every retry: a failure
+    while running, not a setting to change; asking again later may succeed."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from sketchtune_jax.judge.client import JudgeClient, JudgeError
+from sketchtune_jax.judge.client import JudgeClient, JudgeError, JudgeUnavailable
 from sketchtune_jax.judge.prompts import ORDERS, Question, judge_messages, pair_outcome, parse_verdict
 from sketchtune_jax.judge.stats import summarize
 from sketchtune_jax.judge.store import JudgeStore
@@ -131,8 +131,9 @@ def run_judge(
     before any model is loaded, and not at all when everything is already saved.
 
     Raises:
-        JudgeError: the judge cannot be used or kept failing; what was answered is saved, and
-            the same call goes on from there.
+        JudgeError: the judge cannot be used as set up (unreachable, key refused, request rejected).
+        JudgeUnavailable: the judge kept failing after its retries.
+        Either way every verdict that arrived is saved, and the same call goes on from there.
     """
     if not questions:
         raise ValueError("no questions to judge")
@@ -209,7 +210,7 @@ def _ask(jobs, answers, client, store, saved, concurrency, show_progress) -> int
     """Ask ``jobs`` ``concurrency`` at a time, saving each verdict as it comes; the number asked."""
     if not jobs:
         return 0
-    error: JudgeError | None = None
+    error: JudgeError | JudgeUnavailable | None = None
     pool = cf.ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="judge")
     futures = {}
     for q, order, key in jobs:
@@ -227,7 +228,7 @@ def _ask(jobs, answers, client, store, saved, concurrency, show_progress) -> int
             q, order, key = futures[future]
             try:
                 reply = future.result()
-            except JudgeError as e:
+            except (JudgeError, JudgeUnavailable) as e:
                 # Stop asking, but keep every reply already on its way: those are paid for.
                 if error is None:
                     error = e
