@@ -49,11 +49,13 @@ step install 45 - "$PY" -m pip install --no-deps -q -e .
 step kernel_tests 90 - env SKETCHTUNE_KERNEL_BACKEND=pallas \
   "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_cuda_lowering.py tests/test_kernel_backends.py
 
-# The Mosaic GPU forward kernel compiled, against the jnp twin: the check its CPU
-# interpreter could not make (pallas_kernels/mosaic_gpu.py). Kernels bench beside it.
-step mosaic_gpu_check 60 mosaic-gpu-check.json "$PY" - <<'PYEOF'
+# The Mosaic GPU kernels compiled, against the jnp twins: the forward (which its CPU
+# interpreter cannot run) and the codebook gradient (interpreted in the tests, here with
+# its tiled/swizzled SMEM; pallas_kernels/mosaic_gpu.py). Kernels bench beside it.
+step mosaic_gpu_check 75 mosaic-gpu-check.json "$PY" - <<'PYEOF'
 import json, jax, jax.numpy as jnp, numpy as np
-from pallas_kernels import pack_codes, sketched_matmul, sketched_matmul_reference
+from pallas_kernels import (pack_codes, sketched_matmul, sketched_matmul_grads,
+                            sketched_matmul_grads_reference, sketched_matmul_reference)
 rows = []
 for bits in (2, 4):
     for m, out, k, groups in [(1, 128, 2048, 2), (16, 4096, 4096, 1), (200, 1024, 4096, 4)]:
@@ -64,7 +66,17 @@ for bits in (2, 4):
         y = sketched_matmul(x, cb, codes, bits, backend="mosaic_gpu").astype(jnp.float32)
         ref = sketched_matmul_reference(x, cb, codes, bits).astype(jnp.float32)
         err = float(jnp.max(jnp.abs(y - ref)) / jnp.max(jnp.abs(ref)))
-        rows.append(dict(bits=bits, m=m, out=out, k=k, groups=groups, rel_err=err, ok=err < 2e-2))
+        rows.append(dict(kernel="forward", bits=bits, m=m, out=out, k=k, groups=groups, rel_err=err, ok=err < 2e-2))
+    for m, out, k, groups in [(16, 4096, 4096, 1), (200, 1024, 4096, 4)]:
+        rng = np.random.default_rng(1)
+        cb = jnp.asarray(rng.normal(size=(out, groups, 2**bits)), jnp.float32)
+        codes = pack_codes(jnp.asarray(rng.integers(0, 2**bits, (out, groups, k // groups)), jnp.uint8), bits)
+        x = jnp.asarray(rng.normal(size=(m, k)), jnp.bfloat16)
+        dy = jnp.asarray(rng.normal(size=(m, out)), jnp.bfloat16)
+        _, dcb = sketched_matmul_grads(x, cb, codes, bits, dy, backend="mosaic_gpu")
+        _, ref = sketched_matmul_grads_reference(x, cb, codes, bits, dy)
+        err = float(jnp.max(jnp.abs(dcb - ref)) / jnp.max(jnp.abs(ref)))
+        rows.append(dict(kernel="dcodebook", bits=bits, m=m, out=out, k=k, groups=groups, rel_err=err, ok=err < 2e-2))
 print(json.dumps(rows, indent=1))
 raise SystemExit(0 if all(r["ok"] for r in rows) else 1)
 PYEOF
@@ -72,7 +84,7 @@ PYEOF
 # Kernels: SmolLM2-135M layers (576 hidden, 1536 MLP) then Llama-3-8B's (the default).
 step kernels_smollm2 40 kernels-smollm2.json \
   "$PY" bench/kernels.py --layers 576x576,192x576,1536x576,576x1536 --iters 5 --dtype bfloat16
-step kernels_llama3_8b 110 kernels-llama3-8b.json \
+step kernels_llama3_8b 95 kernels-llama3-8b.json \
   "$PY" bench/kernels.py --iters 5 --dtype bfloat16
 step kernels_llama3_8b_mosaic_gpu 60 kernels-llama3-8b-mosaic-gpu.json \
   "$PY" bench/kernels.py --iters 5 --dtype bfloat16 --backend mosaic_gpu --layers 4096x4096,14336x4096
