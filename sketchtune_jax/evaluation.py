@@ -25,7 +25,7 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from sketchtune_jax.data import format_prompt
+from sketchtune_jax.data import check_template, format_prompt
 from sketchtune_jax.fileio import atomic_write_bytes
 
 # Task name (lower case, as in the LLM-Adapters file names) -> answer kind.
@@ -178,8 +178,10 @@ def evaluate_task(
     out_jsonl: str | os.PathLike | None = None,
     strict: bool = True,
     progress: bool = False,
+    template: str = "alpaca",
 ) -> dict[str, Any]:
-    """Generate for every record's Alpaca prompt, extract answers and score them.
+    """Generate for every record's prompt (``template``: Alpaca, or ``chat``: ``tokenizer``'s chat
+    template; `sketchtune_jax.data.format_prompt`), extract answers and score them.
 
     Args:
         generate_fn: ``prompts -> generations`` (the response text only, one per prompt).
@@ -204,6 +206,7 @@ def evaluate_task(
     records = list(records)[:limit] if limit is not None else list(records)
     if not records:
         raise ValueError("no records to evaluate")
+    check_template(template, tokenizer)
     task = task or infer_task(name, records)
     kind = answer_kind(task)
     eos = getattr(tokenizer, "eos_token", None) if tokenizer is not None else None
@@ -217,7 +220,9 @@ def evaluate_task(
         batches = tqdm(batches, desc=f"eval {task}", unit="batch")
     for start in batches:
         chunk = records[start : start + batch_size]
-        prompts = [format_prompt(r["instruction"], r.get("input", "")) for r in chunk]
+        prompts = [
+            format_prompt(r["instruction"], r.get("input", ""), template=template, tokenizer=tokenizer) for r in chunk
+        ]
         generations = list(generate_fn(prompts))
         if len(generations) != len(prompts):
             raise ValueError(f"generate_fn returned {len(generations)} generations for {len(prompts)} prompts")
@@ -254,3 +259,49 @@ def evaluate_task(
     if tokenizer is not None:
         summary["prompt_tokens"] = prompt_tokens
     return summary
+
+
+def reference_nll(
+    model: Any,
+    tokenizer: Any,
+    records: Sequence[dict[str, Any]],
+    *,
+    seq_len: int = 1024,
+    batch_size: int = 8,
+    limit: int | None = None,
+) -> dict[str, Any]:
+    """Mean negative log-likelihood per token of each record's reference ``output`` after its Alpaca
+    prompt (the response and EOS tokens, as fine-tuning scores them), token-weighted over records.
+
+    It has signal where answer accuracy has none (a small model that rarely gets GSM8K right still
+    moves the likelihood of the worked solution). Returns ``{"nll", "tokens", "n", "stderr",
+    "record_nll", "record_tokens"}``; ``stderr`` is the standard error of the ratio estimate over
+    records (delta method), ``record_nll`` each record's summed NLL.
+    """
+    import numpy as np
+
+    from sketchtune_jax.data import tokenize_example
+    from sketchtune_jax.multiple_choice import sequence_logliks
+
+    records = list(records)[:limit] if limit is not None else list(records)
+    if not records:
+        raise ValueError("no records to score")
+    rows = []
+    for i, record in enumerate(records):
+        example = tokenize_example(record, tokenizer, seq_len=seq_len, index=i)
+        rows.append((example.input_ids, example.loss_mask))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    sums = -sequence_logliks(model, rows, batch_size=batch_size, pad_token_id=pad).astype(np.float64)
+    counts = np.asarray([int(mask[1:].sum()) for _, mask in rows], np.float64)
+    mean = float(sums.sum() / counts.sum())
+    n = len(rows)
+    residual = sums - mean * counts
+    stderr = float(np.sqrt(n / max(n - 1, 1) * np.sum(residual**2)) / counts.sum())
+    return {
+        "nll": mean,
+        "tokens": int(counts.sum()),
+        "n": n,
+        "stderr": stderr,
+        "record_nll": sums.tolist(),
+        "record_tokens": counts.astype(int).tolist(),
+    }
