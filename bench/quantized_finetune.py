@@ -41,6 +41,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 TEXT = ROOT.parent / "shared" / "data" / "wikitext-2" / "test.txt"
+MATH_TRAIN = ROOT.parent / "shared" / "data" / "math" / "math_data.train.json"
+GSM8K_TEST = ROOT.parent / "shared" / "data" / "math" / "gsm8k.test.json"
+MATH_ROWS = ("lora-r64", "qlora-r64-nf4", "qlora-r64-nf2", "loftq-r64-nf2", "sketch-int4-g4", "sketch-int2-g4")
 MODEL = "smollm2-135m"
 TRAIN_RANGE = (0.5, 1.0)
 VAL_RANGE = (0.25, 0.5)
@@ -129,11 +132,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--loftq-iters", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples of the test windows")
+    p.add_argument(
+        "--math-rows",
+        default="",
+        help=f"rows that also get the math column (fine-tune on math_data.train, score GSM8K); e.g. {','.join(MATH_ROWS)}",
+    )
+    p.add_argument("--math-nll-limit", type=int, default=200, help="GSM8K test items scored by reference NLL")
+    p.add_argument("--math-gen-limit", type=int, default=50, help="GSM8K test items scored by generated answer")
+    p.add_argument("--math-max-new-tokens", type=int, default=192)
     p.add_argument("--report-only", action="store_true", help="assemble the table from finished rows only")
     args = p.parse_args(argv)
     known = all_rows()
     args.rows = [r.strip() for r in args.rows.split(",") if r.strip()]
-    unknown = [r for r in args.rows if r not in known]
+    args.math_rows = [r.strip() for r in args.math_rows.split(",") if r.strip()]
+    unknown = [r for r in args.rows + args.math_rows if r not in known]
     if unknown:
         p.error(f"unknown rows {unknown}; choose from {', '.join(known)}")
     if not Path(args.text).is_file():
@@ -427,6 +439,84 @@ def run_row(row: Row, args: argparse.Namespace, work: Path, text: str) -> dict[s
     return result
 
 
+def math_scores(model, tokenizer, args: argparse.Namespace) -> dict[str, Any]:
+    """GSM8K test: reference-solution NLL (first ``--math-nll-limit``) and generated-answer accuracy
+    (first ``--math-gen-limit``), each with its standard error."""
+    from sketchtune_jax.data import load_instruction_data
+    from sketchtune_jax.evaluation import evaluate_task, reference_nll
+    from sketchtune_jax.generate import generate_text
+
+    records = load_instruction_data(str(GSM8K_TEST))
+    nll = reference_nll(model, tokenizer, records, seq_len=1024, limit=args.math_nll_limit)
+
+    def generate_fn(prompts: list[str]) -> list[str]:
+        return generate_text(model, tokenizer, prompts, max_new_tokens=args.math_max_new_tokens)
+
+    acc = evaluate_task(generate_fn, records, tokenizer, task="gsm8k", limit=args.math_gen_limit)
+    p, n = acc["accuracy"], acc["n"]
+    return {
+        "nll": nll["nll"],
+        "nll_stderr": nll["stderr"],
+        "nll_n": nll["n"],
+        "accuracy": p,
+        "accuracy_stderr": math.sqrt(max(p * (1 - p), 1e-12) / n),
+        "accuracy_n": n,
+        "no_answer": acc.get("no_answer"),
+    }
+
+
+def run_math(row: Row, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """The row's math column: fine-tune on math_data.train (instruction records, response scored) with
+    the learning rate its text grid chose, as many steps and windows as the text runs, then score GSM8K."""
+    from sketchtune_jax.train import TrainConfig
+    from sketchtune_jax.workflows import finetune_to_dir
+
+    row_dir = work / "rows" / row.name
+    text_row = read_json(row_dir / "row.json")
+    if text_row is None:
+        raise RuntimeError(f"{row.name}: its text row must finish first (it picks the learning rate)")
+    done = read_json(row_dir / "math.json")
+    if done is not None and done.get("settings") == settings_of(args):
+        return done
+    method = method_of(row, args.rank, args.loftq_iters, args.seed)
+    adapter = None
+    if row.loftq:
+        model_ref, adapter, _ = prepare_loftq(method.lora, row_dir / "loftq-init")
+    else:
+        model_ref = text_row["model"]
+    before = read_json(row_dir / "math-before.json")
+    if before is None:
+        loaded, model, _ = initial_model(row, model_ref, method, adapter)
+        before = math_scores(model, loaded.tokenizer, args)
+        (row_dir / "math-before.json").write_text(json.dumps(before, indent=2))
+    run = row_dir / f"math-lr{text_row['lr']:g}"
+    if not (run / "summary.json").is_file():
+        config = TrainConfig(
+            lr=text_row["lr"],
+            schedule="cosine",
+            warmup_steps=0,
+            batch_size=args.batch_size,
+            max_steps=args.steps,
+            seq_len=args.seq_len,
+            save_every=10,
+            seed=args.seed,
+        )
+        finetune_to_dir(
+            model_ref,
+            str(MATH_TRAIN),
+            run,
+            config=config,
+            method=method,
+            adapter=adapter,
+            resume=run.is_dir() and any(run.iterdir()),
+        )
+    loaded = load_result(row, model_ref, run)
+    after = math_scores(loaded.model, loaded.tokenizer, args)
+    done = {"row": row.name, "lr": text_row["lr"], "before": before, "after": after, "settings": settings_of(args)}
+    (row_dir / "math.json").write_text(json.dumps(done, indent=2))
+    return done
+
+
 def paired_difference(a: dict[str, Any], b: dict[str, Any], resamples: int, seed: int) -> tuple[float, float]:
     """``ppl_a - ppl_b`` after fine-tuning and its bootstrap standard error over the same test windows."""
     import numpy as np
@@ -473,6 +563,7 @@ def write_report(args: argparse.Namespace, rows: dict[str, dict[str, Any]]) -> d
         "rows": list(rows.values()),
         "comparisons": comparisons(rows, args.bootstrap, args.seed),
         "missing": [r for r in DEFAULT_ORDER if r not in rows],
+        "math": [m for name in rows if (m := read_json(Path(args.work) / "rows" / name / "math.json"))],
     }
     write_json_atomic(args.out, report)
     header = (
@@ -507,6 +598,9 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.rows:
             print(f"== {name} ==", flush=True)
             run_row(known[name], args, work, args.text)
+        for name in args.math_rows:
+            print(f"== {name} (math) ==", flush=True)
+            run_math(known[name], args, work)
     write_report(args, finished_rows(args, work))
     return 0
 
