@@ -250,7 +250,7 @@ def cmd_sketch(args: argparse.Namespace) -> int:
         levers += [] if args.heal_steps else ["--heal-steps"]
         print(
             f"hint: at {settings.bits} bits, {', '.join(levers)} recover much of the loss "
-            "to the dense model; see README 'Closing the 3- and 2-bit gap'",
+            "to the dense model; see docs/recipes.md",
             file=sys.stderr,
         )
     report = sketch_to_dir(
@@ -585,7 +585,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         help="then train each sketched layer's codebooks for N Adam steps to the dense layer's output "
-        "(0: no; 32 recommended below 4 bits, README 'Closing the 3- and 2-bit gap')",
+        "(0: no; 32 recommended below 4 bits, docs/recipes.md)",
     )
     p.add_argument("--layer-tune-lr", type=float, default=1e-3, help="peak learning rate of the layer tuning")
     p.add_argument("--layer-tune-rows", type=int, default=4, help="calibration windows per layer-tuning step")

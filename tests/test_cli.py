@@ -105,7 +105,7 @@ def test_sketch_act_order_is_recorded_and_the_sketch_loads(tmp_path, capsys):
     hint = [line for line in capsys.readouterr().err.splitlines() if line.startswith("hint:")]
     assert hint == [
         "hint: at 2 bits, --layer-tune-steps 32, --heal-steps recover much of the loss "
-        "to the dense model; see README 'Closing the 3- and 2-bit gap'"
+        "to the dense model; see docs/recipes.md"
     ]
     settings = json.loads((made["sketch"] / "sketch_config.json").read_text())["settings"]
     assert settings["act_order"] is True
