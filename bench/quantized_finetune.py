@@ -48,7 +48,7 @@ MODEL = "smollm2-135m"
 TRAIN_RANGE = (0.5, 1.0)
 VAL_RANGE = (0.25, 0.5)
 
-# Recipe flags of `sketchtune sketch` per width (README, "Closing the 3- and 2-bit gap"):
+# Recipe flags of `sketchtune sketch` per width (docs/recipes.md):
 # INT3/INT4 layer-tuned from 128 windows and healed 32 steps; INT2 act-order, true-sequential,
 # 256 windows, layer tuning 64 and a 64-step heal with the norms.
 SKETCH_RECIPES = {
