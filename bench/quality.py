@@ -194,16 +194,22 @@ def heal_row(
     (`st.heal_to_dir`: resumable, kept for fine-tuning); otherwise ``model`` is healed in place.
     """
     from sketchtune_jax.calibration import calibration_token_ids
-    from sketchtune_jax.heal import heal, heal_config, heal_windows
+    from sketchtune_jax.heal import heal, heal_windows
     from sketchtune_jax.train import read_log
 
-    hc = heal_config(
-        steps=args.heal_steps, batch_size=args.heal_batch_size, seq_len=args.seq_len, lr=args.heal_lr, save_every=0
+    heal_settings = st.HealSettings(
+        steps=args.heal_steps,
+        batch_size=args.heal_batch_size,
+        seq_len=args.seq_len,
+        lr=args.heal_lr,
+        save_every=0,
+        calib_range=calib_range,
     )
+    hc = heal_settings.train_config()
     if args.save_dir and sketch_dir:
         out = Path(f"{sketch_dir}-healed{args.heal_steps}")
         if not st.is_sketched_dir(out):
-            st.heal_to_dir(sketch_dir, args.model, args.text, out, config=hc, calib_range=calib_range)
+            st.heal_to_dir(sketch_dir, args.model, args.text, out, heal_settings)
         record = json.loads((out / "sketch_config.json").read_text())["heal"]
         model = st.load_sketched(out).model
         wall, cpu, steps, windows = record["seconds"], record["cpu_seconds"], record["steps"], record["windows"]

@@ -43,7 +43,8 @@ def read_config(directory: str | Path) -> ModelConfig:
 
 
 def resolve_directory(source: str | Path) -> Path:
-    """A local directory for ``source``; a hub name ``org/name`` is downloaded if it is not a local path."""
+    """A local directory for ``source``; a hub name ``org/name`` is downloaded if it is not a local path
+    (once, safetensors preferred over ``.bin``: `sketchtune_jax.hub.download_model`)."""
     path = Path(source).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -52,14 +53,9 @@ def resolve_directory(source: str | Path) -> Path:
     if not _HUB_NAME.match(str(source)):
         raise ConversionError(f"{source} does not exist")
     try:
-        from huggingface_hub import snapshot_download
+        from sketchtune_jax.hub import download_model
 
-        return Path(
-            snapshot_download(
-                str(source),
-                allow_patterns=["*.json", "*.safetensors", "*.bin", "tokenizer*", "*.model", "*.txt"],
-            )
-        )
+        return Path(download_model(str(source)))
     except Exception as e:  # noqa: BLE001 - any hub failure (offline, gated, missing) means the same to the user
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ConversionError(

@@ -68,6 +68,34 @@ def task_accuracy(loaded, task: str, limit: int, out: Path) -> dict:
     return result
 
 
+# What each figure of `task_accuracy` is, in words, and how it is written.
+_MEASURES = (
+    ("generate", "accuracy, answer generated", "{:.0%}"),
+    ("no_answer", "answers in no recognisable form", "{:d}"),
+    ("loglik", "accuracy, likeliest choice", "{:.0%}"),
+    ("chance", "accuracy by chance", "{:.0%}"),
+)
+
+
+def before_after_rows(results: dict) -> list[dict[str, str]]:
+    """The run's figures as rows a reader knows: perplexities, then the task's scores before and after
+    fine-tuning side by side (no Python dicts in the table)."""
+    n = results["before"]["n"]
+    rows = [
+        {"measure": "perplexity, dense model", "before": f"{results['dense_ppl']:.2f}", "after": ""},
+        {"measure": "perplexity, sketched", "before": f"{results['sketched_ppl']:.2f}", "after": ""},
+    ]
+    for key, words, fmt in _MEASURES:
+        if key in results["before"]:
+            before, after = results["before"][key], results["after"][key]
+            rows.append(
+                {"measure": f"{words} ({n} test items)", "before": fmt.format(before), "after": fmt.format(after)}
+            )
+    rows.append({"measure": "fine-tuning steps", "before": "", "after": str(results["train_steps"])})
+    rows.append({"measure": "trainable parameters", "before": "", "after": f"{results['trainable_params']:,}"})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -124,8 +152,8 @@ def main() -> None:
     if args.heal_steps:
         healed_dir = out / "sketch-healed"
         if not st.is_sketched_dir(healed_dir):
-            config = st.heal_config(steps=args.heal_steps, seq_len=args.seq_len)
-            st.heal_to_dir(sketch_dir, args.model, args.text, healed_dir, config=config, calib_range=(0.5, 1.0))
+            heal = st.HealSettings(steps=args.heal_steps, seq_len=args.seq_len, calib_range=(0.5, 1.0))
+            st.heal_to_dir(sketch_dir, args.model, args.text, healed_dir, heal)
         sketch_dir = healed_dir
 
     sketched = st.load_any(str(sketch_dir))
@@ -172,7 +200,12 @@ def main() -> None:
         max_new_tokens=24,
         chat=bool(getattr(sketched.tokenizer, "chat_template", None)),
     )[0]
-    print_table(f"{args.model}: INT{args.bits}, {args.groups_per_row} groups per row", results)
+    task = "ARC-Easy" if args.task == "commonsense" else "GSM8K"
+    print_table(
+        f"{args.model}: INT{args.bits}, {args.groups_per_row} groups per row; {task} before and after fine-tuning",
+        before_after_rows(results),
+    )
+    print(f"exported to {results['export']}; sample answer: {results['sample']!r}")
     st.write_json_atomic(out / "quickstart.json", results)
 
 

@@ -23,7 +23,7 @@ from sketchtune_jax.data import build_batches, format_prompt, load_instruction_d
 from sketchtune_jax.evaluation import evaluate_task, extract_answer
 from sketchtune_jax.fileio import write_json_atomic
 from sketchtune_jax.generate import generate, generate_text
-from sketchtune_jax.heal import heal, heal_config
+from sketchtune_jax.heal import HealSettings, heal, heal_config
 from sketchtune_jax.layers import Codebook, Codes, Linear, SketchedLinear
 from sketchtune_jax.loading import load_any, model_info
 from sketchtune_jax.lora import LoraSettings, apply_lora, auto_rank, load_adapter, merge_lora, save_adapter
@@ -51,6 +51,7 @@ __all__ = [
     "Codebook",
     "Codes",
     "FinetuneMethod",
+    "HealSettings",
     "KVCache",
     "Linear",
     "LlamaForCausalLM",

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from sketchtune_jax.distributed import DistributedSettings
+    from sketchtune_jax.train.config import FinetuneSettings
 
 DTYPE_CHOICES = ("float32", "bfloat16")
 
@@ -73,12 +74,6 @@ def _add_adapter_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", help="LoRA/QLoRA adapter directory (PEFT format) to apply to a dense model")
 
 
-def _settings_from_args(cls: type, args: argparse.Namespace, **values: Any) -> Any:
-    """``cls`` built from the parsed flags named like its fields, plus ``values``."""
-    fields = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{**{k: v for k, v in vars(args).items() if k in fields}, **values})
-
-
 def cmd_info(args: argparse.Namespace) -> int:
     from pallas_kernels import describe
     from sketchtune_jax.fileio import write_json_atomic
@@ -103,11 +98,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     settings = settings_from_args(GenerateSettings, args)
     loaded = _load(args)
     prompts = args.prompt
-    outs = generate_text(loaded.model, loaded.tokenizer, prompts, **dataclasses.asdict(settings), chat=args.chat)
-    for prompt, out in zip(prompts, outs):
+    if args.template == "alpaca":
+        from sketchtune_jax.data import format_prompt
+
+        prompts = [format_prompt(p) for p in prompts]
+    chat = args.template == "chat"
+    outs = generate_text(loaded.model, loaded.tokenizer, prompts, **dataclasses.asdict(settings), chat=chat)
+    for prompt, out in zip(args.prompt, outs):
         print(f"### {prompt}\n{out}\n")
     if args.json:
-        outputs = [{"prompt": p, "output": o} for p, o in zip(prompts, outs)]
+        outputs = [{"prompt": p, "output": o} for p, o in zip(args.prompt, outs)]
         write_json_atomic(
             args.json, {"model": args.model, "settings": dataclasses.asdict(settings), "outputs": outputs}
         )
@@ -115,23 +115,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_ppl(args: argparse.Namespace) -> int:
+    from sketchtune_jax.eval_settings import PerplexitySettings
     from sketchtune_jax.fileio import write_json_atomic
     from sketchtune_jax.perplexity import perplexity, read_text, text_fraction
     from sketchtune_jax.reporting import print_table
-    from sketchtune_jax.settings import fraction_range
+    from sketchtune_jax.settings import settings_from_args
     from sketchtune_jax.workflows import calibration_overlap
 
-    text_range = fraction_range(args.text_range, "text_range")
-    text = text_fraction(read_text(args.text), text_range)
+    settings = settings_from_args(PerplexitySettings, args)
+    text = text_fraction(read_text(args.text), settings.text_range)
     loaded = _load(args)
     overlap = calibration_overlap(
         args.model,
         args.text,
         text,
         loaded.tokenizer,
-        seq_len=args.seq_len,
-        max_windows=args.max_windows,
-        text_range=text_range,
+        seq_len=settings.seq_len,
+        max_windows=settings.max_windows,
+        text_range=settings.text_range,
     )
     if overlap:
         print(f"warning: {overlap}", file=sys.stderr)
@@ -139,9 +140,9 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
         loaded.model,
         loaded.tokenizer,
         text,
-        seq_len=args.seq_len,
-        max_windows=args.max_windows,
-        batch_size=args.batch_size,
+        seq_len=settings.seq_len,
+        max_windows=settings.max_windows,
+        batch_size=settings.batch_size,
     )
     out = {"ppl": result.ppl, "tokens": result.tokens, "tokens_per_s": result.tokens_per_s, **result.to_dict()}
     print_table(f"perplexity of {args.model} on {args.text}", out)
@@ -158,24 +159,23 @@ def _add_distributed_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0, which serves there")
     g.add_argument("--num-processes", type=int, help="how many processes take part")
     g.add_argument("--process-id", type=int, help="this process's number, 0 .. num-processes - 1")
+    from sketchtune_jax.distributed import DEFAULT_TIMEOUT_S
+
     g.add_argument(
         "--distributed-timeout",
         type=float,
-        default=60.0,
-        help="seconds to wait for the coordinator, and then for all processes to join (default 60)",
+        default=DEFAULT_TIMEOUT_S,
+        help="seconds to wait for the coordinator, and then for all processes to join",
     )
 
 
 def _distributed_settings(args: argparse.Namespace) -> DistributedSettings | None:
     """The `DistributedSettings` the flags ask for, or None for one process (checked, nothing started)."""
     from sketchtune_jax.distributed import distributed_settings
-    from sketchtune_jax.settings import SettingError
+    from sketchtune_jax.settings import renamed_settings
 
-    try:
+    with renamed_settings({"timeout_s": "distributed_timeout"}):
         return distributed_settings(args.coordinator, args.num_processes, args.process_id, args.distributed_timeout)
-    except SettingError as e:
-        field = "distributed_timeout" if e.field == "timeout_s" else e.field
-        raise SettingError(field, e.problem, e.mentions) from None
 
 
 def _start_distributed(args: argparse.Namespace, settings: DistributedSettings | None) -> None:
@@ -206,48 +206,31 @@ def _is_primary() -> bool:
 
 def cmd_sketch(args: argparse.Namespace) -> int:
     from sketchtune_jax.fileio import write_json_atomic
+    from sketchtune_jax.heal import HealSettings
     from sketchtune_jax.reporting import print_table
-    from sketchtune_jax.settings import SettingError, fraction_range
+    from sketchtune_jax.settings import SettingError, settings_from_args
     from sketchtune_jax.sketcher import SketchSettings
     from sketchtune_jax.workflows import sketch_to_dir
 
-    settings = _settings_from_args(
-        SketchSettings,
-        args,
-        error_feedback=not args.no_error_feedback,
-        calib_range=fraction_range(args.calib_range, "calib_range"),
-    )
-    if args.heal_steps < 0:
-        raise ValueError(f"--heal-steps must be >= 0, got {args.heal_steps}")
-    # The heal's own settings, by their `heal_config` names; a sketch's flags carry a heal_ prefix.
-    chosen = {k: v for k, v in (("batch_size", args.heal_batch_size), ("lr", args.heal_lr)) if v is not None}
-    as_flag = {"steps": "heal_steps", "batch_size": "heal_batch_size", "lr": "heal_lr"}
-    unused = [as_flag[k] for k in chosen] + (["heal_train_norms"] if args.heal_train_norms else [])
-    if unused and not args.heal_steps:
-        named = ", ".join("{" + u + "}" for u in unused)
-        raise SettingError("heal_steps", f"is 0, so {named} would do nothing; give N > 0", tuple(unused))
-    heal = None
-    if args.heal_steps:
-        from sketchtune_jax.heal import heal_config
-
-        # Built (and so checked) before the sketch, which may take an hour, not after it.
-        try:
-            heal = heal_config(steps=args.heal_steps, seq_len=settings.seq_len, seed=settings.seed, **chosen)
-        except SettingError as e:
-            problem = e.problem
-            for m in e.mentions:
-                problem = problem.replace("{" + m + "}", "{" + as_flag.get(m, m) + "}")
-            mentions = tuple(as_flag.get(m, m) for m in e.mentions)
-            raise SettingError(as_flag.get(e.field, e.field), problem, mentions) from None
+    settings = settings_from_args(SketchSettings, args)
+    # The heal's settings, built (and so checked) before the sketch, which may take an hour.
+    heal = settings_from_args(HealSettings, args, prefix=HEAL_PREFIX, seq_len=settings.seq_len, seed=settings.seed)
+    if not heal.steps:
+        # A heal flag set away from its default would do nothing without heal steps.
+        unused = _changed_settings(HealSettings, heal, HEAL_FLAGS)
+        if unused:
+            named = ", ".join("{" + HEAL_PREFIX + u + "}" for u in unused)
+            mentions = tuple(HEAL_PREFIX + u for u in unused)
+            raise SettingError("heal_steps", f"is 0, so {named} would do nothing; give N > 0", mentions)
     distributed = _distributed_settings(args)
-    if distributed is not None and args.heal_steps:
+    if distributed is not None and heal.steps:
         raise SettingError("heal_steps", "cannot run over several processes (for now); heal afterwards in one process")
     _start_distributed(args, distributed)
     levers = [] if settings.layer_tune_steps else ["--layer-tune-steps 32"]
     # act-order won every held-out comparison at 2 bits (README), by less than the noise at 3.
     levers += ["--act-order"] if settings.bits == 2 and not settings.act_order else []
     if settings.bits < 4 and levers:
-        levers += [] if args.heal_steps else ["--heal-steps"]
+        levers += [] if heal.steps else ["--heal-steps"]
         print(
             f"hint: at {settings.bits} bits, {', '.join(levers)} recover much of the loss "
             "to the dense model; see docs/recipes.md",
@@ -285,7 +268,9 @@ def cmd_sketch(args: argparse.Namespace) -> int:
             "seconds": report["seconds"],
         },
     )
-    if heal is not None:
+    if heal.steps:
+        from dataclasses import replace
+
         from sketchtune_jax.workflows import heal_to_dir
 
         record = heal_to_dir(
@@ -293,14 +278,23 @@ def cmd_sketch(args: argparse.Namespace) -> int:
             args.model,
             settings.calib,
             args.out,
-            config=heal,
-            calib_range=settings.calib_range,
+            replace(heal, calib_range=settings.calib_range),
             dtype=args.dtype,
-            train_norms=args.heal_train_norms,
             overwrite=True,
         )
         print_table(f"healed {args.out} against {args.model}", _heal_summary(record))
     return 0
+
+
+# The heal settings ``sketch --heal-steps`` offers, as --heal-<name> flags.
+HEAL_PREFIX = "heal_"
+HEAL_FLAGS = ("steps", "batch_size", "lr", "train_norms")
+
+
+def _changed_settings(cls: type, settings: Any, names: tuple[str, ...]) -> list[str]:
+    """The fields of ``names`` whose value in ``settings`` differs from ``cls``'s default."""
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    return [n for n in names if getattr(settings, n) != defaults[n]]
 
 
 def _heal_summary(record: dict[str, Any]) -> dict[str, Any]:
@@ -310,33 +304,22 @@ def _heal_summary(record: dict[str, Any]) -> dict[str, Any]:
 
 def cmd_heal(args: argparse.Namespace) -> int:
     from sketchtune_jax.fileio import write_json_atomic
-    from sketchtune_jax.heal import heal_config
+    from sketchtune_jax.heal import HealSettings
     from sketchtune_jax.reporting import print_table
-    from sketchtune_jax.settings import fraction_range
+    from sketchtune_jax.settings import settings_from_args
     from sketchtune_jax.workflows import heal_to_dir
 
+    settings = settings_from_args(HealSettings, args)
+    settings.require_steps()
     record = heal_to_dir(
         args.model,
         args.teacher,
         args.calib,
         args.out,
-        config=heal_config(
-            steps=args.steps,
-            batch_size=args.batch_size,
-            seq_len=args.seq_len,
-            lr=args.lr,
-            schedule=args.schedule,
-            warmup_steps=args.warmup_steps,
-            save_every=args.save_every,
-            seed=args.seed,
-        ),
-        calib_range=fraction_range(args.calib_range, "calib_range"),
-        windows=args.windows,
+        settings,
         dtype=args.dtype,
         eval_text=args.eval_text,
-        eval_windows=args.eval_windows,
         allow_sketched_teacher=args.allow_sketched_teacher,
-        train_norms=args.train_norms,
         overwrite=args.overwrite,
     )
     if args.json:
@@ -367,53 +350,45 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _finetune_method(args: argparse.Namespace):
-    """The `FinetuneMethod` the flags ask for (None: the model's default, checked by the workflow),
-    and the LoRA rank asked for (an int, ``"auto"``, or None without adapters)."""
+def _finetune_method(args: argparse.Namespace, job: FinetuneSettings, seed: int):
+    """The `FinetuneMethod` the flags ask for (None: the model's default, checked by the workflow)."""
     from sketchtune_jax.lora import LoraSettings
     from sketchtune_jax.methods import FinetuneMethod
-    from sketchtune_jax.settings import SettingError
+    from sketchtune_jax.settings import SettingError, settings_from_args
 
-    name = args.method
+    name = job.method
     if args.lora_init != "default" and name != "qlora":
         raise SettingError("lora_init", f"{args.lora_init} initialises a QLoRA adapter; add --method qlora")
     if name is None:
-        return None, None
+        return None
     if name not in ("lora", "qlora"):
-        return FinetuneMethod(name), None
-    rank = args.lora_rank
-    if rank != "auto":
-        try:
-            rank = int(rank)
-        except ValueError:
-            raise SettingError("lora_rank", f"must be a positive integer or 'auto', got {rank!r}") from None
-    try:
-        settings = LoraSettings(
-            rank=1 if rank == "auto" else rank,
-            alpha=1.0 if args.lora_alpha is None else args.lora_alpha,
-            dropout=args.lora_dropout,
-            targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()),
-            qtype=args.qlora_qtype if name == "qlora" else None,
-            tile_size=args.qlora_tile_size,
-            seed=args.seed,
-            init=args.lora_init,
-            loftq_iters=args.loftq_iters,
-        )
-    except SettingError as e:
-        # The flags of LoraSettings' fields carry the method's name: --lora-rank, --qlora-qtype, ...
-        prefix = {"qtype": "qlora_", "tile_size": "qlora_", "loftq_iters": ""}.get(e.field, "lora_")
-        raise SettingError(prefix + e.field, e.problem, e.mentions) from None
-    return FinetuneMethod(name, lora=settings), rank
+        return FinetuneMethod(name)
+    # Rank and alpha are the job's (FinetuneSettings: 'auto', 2 x rank), resolved with the model.
+    lora = settings_from_args(
+        LoraSettings,
+        args,
+        prefix=LORA_PREFIX,
+        rank=1 if job.lora_rank == "auto" else job.lora_rank,
+        alpha=1.0 if job.lora_alpha is None else job.lora_alpha,
+        qtype=job.qlora_qtype if name == "qlora" else None,
+        seed=seed,
+    )
+    return FinetuneMethod(name, lora=lora)
+
+
+LORA_PREFIX = "lora_"
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     from sketchtune_jax.reporting import print_table
-    from sketchtune_jax.settings import SettingError, fraction_range
+    from sketchtune_jax.settings import SettingError, settings_from_args
     from sketchtune_jax.train import TrainConfig
+    from sketchtune_jax.train.config import FinetuneSettings
     from sketchtune_jax.workflows import finetune_to_dir
 
-    method, rank = _finetune_method(args)
-    config = _settings_from_args(TrainConfig, args, compute_dtype=None if args.dtype == "float32" else args.dtype)
+    job = settings_from_args(FinetuneSettings, args)
+    config = settings_from_args(TrainConfig, args, compute_dtype=None if args.dtype == "float32" else args.dtype)
+    method = _finetune_method(args, job, config.seed)
     distributed = _distributed_settings(args)
     if distributed is not None and method is not None and method.name != "sketch":
         raise SettingError("method", f"{method.name} cannot run over several processes (for now); use sketch")
@@ -424,14 +399,15 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         args.out,
         config=config,
         text=args.text,
-        text_range=fraction_range(args.text_range, "text_range"),
+        text_range=job.text_range,
         method=method,
-        auto_lora_rank=rank == "auto",
-        lora_alpha=args.lora_alpha,
+        auto_lora_rank=job.lora_rank == "auto",
+        lora_alpha=job.lora_alpha,
         codebooks=args.codebooks,
         dtype=args.dtype,
-        val_fraction=args.val_fraction,
-        pad_multiple=args.pad_multiple,
+        val_fraction=job.val_fraction,
+        pad_multiple=job.pad_multiple,
+        template=job.template,
         resume=args.resume,
         overwrite=args.overwrite,
         mesh=args.mesh,
@@ -448,58 +424,65 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def cmd_eval_task(args: argparse.Namespace) -> int:
     """``eval math`` and ``eval commonsense``: generate for every record and score the extracted answers,
     or (``--scoring loglik``) choose each answer by log-likelihood."""
+    from sketchtune_jax.data import check_template
+    from sketchtune_jax.eval_settings import TaskSettings
     from sketchtune_jax.evaluation import evaluate_task
     from sketchtune_jax.fileio import write_json_atomic
     from sketchtune_jax.generate import generate_text
     from sketchtune_jax.reporting import print_table
+    from sketchtune_jax.settings import settings_from_args
 
+    settings = settings_from_args(TaskSettings, args)
     if not Path(args.data).is_file():
         raise FileNotFoundError(f"data file not found: {args.data}")
-    scoring = getattr(args, "scoring", "generate")
-    if scoring == "loglik":
+    if settings.scoring == "loglik":
         from sketchtune_jax.data import read_json_records
         from sketchtune_jax.multiple_choice import check_records
 
-        records = read_json_records(args.data)[: args.limit]
+        records = read_json_records(args.data)[: settings.limit]
         try:
             check_records(records)
         except ValueError as e:
             raise ValueError(f"{args.data}: {e}") from None
     loaded = _load(args)
+    check_template(settings.template, loaded.tokenizer)
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
     # Both scorings can share one --out directory without overwriting each other.
-    name = Path(args.data).name.split(".")[0] + (".loglik" if scoring == "loglik" else "")
+    name = Path(args.data).name.split(".")[0] + (".loglik" if settings.scoring == "loglik" else "")
     predictions = Path(args.out) / f"{name}.predictions.jsonl" if args.out else None
 
-    if scoring == "loglik":
+    if settings.scoring == "loglik":
         from sketchtune_jax.multiple_choice import evaluate_multiple_choice
 
         summary = evaluate_multiple_choice(
             loaded.model,
             loaded.tokenizer,
             records,
-            continuation=args.continuation,
-            batch_size=args.batch_size,
+            continuation=settings.continuation,
+            batch_size=settings.batch_size,
             out_jsonl=predictions,
             progress=True,
+            template=settings.template,
         )
         summary["scoring"] = "loglik"
     else:
+        new_tokens = settings.new_tokens(args.task)
 
         def generate_fn(prompts: list[str]) -> list[str]:
-            return generate_text(loaded.model, loaded.tokenizer, prompts, max_new_tokens=args.max_new_tokens)
+            return generate_text(loaded.model, loaded.tokenizer, prompts, max_new_tokens=new_tokens)
 
         summary = evaluate_task(
             generate_fn,
             args.data,
             loaded.tokenizer,
-            task=args.task_name,
-            batch_size=args.batch_size,
-            limit=args.limit,
+            task=settings.task_name,
+            batch_size=settings.batch_size,
+            limit=settings.limit,
             out_jsonl=predictions,
-            strict=not args.reference_rule,
+            strict=not settings.reference_rule,
             progress=True,
+            template=settings.template,
         )
     summary["model"] = args.model
     print_table(f"{args.task} accuracy on {args.data}", summary)
@@ -538,6 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.set_defaults(func=cmd_info)
 
+    from sketchtune_jax.data import TEMPLATES
     from sketchtune_jax.generate import GenerateSettings
     from sketchtune_jax.settings import add_settings_arguments
 
@@ -547,55 +531,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_adapter_arg(p)
     p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
     add_settings_arguments(p, GenerateSettings)
-    p.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
+    p.add_argument(
+        "--template",
+        choices=TEMPLATES,
+        help="wrap each prompt in the Alpaca prompt or the tokenizer's chat template (default: as given)",
+    )
+    p.add_argument("--chat", dest="template", action="store_const", const="chat", help="same as --template chat")
     _add_json_arg(p, "the prompts and outputs")
     p.set_defaults(func=cmd_generate)
 
+    from sketchtune_jax.heal import HealSettings
+    from sketchtune_jax.sketcher import SketchSettings
+
     p = sub.add_parser("sketch", help="sketch a model's projections into codebooks and codes")
     _add_model_args(p)
-    p.add_argument("--bits", type=int, default=4, help="bits per code: 2, 3 or 4")
-    p.add_argument("--groups-per-row", type=int, default=4, help="codebooks per row (a divisor of the input widths)")
-    p.add_argument("--calib", required=True, help="text/JSON/JSONL file, hf:NAME[:CONFIG]:SPLIT, or 'self'")
-    p.add_argument("--nsamples", type=int, default=128, help="calibration windows")
-    p.add_argument(
-        "--calib-range",
-        default="0:1",
-        help="use only this fraction of a calibration text, e.g. 0.5:1 to hold out the first half",
-    )
-    p.add_argument("--seq-len", type=int, default=2048, help="tokens per calibration window")
-    p.add_argument(
-        "--hessian-exponent",
-        "--s",
-        type=float,
-        default=3.0,
-        help="exponent s of the Hessian weights diag(H^-1)^-s in k-means",
-    )
-    p.add_argument("--percdamp", type=float, default=0.01, help="damping as a fraction of mean(diag H)")
-    p.add_argument("--block-size", type=int, default=128, help="columns per error-feedback block")
-    p.add_argument("--kmeans-iters", type=int, default=100)
-    p.add_argument("--kmeans-restarts", type=int, default=1, help="k-means++ restarts; the best fit is kept")
-    p.add_argument("--refit-codebook", action="store_true", help="re-fit codebooks by least squares after the sweep")
-    p.add_argument(
-        "--act-order",
-        action="store_true",
-        help="sweep each group's columns by descending Hessian diagonal (same groups, same size)",
-    )
-    p.add_argument(
-        "--layer-tune-steps",
-        type=int,
-        default=0,
-        help="then train each sketched layer's codebooks for N Adam steps to the dense layer's output "
-        "(0: no; 32 recommended below 4 bits, docs/recipes.md)",
-    )
-    p.add_argument("--layer-tune-lr", type=float, default=1e-3, help="peak learning rate of the layer tuning")
-    p.add_argument("--layer-tune-rows", type=int, default=4, help="calibration windows per layer-tuning step")
-    p.add_argument(
-        "--true-sequential",
-        action="store_true",
-        help="measure each stage's Hessian after the stages before it are sketched",
-    )
-    p.add_argument("--no-error-feedback", action="store_true", help="ablation: map weights without error feedback")
-    p.add_argument("--seed", type=int, default=0)
+    add_settings_arguments(p, SketchSettings, required=("calib",))
     p.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward pass")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output and any unfinished sketch")
@@ -603,7 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--streaming",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="read the checkpoint one decoder layer at a time (default; same result as --no-streaming, "
+        help="read the checkpoint one decoder layer at a time (same result as --no-streaming, "
         "which loads the whole model)",
     )
     p.add_argument(
@@ -613,39 +563,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", help="also write the report to this JSON file")
     _add_distributed_args(p)
-    p.add_argument(
-        "--heal-steps",
-        type=int,
-        default=0,
-        help="then heal the sketch for N steps against MODEL on the calibration text (0: no healing)",
-    )
-    p.add_argument("--heal-batch-size", type=int, help="windows per heal step (default: sketchtune heal's, 4)")
-    p.add_argument("--heal-lr", type=float, help="peak heal learning rate (default: sketchtune heal's, 5e-4)")
-    p.add_argument("--heal-train-norms", action="store_true", help="the heal also trains the RMSNorm scales")
+    g = p.add_argument_group("healing after the sketch", "against MODEL on the calibration text (sketchtune heal)")
+    add_settings_arguments(g, HealSettings, prefix=HEAL_PREFIX, only=HEAL_FLAGS)
     p.set_defaults(func=cmd_sketch)
 
     p = sub.add_parser("heal", help="distil a sketch's codebooks from the dense model (KL on generic text)")
     _add_model_args(p)
     p.add_argument("--teacher", required=True, help="the dense model the sketch was made from")
     p.add_argument("--calib", required=True, help="text/JSON/JSONL file, hf:NAME[:CONFIG]:SPLIT, or 'self'")
-    p.add_argument("--calib-range", default="0:1", help="use only this fraction of the text, e.g. 0.5:1")
     p.add_argument("--out", required=True, help="output sketched directory (SKETCH itself with --overwrite)")
-    p.add_argument("--steps", type=int, required=True, help="optimizer steps")
-    p.add_argument("--batch-size", type=int, default=4, help="windows per step")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per window")
-    p.add_argument("--windows", type=int, help="distinct windows (default: steps x batch size, as the text allows)")
-    p.add_argument("--lr", type=float, default=5e-4, help="5e-4 from held-out figures (README)")
-    p.add_argument("--schedule", choices=("linear", "cosine", "constant"), default="cosine")
-    p.add_argument("--warmup-steps", type=int, default=0)
-    p.add_argument(
-        "--train-norms",
-        action="store_true",
-        help="also train the RMSNorm scales (stored in every sketch already: the size does not change)",
-    )
-    p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (a rerun resumes)")
-    p.add_argument("--seed", type=int, default=0)
+    add_settings_arguments(p, HealSettings, required=("steps",))
     p.add_argument("--eval-text", help="also measure perplexity on this held-out text before and after")
-    p.add_argument("--eval-windows", type=int, default=20, help="512-token windows of --eval-text")
     p.add_argument(
         "--allow-sketched-teacher", action="store_true", help="accept a sketched teacher (it passes its own errors on)"
     )
@@ -663,19 +591,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     ev = sub.add_parser("eval", help="evaluate a model").add_subparsers(dest="task", required=True)
+    from sketchtune_jax.eval_settings import PerplexitySettings, TaskSettings
+
     p = ev.add_parser("ppl", help="perplexity over non-overlapping windows of a text")
     _add_model_args(p)
     _add_codebooks_arg(p)
     _add_adapter_arg(p)
     p.add_argument("--text", required=True, help="a text file, or hf:NAME[:CONFIG]:SPLIT")
-    p.add_argument(
-        "--text-range",
-        default="0:1",
-        help="read only this fraction of the text, e.g. 0.25:0.5 for validation windows apart from the test ones",
-    )
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--max-windows", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=4)
+    add_settings_arguments(p, PerplexitySettings)
     p.add_argument("--json", help="also write the result to this JSON file")
     p.set_defaults(func=cmd_eval_ppl)
     for task in ("math", "commonsense"):
@@ -684,73 +607,21 @@ def build_parser() -> argparse.ArgumentParser:
         _add_adapter_arg(p)
         p.add_argument("--data", required=True, help="JSON records {instruction, input, answer}")
         _add_codebooks_arg(p)
-        p.add_argument("--limit", type=int, help="evaluate only the first N records")
-        p.add_argument("--batch-size", type=int, default=8)
-        p.add_argument("--max-new-tokens", type=int, default=256 if task == "math" else 32)
-        p.add_argument("--task-name", help="task or answer kind (default: from the file name)")
-        p.add_argument(
-            "--reference-rule",
-            action="store_true",
-            help="extract answers exactly as the reference does (last number), not 'The answer is' first",
-        )
+        # Log-likelihood scoring chooses among a record's options: commonsense only.
+        add_settings_arguments(p, TaskSettings, skip=() if task == "commonsense" else ("scoring", "continuation"))
         p.add_argument("--out", help="directory for per-item predictions (JSONL) and the summary")
         p.add_argument("--json", help="also write the summary to this JSON file")
-        if task == "commonsense":
-            p.add_argument(
-                "--scoring",
-                choices=("generate", "loglik"),
-                default="generate",
-                help="generate and extract the answer, or pick the choice of highest log-likelihood",
-            )
-            p.add_argument(
-                "--continuation",
-                choices=("response", "option", "question"),
-                default="response",
-                help="loglik: score 'the correct answer is answerK', the option's text, or the option's "
-                "text after 'Question: ...\\nAnswer:' (lm-evaluation-harness's ARC format)",
-            )
         p.set_defaults(func=cmd_eval_task)
     from sketchtune_jax.judge.cli import add_judge_parser
 
     add_judge_parser(ev)
 
-    from sketchtune_jax.quantized_base import QTYPES
+    from sketchtune_jax.lora import LoraSettings
+    from sketchtune_jax.train import TrainConfig
+    from sketchtune_jax.train.config import FinetuneSettings
 
     p = sub.add_parser("finetune", help="fine-tune a sketch's codebooks, or a dense model by LoRA, QLoRA or fully")
     _add_model_args(p)
-    p.add_argument(
-        "--method",
-        choices=("sketch", "lora", "qlora", "full"),
-        help="what trains: sketch (codebooks; the default for a sketched model), lora, qlora "
-        "(adapters on an NF4/INT4 base) or full (every weight) for a dense model",
-    )
-    p.add_argument(
-        "--lora-rank",
-        default="auto",
-        help="adapter rank, or 'auto': the rank whose trainable count is closest to an INT4 GPR4 sketch's",
-    )
-    p.add_argument("--lora-alpha", type=float, help="adapter scale numerator (default: 2 x rank)")
-    p.add_argument("--lora-dropout", type=float, default=0.0)
-    p.add_argument(
-        "--lora-targets",
-        default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
-        help="comma-separated projections that get adapters",
-    )
-    p.add_argument(
-        "--qlora-qtype",
-        choices=QTYPES,
-        default="nf4",
-        help="storage of QLoRA's frozen base: NormalFloat or evenly spaced levels at 4, 3 or 2 bits",
-    )
-    p.add_argument("--qlora-tile-size", type=int, default=64, help="input columns per QLoRA quantization scale")
-    p.add_argument(
-        "--lora-init",
-        choices=("default", "loftq"),
-        default="default",
-        help="default: the adapter starts at zero; loftq (qlora only): base and adapter fitted together "
-        "so that they start close to the dense weights (the run also writes the quantized base as base/)",
-    )
-    p.add_argument("--loftq-iters", type=int, default=1, help="LoftQ alternations (LoftQ's paper reports 1 and 5)")
     data = p.add_mutually_exclusive_group(required=True)
     data.add_argument("--data", help="JSON/JSONL records {instruction, input, output}; the response is scored")
     data.add_argument(
@@ -759,47 +630,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--seq-len tokens; every token is scored (language modelling)",
     )
     p.add_argument(
-        "--text-range",
-        default="0:1",
-        help="with --text: the fraction of the text to train on, e.g. 0.5:1 (held-out text stays unread)",
-    )
-    p.add_argument(
         "--out",
         required=True,
         help="run directory (logs, checkpoints, codebooks); must be empty unless --resume or --overwrite",
     )
     p.add_argument("--codebooks", help="start from these fine-tuned codebooks")
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (overrides --epochs)")
-    p.add_argument("--lr", type=float, default=8e-5)
-    p.add_argument("--schedule", choices=("linear", "cosine", "constant"), default="linear")
-    p.add_argument(
-        "--warmup-steps",
-        type=int,
-        default=None,
-        help="steps of linear warmup (None: a tenth of the run, at most 100, the paper's 100 on long runs)",
-    )
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--max-grad-norm", type=float, default=1.0)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--val-fraction", type=float, default=0.0)
-    p.add_argument(
-        "--pad-multiple",
-        type=int,
-        default=64,
-        help="pad batches to a multiple of this many tokens (each length compiles once)",
-    )
-    p.add_argument("--save-every", type=int, default=200)
-    p.add_argument("--eval-every", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--remat", action="store_true", help="recompute layer activations in the backward pass")
-    p.add_argument(
-        "--scan-layers",
-        action="store_true",
-        help="run the decoder layers as one scan (compile time independent of depth; files unchanged)",
-    )
+    add_settings_arguments(p, FinetuneSettings)
+    g = p.add_argument_group("training (TrainConfig)")
+    add_settings_arguments(g, TrainConfig)
+    g = p.add_argument_group("LoRA and QLoRA adapters (LoraSettings)")
+    add_settings_arguments(g, LoraSettings, prefix=LORA_PREFIX)
     p.add_argument(
         "--mesh",
         help="train on a device mesh, e.g. data=2,model=4 (sizes multiply to the device count; sketch only): "
@@ -824,13 +664,26 @@ def _quiet_other_libraries() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to ``sys.stderr`` as it is when a line is logged (a redirect or a test's capture made
+    after the handler was set up), never to a stream since closed."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 def _show_library_info(verbose: bool) -> None:
     # The library reports through logging; the command line prints its info lines (debug with -v),
     # once each: not passed on to the root logger, which another library may have set up to print too.
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
     root = logging.getLogger("sketchtune_jax")
-    if not root.handlers:
+    if not any(isinstance(h, _StderrHandler) for h in root.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
         root.addHandler(handler)
     root.propagate = False
     root.setLevel(logging.DEBUG if verbose else logging.INFO)

@@ -1,4 +1,4 @@
-"""Instruction data: loading, the Alpaca prompt template, tokenization, resumable batches.
+"""Instruction data: loading, the prompt templates (Alpaca, chat), tokenization, resumable batches.
 
 Records follow the LLM-Adapters / Alpaca layout ``{"instruction", "input", "output"}``
 (extra fields such as ``answer`` are kept and ignored here). A batch is a dict of
@@ -23,6 +23,8 @@ from collections.abc import Iterator, Sequence
 from typing import Any, Literal, Protocol
 
 import numpy as np
+
+from sketchtune_jax.settings import require
 
 PROMPT_HEADER = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request."
@@ -131,20 +133,12 @@ def read_json_records(path: str) -> list[Any]:
 
 
 def _load_hub_dataset(name: str, split: str) -> list[dict[str, Any]]:
+    from sketchtune_jax.hub import HubSourceError, load_hub_dataset
+
     try:
-        import datasets
-    except ImportError as e:
-        raise DataError(f"{name!r} is not a local file and the `datasets` package is missing") from e
-    try:
-        ds = datasets.load_dataset(name, split=split)
-    except Exception as e:
-        offline = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE")
-        hint = " (offline mode is set)" if offline else " (no network, or no such dataset?)"
-        raise DataError(
-            f"could not load {name!r}: it is not a local file and loading it from the "
-            f"Hugging Face hub failed{hint}: {type(e).__name__}: {e}"
-        ) from e
-    return [dict(r) for r in ds]
+        return [dict(r) for r in load_hub_dataset(name, None, split, source=name)]
+    except HubSourceError as e:
+        raise DataError(f"could not load {name!r}: it is not a local file, and {e.reason}") from None
 
 
 def _validate_record(record: Any, index: int, where: str) -> dict[str, Any]:
@@ -167,18 +161,45 @@ def _validate_record(record: Any, index: int, where: str) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- template
 
 
-def format_prompt(instruction: str, input: str = "") -> str:
-    """The Alpaca prompt (no BOS text; the tokenizer's BOS id is prepended at tokenization).
+TEMPLATES = ("alpaca", "chat")
 
-    ``### Input:`` appears only when ``input`` is non-empty after stripping.
+
+def format_prompt(
+    instruction: str, input: str = "", *, template: str = "alpaca", tokenizer: TokenizerLike | None = None
+) -> str:
+    """The prompt text of one record in ``template`` (no BOS text for alpaca; the tokenizer's BOS id
+    is prepended at tokenization when the text does not start with it).
+
+    ``alpaca``: the Alpaca prompt the paper trains and evaluates with; ``### Input:`` appears only
+    when ``input`` is non-empty after stripping. ``chat``: the ``tokenizer``'s own chat template
+    (from the GGUF or HF files) with the instruction (and input, after a blank line) as one user
+    turn, ready for the assistant's reply.
     """
     instruction = instruction.strip()
     input = (input or "").strip()
+    if template == "chat":
+        check_template(template, tokenizer)
+        content = f"{instruction}\n\n{input}" if input else instruction
+        return tokenizer.apply_chat_template(  # type: ignore[union-attr]
+            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+        )
+    check_template(template, tokenizer)
     parts = [PROMPT_HEADER, "", "### Instruction:", instruction, ""]
     if input:
         parts += ["### Input:", input, ""]
     parts += ["### Response:", ""]
     return "\n".join(parts)
+
+
+def check_template(template: str, tokenizer: Any) -> None:
+    """Refuse ``template`` before any work when it cannot be used with ``tokenizer``: an unknown
+    name, or ``chat`` for a tokenizer without a chat template."""
+    require(template in TEMPLATES, "template", f"must be one of {', '.join(TEMPLATES)}, got {template!r}")
+    require(
+        template != "chat" or bool(getattr(tokenizer, "chat_template", None)),
+        "template",
+        "is chat, but this model's tokenizer has no chat template; use alpaca",
+    )
 
 
 # ----------------------------------------------------------------------------- tokenize
@@ -202,18 +223,21 @@ def tokenize_example(
     *,
     seq_len: int,
     index: int = 0,
+    template: str = "alpaca",
 ) -> TokenizedExample:
     """BOS + prompt + response + EOS, truncated to ``seq_len``; loss on response + EOS only.
 
     The prompt is tokenized alone (as it will be at generation); the response takes the
     tokens that follow the prompt in the joint tokenization when the prompt's tokens
     are a prefix of it, and its own tokenization when they are not (a BPE merge across
-    the boundary, e.g. ``"\\n" + "\\n"``), so the boundary is always exact.
+    the boundary, e.g. ``"\\n" + "\\n"``), so the boundary is always exact. ``template`` formats
+    the prompt (`format_prompt`); BOS is not repeated when the prompt's text begins with it (a chat
+    template that writes it).
 
     Raises:
         DataError: the prompt alone (with BOS) does not leave room for one response token.
     """
-    prompt = format_prompt(record["instruction"], record.get("input", ""))
+    prompt = format_prompt(record["instruction"], record.get("input", ""), template=template, tokenizer=tokenizer)
     response = record["output"]
     prompt_ids = list(tokenizer.encode(prompt, add_special_tokens=False))
     full_ids = list(tokenizer.encode(prompt + response, add_special_tokens=False))
@@ -221,7 +245,8 @@ def tokenize_example(
         response_ids = full_ids[len(prompt_ids) :]
     else:
         response_ids = list(tokenizer.encode(response, add_special_tokens=False))
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    bos_id = tokenizer.bos_token_id
+    bos = [bos_id] if bos_id is not None and prompt_ids[:1] != [bos_id] else []
     if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no EOS token; set tokenizer.eos_token first")
     prompt_part = bos + prompt_ids
@@ -242,8 +267,9 @@ def tokenize_dataset(
     *,
     seq_len: int,
     on_long_prompt: Literal["error", "skip"] = "error",
+    template: str = "alpaca",
 ) -> list[TokenizedExample]:
-    """Tokenize every record (see `tokenize_example`).
+    """Tokenize every record (see `tokenize_example`; ``template`` formats the prompts).
 
     ``on_long_prompt="skip"`` drops records whose prompt fills ``seq_len``; ``"error"``
     raises `DataError` naming the record and its prompt length.
@@ -253,7 +279,7 @@ def tokenize_dataset(
     out = []
     for i, record in enumerate(records):
         try:
-            out.append(tokenize_example(record, tokenizer, seq_len=seq_len, index=i))
+            out.append(tokenize_example(record, tokenizer, seq_len=seq_len, index=i, template=template))
         except DataError:
             if on_long_prompt == "error":
                 raise
@@ -417,10 +443,13 @@ def build_batches(
     seed: int = 0,
     pad_multiple: int = 64,
     on_long_prompt: Literal["error", "skip"] = "error",
+    template: str = "alpaca",
 ) -> tuple[BucketedBatches, BucketedBatches | None]:
-    """Load, tokenize, split and batch in one call: ``(train_batches, val_batches or None)``."""
+    """Load, tokenize, split and batch in one call: ``(train_batches, val_batches or None)``;
+    ``template`` formats the prompts (`format_prompt`)."""
+    check_template(template, tokenizer)
     records = source if isinstance(source, Sequence) and not isinstance(source, str) else load_instruction_data(source)
-    examples = tokenize_dataset(records, tokenizer, seq_len=seq_len, on_long_prompt=on_long_prompt)
+    examples = tokenize_dataset(records, tokenizer, seq_len=seq_len, on_long_prompt=on_long_prompt, template=template)
     train, val = train_val_split(examples, val_fraction, seed=seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     kw = dict(seq_len=seq_len, pad_id=pad_id, seed=seed, pad_multiple=pad_multiple)

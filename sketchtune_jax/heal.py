@@ -22,14 +22,22 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from flax import nnx
 
 from sketchtune_jax.batches import window_batches
 from sketchtune_jax.layers import Codebook
-from sketchtune_jax.settings import SettingError
+from sketchtune_jax.settings import (
+    SettingError,
+    fraction_range,
+    require,
+    require_non_negative,
+    require_positive,
+    setting,
+    show_fraction_range,
+)
 from sketchtune_jax.train.config import TrainConfig
 from sketchtune_jax.train.distill import teacher_kl
 from sketchtune_jax.train.trainer import Trainer, TrainResult
@@ -153,37 +161,80 @@ def heal(
     return trainer.run()
 
 
-def heal_config(
-    *,
-    steps: int,
-    batch_size: int = 4,
-    seq_len: int = 512,
-    lr: float = 5e-4,
-    schedule: str = "cosine",
-    warmup_steps: int = 0,
-    save_every: int = 50,
-    seed: int = 0,
-    **overrides: Any,
-) -> TrainConfig:
-    """The `TrainConfig` of a heal of ``steps`` optimizer steps (validated; `SettingError` names the field)."""
+@dataclasses.dataclass(frozen=True)
+class HealSettings:
+    """How a sketch is healed (`sketchtune_jax.workflows.heal_to_dir`, ``sketchtune heal``); checked
+    when built, before any work. `train_config` gives the trainer's `TrainConfig`.
+
+    ``steps`` 0 means no healing (``sketchtune sketch --heal-steps``); a heal needs ``steps >= 1``.
+    ``windows`` distinct windows (None: ``steps * batch_size``, as the text allows) are cycled over.
+    The learning rate 5e-4 comes from the held-out figures in the README.
+    """
+
+    steps: int = setting(0, "optimizer steps (0: no healing)")
+    batch_size: int = setting(4, "windows per step")
+    seq_len: int = setting(512, "tokens per window")
+    lr: float = setting(5e-4, "peak learning rate (5e-4 from held-out figures, README)")
+    schedule: Literal["linear", "cosine", "constant"] = setting("cosine", "learning-rate decay after the warmup")
+    warmup_steps: int = setting(0, "steps of linear warmup")
+    save_every: int = setting(50, "checkpoint every N steps (a rerun resumes)")
+    seed: int = setting(0, "seed of the window order")
+    windows: int | None = setting(None, "distinct windows (None: steps x batch size, as the text allows)")
+    train_norms: bool = setting(
+        False, "also train the RMSNorm scales (stored in every sketch already: the size does not change)"
+    )
+    calib_range: tuple[float, float] = setting(
+        (0.0, 1.0), "use only this fraction of the text, e.g. 0.5:1", show=show_fraction_range
+    )
+    eval_windows: int = setting(20, "512-token windows of --eval-text measured before and after")
+
+    def __post_init__(self):
+        object.__setattr__(self, "calib_range", fraction_range(self.calib_range, "calib_range"))
+        require_non_negative(self, "steps")
+        require_positive(self, "eval_windows")
+        if self.windows is not None:
+            require(
+                self.windows >= self.batch_size,
+                "windows",
+                f"must be at least one batch ({self.batch_size}), got {self.windows}",
+            )
+        self.train_config()
+
+    def train_config(self, **overrides: Any) -> TrainConfig:
+        """The `TrainConfig` of this heal (``overrides``: other `TrainConfig` fields); `SettingError`
+        names the field."""
+        if self.steps == 0:
+            return dataclasses.replace(self, steps=1).train_config(**overrides)
+        return TrainConfig(
+            lr=self.lr,
+            schedule=self.schedule,
+            warmup_steps=self.warmup_steps,
+            batch_size=self.batch_size,
+            max_steps=self.steps,
+            seq_len=self.seq_len,
+            save_every=self.save_every,
+            seed=self.seed,
+            **overrides,
+        )
+
+    def require_steps(self) -> None:
+        """Raise `SettingError` unless the settings ask for a heal (``steps >= 1``)."""
+        require(self.steps >= 1, "steps", f"must be a positive number of optimizer steps, got {self.steps!r}")
+
+
+def heal_config(*, steps: int, **fields: Any) -> TrainConfig:
+    """The `TrainConfig` of a heal of ``steps`` optimizer steps: `HealSettings` fields by name, other
+    `TrainConfig` fields as overrides (validated; `SettingError` names the field)."""
     if not isinstance(steps, int) or steps < 1:
         raise SettingError("steps", f"must be a positive number of optimizer steps, got {steps!r}")
-    return dataclasses.replace(
-        TrainConfig(),
-        lr=lr,
-        schedule=schedule,
-        warmup_steps=warmup_steps,
-        batch_size=batch_size,
-        max_steps=steps,
-        seq_len=seq_len,
-        save_every=save_every,
-        seed=seed,
-        **overrides,
-    )
+    names = {f.name for f in dataclasses.fields(HealSettings)}
+    settings = HealSettings(steps=steps, **{k: v for k, v in fields.items() if k in names})
+    return settings.train_config(**{k: v for k, v in fields.items() if k not in names})
 
 
 __all__ = [
     "ARCHITECTURE_FIELDS",
+    "HealSettings",
     "architecture_mismatch",
     "heal",
     "heal_config",

@@ -26,7 +26,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -46,7 +46,7 @@ from sketchtune_jax.quantized_base import (
     quantize_blockwise,
     quantized_bytes,
 )
-from sketchtune_jax.settings import require
+from sketchtune_jax.settings import require, setting
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 INITS = ("default", "loftq")
@@ -68,7 +68,8 @@ class LoraSettings:
     - ``rank``, ``alpha``: ``delta W = alpha / rank * (A B)^T``, as in PEFT (no rsLoRA).
     - ``dropout``: on the adapter's input while training (qwix applies it on every call,
       so adapters are loaded back with ``dropout=0`` for evaluation).
-    - ``targets``: names of the projections that get adapters (the last part of the module path).
+    - ``targets``: names of the projections that get adapters (the last part of the module path;
+      also ``"q_proj,v_proj"`` text).
     - ``qtype``: None for LoRA; one of `QTYPES` (``nf4``, ``nf3``, ``nf2``, ``int4``, ``int3``,
       ``int2``) stores the frozen base quantized (QLoRA) with one scale per ``tile_size`` input columns.
     - ``init``: ``default`` (A he-uniform, B zero: the adapter starts at zero) or ``loftq``
@@ -79,16 +80,21 @@ class LoraSettings:
 
     rank: int = 8
     alpha: float = 16.0
-    dropout: float = 0.0
-    targets: tuple[str, ...] = PROJECTIONS
+    dropout: float = setting(0.0, "dropout on the adapter's input while training")
+    targets: tuple[str, ...] = setting(PROJECTIONS, "comma-separated projections that get adapters", show=",".join)
     qtype: str | None = None
-    tile_size: int = 64
+    tile_size: int = setting(64, "input columns per QLoRA quantization scale", flag="qlora_tile_size")
     seed: int = 0
-    init: str = "default"
-    loftq_iters: int = 1
+    init: Literal["default", "loftq"] = setting(
+        "default",
+        "default: the adapter starts at zero; loftq (qlora only): base and adapter fitted together so "
+        "that they start close to the dense weights (the run also writes the quantized base as base/)",
+    )
+    loftq_iters: int = setting(1, "LoftQ alternations (LoftQ's paper reports 1 and 5)", flag="loftq_iters")
 
     def __post_init__(self):
-        object.__setattr__(self, "targets", tuple(self.targets))
+        targets = self.targets.split(",") if isinstance(self.targets, str) else self.targets
+        object.__setattr__(self, "targets", tuple(t.strip() for t in targets if t.strip()))
         require(isinstance(self.rank, int) and self.rank > 0, "rank", f"must be a positive integer, got {self.rank!r}")
         require(math.isfinite(self.alpha) and self.alpha > 0, "alpha", f"must be positive, got {self.alpha!r}")
         require(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout!r}")

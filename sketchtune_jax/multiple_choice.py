@@ -123,10 +123,11 @@ def continuation_for(choices: Choices, index: int, continuation: Continuation) -
 
 
 def choice_rows(
-    record: dict[str, Any], tokenizer: TokenizerLike, continuation: Continuation
+    record: dict[str, Any], tokenizer: TokenizerLike, continuation: Continuation, template: str = "alpaca"
 ) -> tuple[Choices, list[tuple[np.ndarray, np.ndarray]], list[int]]:
     """Per choice: ``(input_ids [L], loss_mask [L])`` int32 (BOS + prompt + continuation, mask on
-    the continuation) and the continuation's length in characters."""
+    the continuation) and the continuation's length in characters; ``template`` formats the prompt
+    of continuations ``response`` and ``option`` (`sketchtune_jax.data.format_prompt`)."""
     choices = parse_choices(record["instruction"])
     rows, lengths = [], []
     for i in range(len(choices.words)):
@@ -134,7 +135,7 @@ def choice_rows(
         if continuation == "question":
             rows.append(_plain_row(f"Question: {question_of(record['instruction'])}\nAnswer:", text, tokenizer))
         else:
-            ex = tokenize_example({**record, "output": text}, tokenizer, seq_len=1 << 30)
+            ex = tokenize_example({**record, "output": text}, tokenizer, seq_len=1 << 30, template=template)
             rows.append((ex.input_ids[:-1], ex.loss_mask[:-1]))
         lengths.append(len(text))
     return choices, rows, lengths
@@ -214,6 +215,7 @@ def evaluate_multiple_choice(
     batch_size: int = 8,
     out_jsonl: str | os.PathLike | None = None,
     progress: bool = False,
+    template: str = "alpaca",
 ) -> dict[str, Any]:
     """Accuracy of choosing each record's answer by log-likelihood (``acc``) and per character (``acc_norm``).
 
@@ -226,6 +228,8 @@ def evaluate_multiple_choice(
         limit: only the first ``limit`` records.
         batch_size: (prompt, choice) rows per forward pass.
         out_jsonl: per-item log-likelihoods and predictions, one JSON object a line (written atomically).
+        template: the prompt format of continuations ``response`` and ``option``: ``alpaca`` or
+            ``chat`` (the tokenizer's chat template).
 
     Returns:
         ``{"n", "choices", "continuation", "acc", "acc_norm", "correct", "correct_norm", "chance", "out_jsonl"}``;
@@ -246,7 +250,7 @@ def evaluate_multiple_choice(
     labels = check_records(records)
     parsed, rows, spans = [], [], []
     for record, label in zip(records, labels):
-        choices, record_rows, lengths = choice_rows(record, tokenizer, continuation)
+        choices, record_rows, lengths = choice_rows(record, tokenizer, continuation, template)
         parsed.append((choices, lengths, label))
         spans.append((len(rows), len(rows) + len(record_rows)))
         rows.extend(record_rows)

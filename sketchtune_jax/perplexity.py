@@ -126,15 +126,11 @@ def read_text(source: str) -> str:
         parts = source[3:].split(":")
         if len(parts) not in (2, 3):
             raise ValueError(f"expected hf:NAME[:CONFIG]:SPLIT, got {source!r}")
-        import datasets
+        from sketchtune_jax.hub import load_hub_dataset
 
         name, split = parts[0], parts[-1]
         config = parts[1] if len(parts) == 3 else None
-        try:
-            ds = datasets.load_dataset(name, config, split=split)
-        except Exception as e:  # offline or unknown name: say which and why
-            raise ValueError(f"could not load dataset {name!r} ({type(e).__name__}: {e})") from e
-        return "\n\n".join(ds["text"])
+        return "\n\n".join(load_hub_dataset(name, config, split, source=source)["text"])
     path = Path(source)
     if not path.is_file():
         raise FileNotFoundError(f"text file not found: {source}")

@@ -110,15 +110,32 @@ def require_non_negative(obj: Any, *fields: str) -> None:
 # ``--PREFIX-name``), so the command line neither repeats a default nor disagrees with the library.
 
 
-def setting(default: Any, help: str, **flag: Any) -> Any:
-    """A dataclass field with ``default`` whose flag shows ``help`` (``flag``: more argparse keywords,
-    e.g. ``choices`` or ``metavar``)."""
-    return dataclasses.field(default=default, metadata={"help": help, **flag})
+def setting(
+    default: Any, help: str, *, flag: str | None = None, show: Callable[[Any], str] | None = None, **kw: Any
+) -> Any:
+    """A dataclass field with ``default`` whose flag shows ``help``.
+
+    ``flag``: the flag's name as an argparse dest (``"qlora_qtype"`` gives ``--qlora-qtype``) when it
+    is not the field's name after the prefix; ``show``: how ``--help`` and the flag write the default
+    (the flag's value then reaches the dataclass as text, which ``__post_init__`` parses); ``kw``:
+    more argparse keywords (``choices``, ``metavar``, ``type``, ``aliases``: other spellings).
+    """
+    metadata = {"help": help, **kw}
+    if flag is not None:
+        metadata["flag"] = flag
+    if show is not None:
+        metadata["show"] = show
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def flag_name(field: dataclasses.Field, prefix: str = "") -> str:
+    """The argparse dest of ``field``'s flag: its own ``flag``, else ``prefix + name``."""
+    return field.metadata.get("flag") or prefix + field.name
 
 
 def _flag_kind(annotation: Any) -> tuple[Any, dict[str, Any]]:
     """``(type, argparse keywords)`` for a field annotated ``annotation`` (int, float, str, bool,
-    ``X | None`` or a `Literal`)."""
+    ``X | None``, ``X | Literal[...]`` or a `Literal`)."""
     if get_origin(annotation) is Literal:
         choices = get_args(annotation)
         return type(choices[0]), {"choices": choices}
@@ -126,48 +143,74 @@ def _flag_kind(annotation: Any) -> tuple[Any, dict[str, Any]]:
         inner = [a for a in get_args(annotation) if a is not type(None)]
         if len(inner) == 1:
             return _flag_kind(inner[0])
+        # e.g. ``int | Literal["auto"]``: the text reaches the dataclass, which parses it.
+        return str, {}
     return annotation, {}
 
 
 def add_settings_arguments(
-    parser: argparse._ActionsContainer, cls: type, *, prefix: str = "", skip: tuple[str, ...] = ()
+    parser: argparse._ActionsContainer,
+    cls: type,
+    *,
+    prefix: str = "",
+    skip: tuple[str, ...] = (),
+    only: tuple[str, ...] | None = None,
+    required: tuple[str, ...] = (),
 ) -> None:
-    """Add a flag for every field of the dataclass ``cls`` made with `setting` (less ``skip``):
-    ``--{prefix}{name}`` with the field's default, type, help and choices. A bool field gives
+    """Add a flag for every field of the dataclass ``cls`` made with `setting` (less ``skip``; only
+    ``only`` when given): ``--{prefix}{name}`` (or the field's own ``flag``) with the field's
+    default, type, help and choices; the fields of ``required`` must be given. A bool field gives
     ``--name`` and ``--no-name``."""
     hints = get_type_hints(cls)
     for field in dataclasses.fields(cls):
-        if "help" not in field.metadata or field.name in skip:
+        if "help" not in field.metadata or field.name in skip or (only is not None and field.name not in only):
             continue
-        extra = {k: v for k, v in field.metadata.items() if k != "help"}
+        extra = {k: v for k, v in field.metadata.items() if k not in ("help", "flag", "show", "aliases")}
         kind, found = _flag_kind(hints[field.name])
-        flag = "--" + (prefix + field.name).replace("_", "-")
+        dest = flag_name(field, prefix)
+        flags = ["--" + dest.replace("_", "-"), *field.metadata.get("aliases", ())]
+        show = field.metadata.get("show")
+        default = show(field.default) if show is not None and field.default is not None else field.default
+        common: dict[str, Any] = {"dest": dest, "help": field.metadata["help"]}
+        if field.name in required:
+            common["required"] = True
+        else:
+            common["default"] = default
         if kind is bool:
-            parser.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=field.default, help=field.metadata["help"]
-            )
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **common)
             continue
-        parser.add_argument(flag, type=kind, default=field.default, help=field.metadata["help"], **{**found, **extra})
+        if show is not None:
+            kind = str
+        parser.add_argument(*flags, type=kind, **common, **{**found, **extra})
 
 
 def settings_from_args(cls: type, args: argparse.Namespace, *, prefix: str = "", **values: Any) -> Any:
     """``cls`` built (and so checked) from the flags `add_settings_arguments` added, plus ``values``;
-    a `SettingError` names the field's flag (``prefix`` + field)."""
+    a `SettingError` names each field by its flag's dest (``prefix`` + field, or the field's ``flag``)."""
     given = vars(args)
-    fields = {f.name: given[prefix + f.name] for f in dataclasses.fields(cls) if prefix + f.name in given}
-    with prefixed_settings(prefix):
+    dests = {f.name: flag_name(f, prefix) for f in dataclasses.fields(cls)}
+    # Only fields made with `setting` have flags; another class's flag may share a plain field's name.
+    flagged = {f.name for f in dataclasses.fields(cls) if "help" in f.metadata}
+    fields = {name: given[dests[name]] for name in flagged if dests[name] in given}
+    with renamed_settings({name: dest for name, dest in dests.items() if dest in given or prefix}):
         return cls(**{**fields, **values})
 
 
 @contextmanager
-def prefixed_settings(prefix: str) -> Iterator[None]:
-    """Re-raise a `SettingError` (or `OutputExistsError`) of the block with ``prefix`` before every
-    setting it names: the settings of a sub-job, named as the flags that fill them (``heal_lr``)."""
+def renamed_settings(names: dict[str, str]) -> Iterator[None]:
+    """Re-raise a `SettingError` of the block with every setting it names renamed by ``names``
+    (others kept): the fields of a settings class, named as the flags that fill them."""
     try:
         yield
     except SettingError as e:
-        if not prefix:
+        if not names:
             raise
-        mentions = tuple(prefix + m for m in e.mentions)
-        problem = name_settings(e.problem, e.mentions, lambda m: "{" + prefix + m + "}")
-        raise SettingError(prefix + e.field, problem, mentions) from None
+        mentions = tuple(names.get(m, m) for m in e.mentions)
+        problem = name_settings(e.problem, e.mentions, lambda m: "{" + names.get(m, m) + "}")
+        raise SettingError(names.get(e.field, e.field), problem, mentions) from None
+
+
+def show_fraction_range(value: tuple[float, float]) -> str:
+    """``(start, end)`` written as the ``START:END`` a flag takes (``0.5:1``)."""
+    lo, hi = value
+    return f"{lo:g}:{hi:g}"

@@ -41,7 +41,15 @@ from sketchtune_jax.layers import Linear, SketchedLinear
 from sketchtune_jax.models import DecoderLayer, ModelConfig
 from sketchtune_jax.module_paths import get_submodule, set_submodule
 from sketchtune_jax.reporting import progress
-from sketchtune_jax.settings import OutputExistsError, SettingError, fraction_range, require, require_positive
+from sketchtune_jax.settings import (
+    OutputExistsError,
+    SettingError,
+    fraction_range,
+    require,
+    require_positive,
+    setting,
+    show_fraction_range,
+)
 from sketchtune_jax.sharding import mesh_spec
 from sketchtune_jax.sketch import (
     accumulate_hessian,
@@ -67,28 +75,41 @@ class SketchSettings:
     calibration rows (`sketchtune_jax.sketch.layer_tune`): that many Adam steps of ``layer_tune_rows``
     rows each, cosine-decayed from ``layer_tune_lr``.
     ``act_order`` sweeps each column group's columns by descending ``H_ii`` (`act_order_within_groups`);
-    the groups, and so the sketch's size and layout, stay as they are.
+    the groups, and so the sketch's size and layout, stay as they are. ``calib_range`` may be given
+    as ``"START:END"`` text; it is kept as a pair of floats.
     """
 
-    bits: int = 4
-    groups_per_row: int = 4
-    hessian_exponent: float = 3.0
-    percdamp: float = 0.01
-    block_size: int = 128
-    kmeans_iters: int = 100
-    kmeans_restarts: int = 1
-    refit_codebook: bool = False
-    act_order: bool = False
-    error_feedback: bool = True
-    true_sequential: bool = False
-    layer_tune_steps: int = 0
-    layer_tune_lr: float = 1e-3
-    layer_tune_rows: int = 4
-    seed: int = 0
-    calib: str = ""
-    nsamples: int = 128
-    seq_len: int = 2048
-    calib_range: tuple[float, float] = (0.0, 1.0)
+    bits: int = setting(4, "bits per code: 2, 3 or 4")
+    groups_per_row: int = setting(4, "codebooks per row (a divisor of the input widths)")
+    hessian_exponent: float = setting(
+        3.0, "exponent s of the Hessian weights diag(H^-1)^-s in k-means", aliases=("--s",)
+    )
+    percdamp: float = setting(0.01, "damping as a fraction of mean(diag H)")
+    block_size: int = setting(128, "columns per error-feedback block")
+    kmeans_iters: int = setting(100, "k-means iterations")
+    kmeans_restarts: int = setting(1, "k-means++ restarts; the best fit is kept")
+    refit_codebook: bool = setting(False, "re-fit codebooks by least squares after the sweep")
+    act_order: bool = setting(
+        False, "sweep each group's columns by descending Hessian diagonal (same groups, same size)"
+    )
+    error_feedback: bool = setting(True, "map weights with error feedback (--no-error-feedback: the ablation)")
+    true_sequential: bool = setting(False, "measure each stage's Hessian after the stages before it are sketched")
+    layer_tune_steps: int = setting(
+        0,
+        "then train each sketched layer's codebooks for N Adam steps to the dense layer's output "
+        "(0: no; 32 recommended below 4 bits, docs/recipes.md)",
+    )
+    layer_tune_lr: float = setting(1e-3, "peak learning rate of the layer tuning")
+    layer_tune_rows: int = setting(4, "calibration windows per layer-tuning step")
+    seed: int = setting(0, "seed of the calibration sample and k-means")
+    calib: str = setting("", "text/JSON/JSONL file, hf:NAME[:CONFIG]:SPLIT, or 'self'")
+    nsamples: int = setting(128, "calibration windows")
+    seq_len: int = setting(2048, "tokens per calibration window")
+    calib_range: tuple[float, float] = setting(
+        (0.0, 1.0),
+        "use only this fraction of a calibration text, e.g. 0.5:1 to hold out the first half",
+        show=show_fraction_range,
+    )
 
     def __post_init__(self):
         require(
@@ -108,7 +129,7 @@ class SketchSettings:
             "hessian_exponent",
             f"must be a finite number >= 0, got {self.hessian_exponent}",
         )
-        fraction_range(self.calib_range, "calib_range")
+        object.__setattr__(self, "calib_range", fraction_range(self.calib_range, "calib_range"))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SketchSettings:
@@ -295,7 +316,8 @@ def sketch_model(
 ) -> dict[str, Any]:
     """Sketch every decoder-layer projection of ``model`` in place; returns the report.
 
-    ``calib_ids``: int32 ``[nsamples, seq_len]``. With ``work_dir``, each finished layer
+    ``calib_ids``: int32 ``[nsamples, seq_len]``; the report's settings record that shape (whatever
+    ``settings.nsamples`` and ``seq_len`` say). With ``work_dir``, each finished layer
     is saved there and a later call with the same settings resumes from it.
     ``on_layer_done(index)`` is called after each decoder layer is finished (and saved).
     With ``mesh`` the work is split over its devices (see `check_sketch_mesh`) and the
@@ -303,6 +325,7 @@ def sketch_model(
     """
     settings.validate(model.config)
     calib_ids = check_calibration_ids(calib_ids)
+    settings = calibrated_settings(settings, calib_ids)
     if mesh is not None:
         check_sketch_mesh(mesh, model.config, calib_ids.shape[0])
         nnx.update(model, jax.device_put(nnx.state(model), NamedSharding(mesh, PartitionSpec())))
@@ -367,6 +390,13 @@ def check_calibration_ids(calib_ids: np.ndarray) -> np.ndarray:
     if calib_ids.ndim != 2:
         raise ValueError(f"calibration ids must be [nsamples, seq_len], got shape {calib_ids.shape}")
     return calib_ids
+
+
+def calibrated_settings(settings: SketchSettings, calib_ids: np.ndarray) -> SketchSettings:
+    """``settings`` with the calibration ``calib_ids`` really is (``nsamples``, ``seq_len``), which a
+    sketch records; windows made elsewhere need not match the settings' defaults."""
+    nsamples, seq_len = calib_ids.shape
+    return dataclasses.replace(settings, nsamples=int(nsamples), seq_len=int(seq_len))
 
 
 def sketch_layers(

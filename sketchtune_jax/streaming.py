@@ -25,6 +25,7 @@ from sketchtune_jax.module_paths import get_submodule, set_submodule
 from sketchtune_jax.sketcher import (
     ResumeDir,
     SketchSettings,
+    calibrated_settings,
     check_calibration_ids,
     check_sketch_mesh,
     sketch_layers,
@@ -65,6 +66,7 @@ def sketch_streaming(
         dict(iter_params(abstract_model(config, dtype, param_dtype))), tensors.names(), tensors.where, tensors.ignorable
     )
     calib_ids = check_calibration_ids(calib_ids)
+    settings = calibrated_settings(settings, calib_ids)
     if mesh is not None:
         check_sketch_mesh(mesh, config, calib_ids.shape[0])
     resume = ResumeDir(work_dir, settings, calib_ids)
@@ -139,7 +141,8 @@ def assemble_sketch(
         modules,
         specs,
         arrays(),
-        settings=dataclasses.asdict(settings),
+        # The report's settings record the calibration the layers really saw.
+        settings=(report or {}).get("settings") or dataclasses.asdict(settings),
         report=report,
         overwrite=overwrite,
     )

@@ -20,6 +20,7 @@ import jax
 from sketchtune_jax.checkpoint import SKETCH_CONFIG, is_sketched_dir, save_sketched
 from sketchtune_jax.distributed import barrier, is_primary
 from sketchtune_jax.fileio import check_output_dir, write_json_atomic
+from sketchtune_jax.heal import HealSettings
 from sketchtune_jax.methods import FinetuneMethod, check_method_fits, default_method
 from sketchtune_jax.settings import DTYPES, OutputExistsError, SettingError, fraction_range, fraction_ranges_meet
 from sketchtune_jax.sharding import mesh_spec
@@ -30,7 +31,7 @@ from sketchtune_jax.sketcher import (
     prepare_sketch_output,
     sketch_model,
 )
-from sketchtune_jax.train.config import TrainConfig
+from sketchtune_jax.train.config import FinetuneSettings, TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -175,7 +176,7 @@ def _sketch_into(
             loaded.config,
             loaded.tokenizer,
             out_dir,
-            settings=dataclasses.asdict(settings),
+            settings=report["settings"],
             report=report,
             overwrite=True,
         )
@@ -201,6 +202,10 @@ def check_run_dir(out_dir: str | os.PathLike, *, resume: bool, overwrite: bool) 
         )
 
 
+# finetune_to_dir's defaults are FinetuneSettings' (one source; the command line reads them too).
+_FINETUNE = FinetuneSettings()
+
+
 def finetune_to_dir(
     model_ref: str,
     data: str | os.PathLike | None,
@@ -208,15 +213,16 @@ def finetune_to_dir(
     *,
     config: TrainConfig,
     text: str | None = None,
-    text_range: tuple[float, float] = (0.0, 1.0),
+    text_range: tuple[float, float] | str = _FINETUNE.text_range,
     method: FinetuneMethod | None = None,
     auto_lora_rank: bool = False,
-    lora_alpha: float | None = None,
+    lora_alpha: float | None = _FINETUNE.lora_alpha,
     codebooks: str | None = None,
     adapter: str | None = None,
     dtype: str = "float32",
-    val_fraction: float = 0.0,
-    pad_multiple: int = 64,
+    val_fraction: float = _FINETUNE.val_fraction,
+    pad_multiple: int = _FINETUNE.pad_multiple,
+    template: str = _FINETUNE.template,
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
@@ -228,7 +234,9 @@ def finetune_to_dir(
     With ``text`` (a text/JSON/JSONL file or ``hf:`` source; ``data`` None) the ``text_range``
     fraction of it is cut into packed windows of ``config.seq_len`` tokens and every token is
     scored (language modelling; `sketchtune_jax.batches.text_batches`); ``val_fraction`` holds
-    out the last windows. Instruction records score the response tokens only.
+    out the last windows. Instruction records score the response tokens only, after a prompt in
+    ``template`` (``alpaca``, the paper's, or ``chat``: the tokenizer's own chat template).
+    The defaults are `FinetuneSettings`'.
 
     ``adapter`` (methods lora and qlora) starts from that adapter directory, whose settings (rank,
     alpha, quantized base) then replace ``method``'s: e.g. a LoftQ initialisation made once and
@@ -285,6 +293,10 @@ def finetune_to_dir(
     barrier("finetune: output checked")
     records = load_instruction_data(data) if text is None else None
     loaded = _load(model_ref, dtype, codebooks)
+    if text is None:
+        from sketchtune_jax.data import check_template
+
+        check_template(template, loaded.tokenizer)
     if method.lora is not None and adapter is None:
         rank = auto_rank(loaded.model, method.lora.targets) if auto_lora_rank else method.lora.rank
         alpha = 2.0 * rank if lora_alpha is None else lora_alpha
@@ -312,6 +324,7 @@ def finetune_to_dir(
             seed=config.seed,
             on_long_prompt="skip",
             pad_multiple=pad_multiple,
+            template=template,
         )
     else:
         from sketchtune_jax.batches import text_batches
@@ -358,7 +371,9 @@ def finetune_to_dir(
         summary.update(lora_rank=method.lora.rank, lora_alpha=method.lora.alpha, lora_qtype=method.lora.qtype)
         if method.lora.init == "loftq":
             summary.update(lora_init="loftq", loftq_iters=method.lora.loftq_iters)
-    if text is not None:
+    if text is None:
+        summary["template"] = template
+    else:
         summary["text_range"] = list(text_range)
     if is_primary():
         write_json_atomic(Path(out_dir) / "summary.json", summary)
@@ -496,30 +511,26 @@ def heal_to_dir(
     teacher_ref: str,
     calib: str,
     out_dir: str | os.PathLike,
+    settings: HealSettings,
     *,
-    config: TrainConfig,
-    calib_range: tuple[float, float] = (0.0, 1.0),
-    windows: int | None = None,
     dtype: str = "float32",
     eval_text: str | None = None,
-    eval_windows: int = 20,
     eval_seq_len: int = 512,
     allow_sketched_teacher: bool = False,
-    train_norms: bool = False,
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Heal the sketch in ``sketch_dir`` against ``teacher_ref`` on ``calib`` text; write it to ``out_dir``.
 
-    Trains the codebooks, with ``train_norms`` the RMSNorm scales too (`sketchtune_jax.heal.heal`),
-    as ``config`` says (make it with `sketchtune_jax.heal.heal_config`): ``max_steps`` steps of
-    ``batch_size`` windows of ``seq_len`` tokens, drawn from the ``calib_range`` fraction of ``calib`` (a text/JSON/JSONL file,
-    ``hf:...``, or ``self``: sampled from the teacher).
-    ``windows`` distinct windows (default ``max_steps * batch_size``, at most what the text
+    Trains the codebooks, with ``settings.train_norms`` the RMSNorm scales too
+    (`sketchtune_jax.heal.heal`), as the `HealSettings` say: ``steps`` steps of ``batch_size``
+    windows of ``seq_len`` tokens, drawn from the ``calib_range`` fraction of ``calib`` (a
+    text/JSON/JSONL file, ``hf:...``, or ``self``: sampled from the teacher).
+    ``windows`` distinct windows (default ``steps * batch_size``, at most what the text
     holds without overlap) are cycled over. ``out_dir`` receives a sketched directory with
     the same codes and the healed codebooks, and ``sketch_config.json`` gains a ``heal``
     record (settings, seconds, first and final KL, and with ``eval_text`` the held-out
-    perplexity of ``eval_seq_len``-token windows before and after); the step log is
+    perplexity of ``eval_windows`` windows of ``eval_seq_len`` tokens before and after); the step log is
     ``heal_log.jsonl``. ``out_dir`` may be ``sketch_dir`` itself (healed in place; needs
     ``overwrite``). Checkpoints live in ``<out_dir>.heal`` until the end, so the same call
     after an interruption resumes. A teacher that is itself a sketch is refused unless
@@ -533,14 +544,13 @@ def heal_to_dir(
     from sketchtune_jax.fileio import check_output_dir
     from sketchtune_jax.heal import architecture_mismatch, heal, heal_windows
 
-    steps, batch_size, seq_len, seed = config.max_steps, config.batch_size, config.seq_len, config.seed
-    lo, hi = fraction_range(calib_range, "calib_range")
-    if windows is not None and windows < batch_size:
-        raise SettingError("windows", f"must be at least one batch ({batch_size}), got {windows}")
-    if eval_text is not None and (eval_windows < 1 or eval_seq_len < 2):
-        raise SettingError(
-            "eval_windows", f"and eval_seq_len must be >= 1 and >= 2, got {eval_windows}, {eval_seq_len}"
-        )
+    settings.require_steps()
+    config = settings.train_config()
+    steps, batch_size, seq_len, seed = settings.steps, settings.batch_size, settings.seq_len, settings.seed
+    lo, hi = settings.calib_range
+    windows, eval_windows, train_norms = settings.windows, settings.eval_windows, settings.train_norms
+    if eval_text is not None and eval_seq_len < 2:
+        raise SettingError("eval_seq_len", f"must be >= 2, got {eval_seq_len}")
     if not is_sketched_dir(sketch_dir):
         raise ValueError(
             f"{sketch_dir} is not a sketched model (no {SKETCH_CONFIG}); make one with `sketchtune sketch`"

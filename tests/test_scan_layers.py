@@ -176,10 +176,11 @@ def test_scanned_train_step_program_does_not_grow_with_depth():
 
 
 def test_cli_flag_sets_scan_layers_and_lora_refuses_it(tmp_path, capsys):
-    from sketchtune_jax.cli import _settings_from_args, build_parser
+    from sketchtune_jax.cli import build_parser
+    from sketchtune_jax.settings import settings_from_args
 
     base = ["finetune", str(tmp_path), "--data", "d.json", "--out", str(tmp_path / "o")]
-    assert _settings_from_args(TrainConfig, build_parser().parse_args([*base, "--scan-layers"])).scan_layers
-    assert not _settings_from_args(TrainConfig, build_parser().parse_args(base)).scan_layers
+    assert settings_from_args(TrainConfig, build_parser().parse_args([*base, "--scan-layers"])).scan_layers
+    assert not settings_from_args(TrainConfig, build_parser().parse_args(base)).scan_layers
     line = assert_cli_refuses([*base, "--method", "lora", "--scan-layers"], capsys, "--scan-layers")
     assert "sketch and full" in line

@@ -1,4 +1,7 @@
-"""Training configuration."""
+"""Training configuration: `TrainConfig` (the trainer's) and `FinetuneSettings` (the fine-tuning job's).
+
+The defaults are the paper's math-reasoning recipe (Table 8 of the appendix: AdamW, lr 8e-5, batch
+16, linear decay, 100 warmup steps) except the epochs (1 here, 4 there)."""
 
 from __future__ import annotations
 
@@ -6,8 +9,18 @@ import dataclasses
 import math
 from typing import Any, Literal
 
-from sketchtune_jax.models.remat import remat_name
-from sketchtune_jax.settings import DTYPES, SettingError, require, require_non_negative, require_positive
+from sketchtune_jax.models.remat import REMAT_POLICIES, remat_name
+from sketchtune_jax.quantized_base import QTYPES
+from sketchtune_jax.settings import (
+    DTYPES,
+    SettingError,
+    fraction_range,
+    require,
+    require_non_negative,
+    require_positive,
+    setting,
+    show_fraction_range,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,28 +54,38 @@ class TrainConfig:
     - ``batch_size``, ``grad_accum``, ``seed``, ``seq_len`` must match to resume a run.
     """
 
-    lr: float = 1e-4
-    schedule: Literal["linear", "cosine", "constant"] = "linear"
-    warmup_steps: int | None = None
-    weight_decay: float = 0.0
-    adam_b1: float = 0.9
-    adam_b2: float = 0.999
-    adam_eps: float = 1e-8
-    max_grad_norm: float | None = 1.0
-    grad_accum: int = 1
-    batch_size: int = 8
-    epochs: int = 1
-    max_steps: int = 0
-    seq_len: int = 512
-    save_every: int = 200
-    keep_checkpoints: int = 2
-    eval_every: int = 0
-    log_every: int = 1
-    seed: int = 0
+    lr: float = setting(8e-5, "peak learning rate (the paper's math-reasoning recipe, Table 8)")
+    schedule: Literal["linear", "cosine", "constant"] = setting("linear", "learning-rate decay after the warmup")
+    warmup_steps: int | None = setting(
+        None, "steps of linear warmup (None: a tenth of the run, at most 100: the paper's 100 on long runs)"
+    )
+    weight_decay: float = setting(0.0, "AdamW weight decay")
+    adam_b1: float = setting(0.9, "Adam's first-moment decay")
+    adam_b2: float = setting(0.999, "Adam's second-moment decay")
+    adam_eps: float = setting(1e-8, "Adam's epsilon")
+    max_grad_norm: float | None = setting(1.0, "clip the gradients' global norm to this (0: no clipping)")
+    grad_accum: int = setting(1, "micro-batches per optimizer step")
+    batch_size: int = setting(16, "rows per micro-batch")
+    epochs: int = setting(1, "passes over the data")
+    max_steps: int = setting(0, "stop after this many steps (overrides --epochs; 0: epochs decide)")
+    seq_len: int = setting(512, "tokens per row, at most")
+    save_every: int = setting(200, "checkpoint every N steps (0: only at the end)")
+    keep_checkpoints: int = setting(2, "most recent checkpoints kept")
+    eval_every: int = setting(0, "validation every N steps (0: at the end only)")
+    log_every: int = setting(1, "log every N steps")
+    seed: int = setting(0, "seed of the data order (and of adapters' initialisation)")
     compute_dtype: str | None = None
     codebook_dtype: str | None = "float32"
-    remat: str | bool = "none"
-    scan_layers: bool = False
+    remat: str | bool = setting(
+        "none",
+        "recompute layer activations in the backward pass under this policy (--remat alone: full)",
+        nargs="?",
+        const="full",
+        choices=REMAT_POLICIES,
+    )
+    scan_layers: bool = setting(
+        False, "run the decoder layers as one scan (compile time independent of depth; files unchanged)"
+    )
 
     def __post_init__(self):
         object.__setattr__(self, "remat", remat_name(self.remat))
@@ -120,3 +143,63 @@ class TrainConfig:
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+TEMPLATE_HELP = (
+    "prompt format of instruction records: alpaca (the paper's protocols) or chat (the tokenizer's own "
+    "chat template, for an instruct/chat model used as a chat model)"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneSettings:
+    """What a fine-tuning job decides besides the trainer's `TrainConfig` and the adapter's
+    `sketchtune_jax.lora.LoraSettings` (`sketchtune_jax.workflows.finetune_to_dir`, ``sketchtune
+    finetune``); checked when built.
+
+    - ``method``: None trains a sketch's codebooks (a dense model must name one).
+    - ``lora_rank``: ``"auto"`` (the rank whose trainable count is closest to an INT4 GPR4 sketch's,
+      the paper's like-for-like comparison) or a positive number; ``lora_alpha`` None: 2 x rank.
+    - ``qlora_qtype``: how method qlora stores its frozen base.
+    - ``text_range``: the fraction of a plain text trained on (also ``"START:END"`` text).
+    - ``template``: the prompt format of instruction records (`sketchtune_jax.data.format_prompt`).
+    """
+
+    method: Literal["sketch", "lora", "qlora", "full"] | None = setting(
+        None,
+        "what trains: sketch (codebooks; the default for a sketched model), lora, qlora "
+        "(adapters on an NF4/INT4 base) or full (every weight) for a dense model",
+    )
+    lora_rank: int | Literal["auto"] = setting(
+        "auto", "adapter rank, or 'auto': the rank whose trainable count is closest to an INT4 GPR4 sketch's"
+    )
+    lora_alpha: float | None = setting(None, "adapter scale numerator (None: 2 x rank)")
+    qlora_qtype: str = setting(
+        "nf4",
+        "storage of QLoRA's frozen base: NormalFloat or evenly spaced levels at 4, 3 or 2 bits",
+        choices=QTYPES,
+    )
+    val_fraction: float = setting(0.0, "hold out this fraction of the data for validation")
+    pad_multiple: int = setting(64, "pad batches to a multiple of this many tokens (each length compiles once)")
+    text_range: tuple[float, float] = setting(
+        (0.0, 1.0),
+        "with --text: the fraction of the text to train on, e.g. 0.5:1 (held-out text stays unread)",
+        show=show_fraction_range,
+    )
+    template: Literal["alpaca", "chat"] = setting("alpaca", TEMPLATE_HELP)
+
+    def __post_init__(self):
+        object.__setattr__(self, "text_range", fraction_range(self.text_range, "text_range"))
+        rank = self.lora_rank
+        if rank != "auto":
+            try:
+                rank = int(rank)
+            except (TypeError, ValueError):
+                rank = 0
+            require(rank > 0, "lora_rank", f"must be a positive integer or 'auto', got {self.lora_rank!r}")
+            object.__setattr__(self, "lora_rank", rank)
+        if self.lora_alpha is not None:
+            require_positive(self, "lora_alpha", finite=True)
+        require(0 <= self.val_fraction < 1, "val_fraction", f"must be in [0, 1), got {self.val_fraction}")
+        require_positive(self, "pad_multiple")
+        require(self.template in ("alpaca", "chat"), "template", f"must be alpaca or chat, got {self.template!r}")
