@@ -113,8 +113,8 @@ def _decode_program(model) -> str:
     ).as_text()
 
 
-def test_the_compiled_decode_loop_holds_no_dequantisation(model):
-    # Unpacking codes is the only shift in a greedy decode program.
+def test_the_generate_program_holds_no_dequantisation(model):
+    # Unpacking codes is the only shift in a greedy generate program (prefill and decode loop).
     assert "shift_right_logical" in _decode_program(model)
     view_program = _decode_program(inference_view(model))
     assert "shift_right_logical" not in view_program and "ui32" not in view_program
