@@ -31,6 +31,7 @@ from sketchtune_jax.quantized_base import QTYPES, qtype_bits, quant_levels
 from sketchtune_jax.settings import SettingError
 from sketchtune_jax.train import TrainConfig, make_optimizer, train_step
 
+
 def _pair(seed: int = 0, **overrides):
     hf = tiny_hf_model("llama_gqa", seed=seed, **overrides)
     config = ModelConfig.from_hf(hf.config.to_dict())
