@@ -261,7 +261,7 @@ def load_result(row: Row, model_ref: str, run: Path | None):
     return load_any(model_ref, adapter=str(run / "adapter"))
 
 
-def initial_model(row: Row, model_ref: str, method, adapter: str | None):
+def initial_model(model_ref: str, method, adapter: str | None):
     """The model as fine-tuning starts (for QLoRA the quantized base with its initial adapter; for
     LoftQ the adapter ``loftq_to_dir`` wrote) and the seconds preparing it took (quantization)."""
     from sketchtune_jax.loading import load_any
@@ -333,7 +333,7 @@ def bootstrap_ppl(window_nll: list[float], resamples: int, seed: int) -> float:
     return float(np.std(np.exp(nll[idx].mean(axis=1)), ddof=1))
 
 
-def memory_of(row: Row, model_ref: str, method, adapter: str | None, args: argparse.Namespace) -> dict[str, Any]:
+def memory_of(model_ref: str, method, adapter: str | None, args: argparse.Namespace) -> dict[str, Any]:
     """Compiled train-step memory, trainable count and base bytes held, on a freshly prepared model."""
     import numpy as np
     from flax import nnx
@@ -342,7 +342,7 @@ def memory_of(row: Row, model_ref: str, method, adapter: str | None, args: argpa
     from sketchtune_jax.profiling import train_step_memory
     from sketchtune_jax.train import TrainConfig, make_optimizer, trainable_parameter_count
 
-    loaded, model, prepare_s = initial_model(row, model_ref, method, adapter)
+    loaded, model, prepare_s = initial_model(model_ref, method, adapter)
     config = TrainConfig(batch_size=args.batch_size, seq_len=args.seq_len, max_steps=args.steps)
     optimizer = nnx.Optimizer(model, make_optimizer(config, args.steps), wrt=method.wrt)
     ones = np.ones((args.batch_size, args.seq_len), np.int32)
@@ -357,7 +357,7 @@ def memory_of(row: Row, model_ref: str, method, adapter: str | None, args: argpa
     return out
 
 
-def run_row(row: Row, args: argparse.Namespace, work: Path, text: str) -> dict[str, Any]:
+def run_row(row: Row, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from sketchtune_jax.perplexity import read_text, text_fraction
 
     row_dir = work / "rows" / row.name
@@ -378,7 +378,7 @@ def run_row(row: Row, args: argparse.Namespace, work: Path, text: str) -> dict[s
 
     costs = read_json(row_dir / "costs.json")
     if costs is None:
-        costs = memory_of(row, model_ref, method, adapter, args)
+        costs = memory_of(model_ref, method, adapter, args)
         (row_dir / "costs.json").write_text(json.dumps(costs, indent=2))
     if row.method != "sketch" and not row.loftq:
         what = {"lora": "adapters", "full": "none", "qlora": "quantize"}[row.method]
@@ -404,7 +404,7 @@ def run_row(row: Row, args: argparse.Namespace, work: Path, text: str) -> dict[s
     test_text = read_text(args.text)
     before = read_json(row_dir / "test-before.json")
     if before is None:
-        loaded, model, _ = initial_model(row, model_ref, method, adapter)
+        loaded, model, _ = initial_model(model_ref, method, adapter)
         before = ppl(model, loaded.tokenizer, test_text, args.test_windows, args.seq_len)
         (row_dir / "test-before.json").write_text(json.dumps(before, indent=2))
     loaded = load_result(row, model_ref, final_dir)
@@ -486,7 +486,7 @@ def run_math(row: Row, args: argparse.Namespace, work: Path) -> dict[str, Any]:
         model_ref = text_row["model"]
     before = read_json(row_dir / "math-before.json")
     if before is None:
-        loaded, model, _ = initial_model(row, model_ref, method, adapter)
+        loaded, model, _ = initial_model(model_ref, method, adapter)
         before = math_scores(model, loaded.tokenizer, args)
         (row_dir / "math-before.json").write_text(json.dumps(before, indent=2))
     run = row_dir / f"math-lr{text_row['lr']:g}"
@@ -597,7 +597,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.report_only:
         for name in args.rows:
             print(f"== {name} ==", flush=True)
-            run_row(known[name], args, work, args.text)
+            run_row(known[name], args, work)
         for name in args.math_rows:
             print(f"== {name} (math) ==", flush=True)
             run_math(known[name], args, work)

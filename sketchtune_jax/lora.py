@@ -41,7 +41,6 @@ from sketchtune_jax.quantized_base import (
     QTYPES,
     QuantCodes,
     QuantScales,
-    check_blocks,
     dequantize_blockwise,
     quantize_blockwise,
     quantized_bytes,
@@ -230,12 +229,9 @@ def apply_lora(model: LlamaForCausalLM, settings: LoraSettings) -> LlamaForCausa
     """
     linears = target_linears(model, settings.targets)
     if settings.qtype is not None:
-        for m in linears.values():
-            try:
-                check_blocks(m.in_features, settings.tile_size)
-            except ValueError:
-                bad = sorted({m.in_features for m in linears.values() if m.in_features % settings.tile_size})
-                raise ValueError(f"QLoRA tile size {settings.tile_size} does not divide input widths {bad}") from None
+        bad = sorted({m.in_features for m in linears.values() if m.in_features % settings.tile_size})
+        if bad:
+            raise ValueError(f"QLoRA tile size {settings.tile_size} does not divide input widths {bad}")
         return _apply_qlora(model, linears, settings)
     import qwix
 
