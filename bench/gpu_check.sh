@@ -83,11 +83,11 @@ PYEOF
 
 # Kernels: SmolLM2-135M layers (576 hidden, 1536 MLP) then Llama-3-8B's (the default).
 step kernels_smollm2 40 kernels-smollm2.json \
-  "$PY" bench/kernels.py --layers 576x576,192x576,1536x576,576x1536 --iters 5 --dtype bfloat16
+  "$PY" bench/kernel_speed.py --layers 576x576,192x576,1536x576,576x1536 --iters 5 --dtype bfloat16
 step kernels_llama3_8b 95 kernels-llama3-8b.json \
-  "$PY" bench/kernels.py --iters 5 --dtype bfloat16
+  "$PY" bench/kernel_speed.py --iters 5 --dtype bfloat16
 step kernels_llama3_8b_mosaic_gpu 60 kernels-llama3-8b-mosaic-gpu.json \
-  "$PY" bench/kernels.py --iters 5 --dtype bfloat16 --backend mosaic_gpu --layers 4096x4096,14336x4096
+  "$PY" bench/kernel_speed.py --iters 5 --dtype bfloat16 --backend mosaic_gpu --layers 4096x4096,14336x4096
 
 # The real SmolLM2 forward and decoding need the GGUF and WikiText under shared/data.
 if [ -f shared/data/wikitext-2/test.txt ] || [ -f ../shared/data/wikitext-2/test.txt ]; then

@@ -5,9 +5,9 @@ Forward at decode (1, 8, 16 rows) and prefill (512, 4096 rows), and forward+back
 4096x4096, 14336x4096 and 4096x14336 layers at 4 and 2 bits. Prints JSON and writes it
 to ``--out``. Figures only; nothing here passes or fails on time.
 
-    python bench/kernels.py --out bench/results/kernels-h100.json
-    python bench/kernels.py --small --out /tmp/kernels.json          # CPU smoke test
-    python bench/kernels.py --layers 576x576,1536x576,576x1536 --out k.json  # SmolLM2 shapes
+    python bench/kernel_speed.py --out bench/results/kernels-h100.json
+    python bench/kernel_speed.py --small --out /tmp/kernels.json          # CPU smoke test
+    python bench/kernel_speed.py --layers 576x576,1536x576,576x1536 --out k.json  # SmolLM2 shapes
 """
 
 from __future__ import annotations
