@@ -100,7 +100,7 @@ def markdown_tables(out: dict) -> str:
 
 def train_records(per_task: int, seed: int) -> list[dict]:
     """``per_task`` train records of every task, shuffled together with ``seed``."""
-    from sketchtune_jax.data import sample_mixture
+    from sketchtune_jax.data.records import sample_mixture
 
     return sample_mixture([DATA / f"{task}.train.json" for task in TASKS], per_task, seed=seed)
 
@@ -108,7 +108,7 @@ def train_records(per_task: int, seed: int) -> list[dict]:
 def unseen_words_set(limit: int) -> list[dict]:
     """ARC-Easy test items with four options, their answer words rewritten ``answerK`` -> ``endingK``
     (no training record uses ``ending``): does the tuned model still follow the prompt's format?"""
-    from sketchtune_jax.data import read_json_records
+    from sketchtune_jax.data.records import read_json_records
 
     out = []
     for r in read_json_records(str(DATA / "ARC-Easy.test.json")):
@@ -131,8 +131,8 @@ def unseen_words_set(limit: int) -> list[dict]:
 def load_method(args: argparse.Namespace, name: str, loaded_dense=None):
     """``(loaded, method)`` ready to train for method ``name``."""
     from sketchtune_jax import load_any
-    from sketchtune_jax.lora import LoraSettings, auto_rank
-    from sketchtune_jax.methods import FinetuneMethod
+    from sketchtune_jax.train.lora import LoraSettings, auto_rank
+    from sketchtune_jax.train.methods import FinetuneMethod
 
     if name.startswith("sketch"):
         return load_any(args.sketch_int4 if name == "sketch4" else args.sketch_int3), FinetuneMethod("sketch")
@@ -148,8 +148,8 @@ def run_method(args: argparse.Namespace, name: str, train, val) -> dict:
     """Train ``name`` at each learning rate of its grid, keep the best on validation, score it."""
     import numpy as np
 
-    from sketchtune_jax.lora import merge_lora
     from sketchtune_jax.train import TrainConfig, finetune, read_log
+    from sketchtune_jax.train.lora import merge_lora
 
     work = Path(args.work) / name
     lrs = [float(x) for x in getattr(args, f"lrs_{name}").split(",")]
@@ -202,9 +202,9 @@ def measure_costs(args: argparse.Namespace, name: str, batch: dict) -> dict:
     serving speed (as trained; LoRA/QLoRA merged too). Run when nothing else is: these are timings."""
     from flax import nnx
 
-    from sketchtune_jax.lora import merge_lora
-    from sketchtune_jax.profiling import serving_speed, state_bytes, train_step_memory, train_step_speed
     from sketchtune_jax.train import TrainConfig, make_optimizer, trainable_parameter_count
+    from sketchtune_jax.train.lora import merge_lora
+    from sketchtune_jax.train.profiling import serving_speed, state_bytes, train_step_memory, train_step_speed
 
     loaded, method = load_method(args, name)
     model = method.prepare(loaded.model)
@@ -226,9 +226,9 @@ def measure_costs(args: argparse.Namespace, name: str, batch: dict) -> dict:
 
 def evaluate(args: argparse.Namespace, model, tokenizer, work: Path) -> dict:
     """Generation and log-likelihood accuracy on every test set and on the unseen-words set."""
-    from sketchtune_jax.evaluation import evaluate_task
-    from sketchtune_jax.generate import generate_text
-    from sketchtune_jax.multiple_choice import evaluate_multiple_choice
+    from sketchtune_jax.eval.multiple_choice import evaluate_multiple_choice
+    from sketchtune_jax.eval.tasks import evaluate_task
+    from sketchtune_jax.models.generate import generate_text
 
     def generate_fn(prompts):
         return generate_text(model, tokenizer, prompts, max_new_tokens=12)
@@ -257,9 +257,9 @@ def main(argv: list[str] | None = None) -> None:
     import jax
 
     from sketchtune_jax import load_any
-    from sketchtune_jax.data import build_batches
-    from sketchtune_jax.fileio import write_json_atomic
-    from sketchtune_jax.reporting import print_table
+    from sketchtune_jax._utils.fileio import write_json_atomic
+    from sketchtune_jax._utils.reporting import print_table
+    from sketchtune_jax.data.batches import build_batches
 
     if args.markdown:
         print(markdown_tables(json.loads(Path(args.out).read_text())))

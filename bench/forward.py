@@ -30,8 +30,8 @@ from flax import nnx
 
 from converters import export_hf, load_model
 from pallas_kernels import describe
-from sketchtune_jax.generate import generate
-from sketchtune_jax.profiling import state_bytes
+from sketchtune_jax.models.generate import generate
+from sketchtune_jax.train.profiling import state_bytes
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2" / "test.txt"
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}

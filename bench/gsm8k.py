@@ -17,8 +17,8 @@ import os
 import platform
 from pathlib import Path
 
+from sketchtune_jax._utils.fileio import write_json_atomic
 from sketchtune_jax.cli import main as sketchtune
-from sketchtune_jax.fileio import write_json_atomic
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

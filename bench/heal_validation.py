@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     calib, val = fraction_range(args.calib_range, "calib_range"), fraction_range(args.val_range, "val_range")
     if fraction_ranges_meet(calib, val):
         raise SystemExit(f"--val-range {args.val_range} meets --calib-range {args.calib_range}; keep them apart")
-    if not st.is_sketched_dir(args.sketch):
+    if not st.io.sketched_dir.is_sketched_dir(args.sketch):
         raise SystemExit(f"{args.sketch} is not a sketched directory")
     runs = Path(args.runs)
     runs.mkdir(parents=True, exist_ok=True)
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     results.setdefault("variants", {})
     for name, flags in variants.items():
         healed = runs / name
-        if not st.is_sketched_dir(healed):
+        if not st.io.sketched_dir.is_sketched_dir(healed):
             run_cli(
                 [
                     "heal",
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
             "seconds": record["seconds"],
             "cpu_seconds": record["cpu_seconds"],
         }
-        st.write_json_atomic(out, results)
+        st._utils.fileio.write_json_atomic(out, results)
         print(json.dumps({name: results["variants"][name]}))
     rows = sorted(results["variants"].items(), key=lambda kv: kv[1]["val_ppl"])
     print(f"teacher {results['val_ppl']['teacher']:.3f}, unhealed {results['val_ppl']['unhealed']:.3f}")

@@ -9,7 +9,7 @@ evaluation tokens (``--eval-range 0.25:0.5``: on the first windows of that part 
 to choose settings without looking at the test windows). One process, so programs compiled for one configuration serve
 the next; results are written after every configuration and finished ones are
 skipped when the command is run again. ``--heal-steps N`` adds a ``<config>-healed<N>`` row
-per configuration: its codebooks distilled from the dense model (`sketchtune_jax.heal`) on
+per configuration: its codebooks distilled from the dense model (`sketchtune_jax.train.heal`) on
 the calibration part of the text, with the wall and process-CPU seconds the heal took.
 ``--sketched NAME=DIR`` reads configuration NAME from a saved sketch instead of sketching;
 ``--save-dir DIR`` saves each new sketch as ``DIR/NAME`` (an interrupted one resumes there),
@@ -28,7 +28,7 @@ from pathlib import Path
 from flax import nnx
 
 import sketchtune_jax as st
-from sketchtune_jax.perplexity import text_fraction
+from sketchtune_jax.eval.perplexity import text_fraction
 from sketchtune_jax.settings import fraction_range, fraction_ranges_meet
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     results = json.loads(out.read_text()) if out.is_file() else {"setup": vars(args), "runs": {}}
     results.setdefault("invocations", []).append(vars(args))  # a rerun that adds rows records its own flags
 
-    text = st.read_text(args.text)
+    text = st.eval.perplexity.read_text(args.text)
     if eval_range:
         text = text_fraction(text, eval_range)
     loaded = st.load_any(args.model)
@@ -122,13 +122,13 @@ def main(argv: list[str] | None = None) -> None:
         name = config if args.seed == 0 else f"{config}-seed{args.seed}"
         if name in results["runs"] and (not args.heal_steps or healed(name) in results["runs"]):
             continue
-        if args.save_dir and name not in sketched and st.is_sketched_dir(Path(args.save_dir) / name):
+        if args.save_dir and name not in sketched and st.io.sketched_dir.is_sketched_dir(Path(args.save_dir) / name):
             sketched[name] = str(Path(args.save_dir) / name)
         seed = args.seed
         if name in sketched:
             saved = json.loads((Path(sketched[name]) / "sketch_config.json").read_text())
             seed = check_saved_settings(config, sketched[name], saved.get("settings", {}))
-            model = st.load_sketched(sketched[name]).model
+            model = st.io.sketched_dir.load_sketched(sketched[name]).model
             report = saved["report"]
             seconds, cpu = report.get("seconds"), None
         else:
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
             if args.save_dir:
                 sketched[name] = str(Path(args.save_dir) / name)
                 report = st.sketch_to_dir(args.model, sketched[name], settings)
-                model = st.load_sketched(sketched[name]).model
+                model = st.io.sketched_dir.load_sketched(sketched[name]).model
             else:
                 model = nnx.clone(loaded.model)  # sketching swaps modules in place; the dense model stays as it is
                 report = st.sketch_model(model, calib, settings)
@@ -159,16 +159,16 @@ def main(argv: list[str] | None = None) -> None:
                 "mean_rel_output_error": report["mean_rel_output_error"],
                 "sketch_seconds": seconds,
                 **({"sketch_cpu_seconds": cpu} if cpu is not None else {}),
-                "trainable_params": st.trainable_parameter_count(model),
+                "trainable_params": st.io.codebooks.trainable_parameter_count(model),
                 "sketch_dir": sketched.get(name),
             }
-            st.write_json_atomic(out, results)
+            st._utils.fileio.write_json_atomic(out, results)
             print(json.dumps({name: results["runs"][name]}))
         if args.heal_steps:
             results["runs"][healed(name)] = heal_row(
                 args, model, loaded, (lo, hi), text, results["dense"], CONFIGS[config], sketched.get(name)
             )
-            st.write_json_atomic(out, results)
+            st._utils.fileio.write_json_atomic(out, results)
             print(json.dumps({healed(name): results["runs"][healed(name)]}))
     print(json.dumps(results, indent=2))
 
@@ -193,9 +193,9 @@ def heal_row(
     With ``--save-dir`` the sketch in ``sketch_dir`` is healed into ``<sketch_dir>-healed<N>``
     (`st.heal_to_dir`: resumable, kept for fine-tuning); otherwise ``model`` is healed in place.
     """
-    from sketchtune_jax.calibration import calibration_token_ids
-    from sketchtune_jax.heal import heal, heal_windows
+    from sketchtune_jax.data.calibration import calibration_token_ids
     from sketchtune_jax.train import read_log
+    from sketchtune_jax.train.heal import heal, heal_windows
 
     heal_settings = st.HealSettings(
         steps=args.heal_steps,
@@ -208,10 +208,10 @@ def heal_row(
     hc = heal_settings.train_config()
     if args.save_dir and sketch_dir:
         out = Path(f"{sketch_dir}-healed{args.heal_steps}")
-        if not st.is_sketched_dir(out):
+        if not st.io.sketched_dir.is_sketched_dir(out):
             st.heal_to_dir(sketch_dir, args.model, args.text, out, heal_settings)
         record = json.loads((out / "sketch_config.json").read_text())["heal"]
-        model = st.load_sketched(out).model
+        model = st.io.sketched_dir.load_sketched(out).model
         wall, cpu, steps, windows = record["seconds"], record["cpu_seconds"], record["steps"], record["windows"]
         kl = [r["loss"] for r in read_log(out / "heal_log.jsonl") if "loss" in r]
     else:

@@ -220,7 +220,7 @@ def prepare_sketch(row: Row, work: Path, text: str) -> tuple[str, dict[str, Any]
 
 def prepare_loftq(settings, out: Path) -> tuple[str, str, dict[str, Any]]:
     """LoftQ once per row (`loftq_to_dir`): the quantized base, the initial adapter and the record."""
-    from sketchtune_jax.workflows import loftq_to_dir
+    from sketchtune_jax.jobs import loftq_to_dir
 
     done = read_json(out / "loftq.json")
     if done is None:
@@ -231,8 +231,8 @@ def prepare_loftq(settings, out: Path) -> tuple[str, str, dict[str, Any]]:
 
 
 def method_of(row: Row, rank: int, loftq_iters: int, seed: int):
-    from sketchtune_jax.lora import LoraSettings
-    from sketchtune_jax.methods import FinetuneMethod
+    from sketchtune_jax.train.lora import LoraSettings
+    from sketchtune_jax.train.methods import FinetuneMethod
 
     if row.method not in ("lora", "qlora"):
         return FinetuneMethod(row.method)
@@ -250,7 +250,7 @@ def method_of(row: Row, rank: int, loftq_iters: int, seed: int):
 def load_result(row: Row, model_ref: str, run: Path | None):
     """The model a finished run (or, with ``run`` None, the row's starting point) evaluates as:
     loaded the way a user loads it (`sketchtune eval ppl` with ``--codebooks``/``--adapter``)."""
-    from sketchtune_jax.loading import load_any
+    from sketchtune_jax.io.loading import load_any
 
     if run is None:
         return load_any(model_ref)
@@ -264,8 +264,8 @@ def load_result(row: Row, model_ref: str, run: Path | None):
 def initial_model(model_ref: str, method, adapter: str | None):
     """The model as fine-tuning starts (for QLoRA the quantized base with its initial adapter; for
     LoftQ the adapter ``loftq_to_dir`` wrote) and the seconds preparing it took (quantization)."""
-    from sketchtune_jax.loading import load_any
-    from sketchtune_jax.lora import load_adapter
+    from sketchtune_jax.io.adapters import load_adapter
+    from sketchtune_jax.io.loading import load_any
 
     loaded = load_any(model_ref)
     t0 = time.perf_counter()
@@ -279,9 +279,9 @@ def finetune_run(
     model_ref: str, adapter: str | None, method, lr: float, steps: int, run: Path, args: argparse.Namespace
 ) -> dict[str, Any]:
     """Fine-tune (or resume) into ``run``; the summary, with train tokens/s from the run's log."""
+    from sketchtune_jax.jobs import finetune_to_dir
     from sketchtune_jax.train import TrainConfig
     from sketchtune_jax.train.metrics_log import read_log
-    from sketchtune_jax.workflows import finetune_to_dir
 
     done = read_json(run / "summary.json")
     if done is None:
@@ -318,7 +318,7 @@ def finetune_run(
 
 
 def ppl(model, tokenizer, text: str, windows: int, seq_len: int) -> dict[str, Any]:
-    from sketchtune_jax.perplexity import perplexity
+    from sketchtune_jax.eval.perplexity import perplexity
 
     return perplexity(model, tokenizer, text, seq_len=seq_len, max_windows=windows, show_progress=False).to_dict()
 
@@ -338,9 +338,9 @@ def memory_of(model_ref: str, method, adapter: str | None, args: argparse.Namesp
     import numpy as np
     from flax import nnx
 
-    from sketchtune_jax.lora import base_weight_bytes
-    from sketchtune_jax.profiling import train_step_memory
     from sketchtune_jax.train import TrainConfig, make_optimizer, trainable_parameter_count
+    from sketchtune_jax.train.lora import base_weight_bytes
+    from sketchtune_jax.train.profiling import train_step_memory
 
     loaded, model, prepare_s = initial_model(model_ref, method, adapter)
     config = TrainConfig(batch_size=args.batch_size, seq_len=args.seq_len, max_steps=args.steps)
@@ -358,7 +358,7 @@ def memory_of(model_ref: str, method, adapter: str | None, args: argparse.Namesp
 
 
 def run_row(row: Row, args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    from sketchtune_jax.perplexity import read_text, text_fraction
+    from sketchtune_jax.eval.perplexity import read_text, text_fraction
 
     row_dir = work / "rows" / row.name
     finished = read_json(row_dir / "row.json")
@@ -442,9 +442,9 @@ def run_row(row: Row, args: argparse.Namespace, work: Path) -> dict[str, Any]:
 def math_scores(model, tokenizer, args: argparse.Namespace) -> dict[str, Any]:
     """GSM8K test: reference-solution NLL (first ``--math-nll-limit``) and generated-answer accuracy
     (first ``--math-gen-limit``), each with its standard error."""
-    from sketchtune_jax.data import load_instruction_data
-    from sketchtune_jax.evaluation import evaluate_task, reference_nll
-    from sketchtune_jax.generate import generate_text
+    from sketchtune_jax.data.records import load_instruction_data
+    from sketchtune_jax.eval.tasks import evaluate_task, reference_nll
+    from sketchtune_jax.models.generate import generate_text
 
     records = load_instruction_data(str(GSM8K_TEST))
     nll = reference_nll(model, tokenizer, records, seq_len=1024, limit=args.math_nll_limit)
@@ -468,8 +468,8 @@ def math_scores(model, tokenizer, args: argparse.Namespace) -> dict[str, Any]:
 def run_math(row: Row, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """The row's math column: fine-tune on math_data.train (instruction records, response scored) with
     the learning rate its text grid chose, as many steps and windows as the text runs, then score GSM8K."""
+    from sketchtune_jax.jobs import finetune_to_dir
     from sketchtune_jax.train import TrainConfig
-    from sketchtune_jax.workflows import finetune_to_dir
 
     row_dir = work / "rows" / row.name
     text_row = read_json(row_dir / "row.json")
@@ -553,7 +553,7 @@ def write_report(args: argparse.Namespace, rows: dict[str, dict[str, Any]]) -> d
     import os
     import platform
 
-    from sketchtune_jax.fileio import write_json_atomic
+    from sketchtune_jax._utils.fileio import write_json_atomic
 
     report = {
         "benchmark": "quantized-finetune",

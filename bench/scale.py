@@ -22,7 +22,7 @@ and one by one, and reports seconds and program sizes (StableHLO and compiled HL
 Collectives: compiles the sketch train step of a random-weight Llama-shaped sketched model
 (the first ``--layers`` value is its depth) on forced host devices (``--devices``, default
 8) and mesh ``--mesh`` (default data=2,model=4) for four layouts of
-`sketchtune_jax.sharding.shard_model` (`LAYOUTS`): every projection split by rows (the
+`sketchtune_jax.parallel.sharding.shard_model` (`LAYOUTS`): every projection split by rows (the
 layout before Megatron pairing) or Megatron-paired, each with embeddings and ``lm_head``
 replicated or split by vocabulary over data. Sums the result sizes of the collectives in
 the compiled per-device HLO (`collective_bytes`); compile only, nothing runs, nothing
@@ -275,7 +275,7 @@ def step_collectives(args: argparse.Namespace, layout: str) -> dict:
     sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
     from train_step import build
 
-    from sketchtune_jax.sharding import MEGATRON_SPLITS, make_mesh, shard_batch, shard_model
+    from sketchtune_jax.parallel.sharding import MEGATRON_SPLITS, make_mesh, shard_batch, shard_model
     from sketchtune_jax.train import TrainConfig, compile_train_step, make_optimizer
 
     mesh = make_mesh(args.mesh)

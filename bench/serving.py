@@ -5,11 +5,11 @@
 
 Three models of the same architecture, greedy generation with the KV cache, batch 1:
 
-* ``lora_merged``: LoRA (rank `sketchtune_jax.lora.auto_rank`, the sketch's trainable count)
+* ``lora_merged``: LoRA (rank `sketchtune_jax.train.lora.auto_rank`, the sketch's trainable count)
   added to the dense model and merged, i.e. a plain dense model, as served;
 * ``sketch_view``: every decoder projection a 4-bit, 4-groups-per-row `SketchedLinear`
   (random codes and codebooks unless ``--sketch DIR``: speed does not depend on their
-  values), served as `generate` serves it on a CPU, through `sketchtune_jax.inference`
+  values), served as `generate` serves it on a CPU, through `sketchtune_jax.models.inference_view`
   (each weight rebuilt once per call; the rebuild is inside the time to first token);
 * ``sketch_per_call``: the same sketch with the view off: the ``jnp`` twin rebuilds every
   weight on every call, once per decoded token.
@@ -53,8 +53,8 @@ def random_sketch(model, *, bits: int = 4, groups: int = 4, seed: int = 0):
     """``model`` with every decoder projection replaced, in place, by a random sketch."""
     import numpy as np
 
+    from sketchtune_jax._utils.module_paths import iter_modules, set_submodule
     from sketchtune_jax.layers import Linear, SketchedLinear
-    from sketchtune_jax.module_paths import iter_modules, set_submodule
 
     rng = np.random.default_rng(seed)
     for name, lin in list(iter_modules(model.model, Linear)):
@@ -68,8 +68,8 @@ def random_sketch(model, *, bits: int = 4, groups: int = 4, seed: int = 0):
 def build(args: argparse.Namespace) -> dict:
     """``{name: model}`` of the three models (see the module docstring)."""
     from sketchtune_jax import load_any
-    from sketchtune_jax.lora import LoraSettings, auto_rank, merge_lora
-    from sketchtune_jax.methods import FinetuneMethod
+    from sketchtune_jax.train.lora import LoraSettings, auto_rank, merge_lora
+    from sketchtune_jax.train.methods import FinetuneMethod
 
     dense = load_any(args.model).model
     rank = auto_rank(dense)
@@ -85,9 +85,9 @@ def main(argv: list[str] | None = None) -> dict:
     import numpy as np
 
     from pallas_kernels import describe
-    from sketchtune_jax.generate import generate
-    from sketchtune_jax.inference import dense_weight_bytes, precompute_weights
-    from sketchtune_jax.profiling import state_bytes
+    from sketchtune_jax.models.generate import generate
+    from sketchtune_jax.models.inference_view import dense_weight_bytes, precompute_weights
+    from sketchtune_jax.train.profiling import state_bytes
 
     t0 = time.perf_counter()
     models = build(args)
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     text = json.dumps(out, indent=2)
     if args.out:
-        from sketchtune_jax.fileio import write_json_atomic
+        from sketchtune_jax._utils.fileio import write_json_atomic
 
         write_json_atomic(args.out, out)
     print(text)

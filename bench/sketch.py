@@ -19,7 +19,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from sketchtune_jax.sketch import (
+from sketchtune_jax.sketch.matrix import (
     accumulate_hessian,
     init_hessian,
     prepare_hessian,

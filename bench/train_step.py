@@ -72,11 +72,11 @@ def build(args: argparse.Namespace, method: str):
     import numpy as np
     from flax import nnx
 
+    from sketchtune_jax._utils.module_paths import iter_modules, set_submodule
     from sketchtune_jax.layers import Codebook, Linear, SketchedLinear
-    from sketchtune_jax.lora import LoraSettings, auto_rank
-    from sketchtune_jax.methods import FinetuneMethod
     from sketchtune_jax.models import LlamaForCausalLM, ModelConfig
-    from sketchtune_jax.module_paths import iter_modules, set_submodule
+    from sketchtune_jax.train.lora import LoraSettings, auto_rank
+    from sketchtune_jax.train.methods import FinetuneMethod
 
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     config = ModelConfig(
@@ -136,8 +136,8 @@ def run_one(args: argparse.Namespace, method: str) -> dict:
     import numpy as np
     from flax import nnx
 
-    from sketchtune_jax.profiling import state_bytes, train_step_memory, train_step_speed
     from sketchtune_jax.train import TrainConfig, make_optimizer, trainable_parameter_count
+    from sketchtune_jax.train.profiling import state_bytes, train_step_memory, train_step_speed
 
     t0 = time.perf_counter()
     model, wrt = build(args, method)
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
             out[f"sketch_over_{base}"] = ratios
     text = json.dumps(out, indent=2)
     if args.out:
-        from sketchtune_jax.fileio import write_json_atomic
+        from sketchtune_jax._utils.fileio import write_json_atomic
 
         write_json_atomic(args.out, out)
     print(text)

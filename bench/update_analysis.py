@@ -81,8 +81,8 @@ def analyse_updates(dense, finetuned, sketched) -> dict:
     ``sketched`` holds a `SketchedLinear` under the same dotted name for each projection analysed.
     """
     from pallas_kernels.packing import unpack_codes
+    from sketchtune_jax._utils.module_paths import get_submodule, iter_modules
     from sketchtune_jax.layers import SketchedLinear
-    from sketchtune_jax.module_paths import get_submodule, iter_modules
 
     modules = list(iter_modules(sketched, SketchedLinear))
     if not modules:
@@ -175,9 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="JSON file to write; the plot goes beside it as .png")
     args = parser.parse_args(argv)
 
-    from sketchtune_jax.checkpoint import is_sketched_dir
-    from sketchtune_jax.fileio import write_json_atomic
-    from sketchtune_jax.loading import load_any
+    from sketchtune_jax._utils.fileio import write_json_atomic
+    from sketchtune_jax.io.loading import load_any
+    from sketchtune_jax.io.sketched_dir import is_sketched_dir
 
     for ref in (args.dense, args.finetuned):
         if is_sketched_dir(ref):

@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from converters._common import ConversionError, hf_name
-from sketchtune_jax.fileio import atomic_directory, check_output_dir
+from sketchtune_jax._utils.fileio import atomic_directory, check_output_dir
 from sketchtune_jax.layers import Linear
 from sketchtune_jax.models import ModelConfig
 

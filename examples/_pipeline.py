@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 import sketchtune_jax as st
-from sketchtune_jax.reporting import print_table
+from sketchtune_jax._utils.reporting import print_table
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -35,10 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser, *, lr: float, batch_size: int
 
 def sketched_model(args: argparse.Namespace):
     """The sketched model: loaded if ``--model`` is a sketch, else sketched once into ``OUT/sketch``."""
-    if st.is_sketched_dir(args.model):
+    if st.io.sketched_dir.is_sketched_dir(args.model):
         return st.load_any(args.model)
     sketch_dir = Path(args.out) / "sketch"
-    if not st.is_sketched_dir(sketch_dir):
+    if not st.io.sketched_dir.is_sketched_dir(sketch_dir):
         settings = st.SketchSettings(
             bits=args.bits,
             groups_per_row=args.groups_per_row,
@@ -81,11 +81,11 @@ def run(args: argparse.Namespace, train_file: Path, eval_files: list[Path]) -> d
     results: dict = {
         "model": args.model,
         "train": str(train_file),
-        "trainable_params": st.trainable_parameter_count(loaded.model),
+        "trainable_params": st.io.codebooks.trainable_parameter_count(loaded.model),
     }
     if not args.skip_baseline:
         results["before"] = evaluate(loaded, eval_files, args, "before")
-    records = st.load_instruction_data(str(train_file))
+    records = st.data.records.load_instruction_data(str(train_file))
     train, val = st.build_batches(
         records,
         loaded.tokenizer,
@@ -116,5 +116,5 @@ def run(args: argparse.Namespace, train_file: Path, eval_files: list[Path]) -> d
     results["export"] = str(export_dir)
     rows = [{"set": k, "before": results.get("before", {}).get(k, ""), "after": v} for k, v in results["after"].items()]
     print_table("accuracy before and after fine-tuning the codebooks", rows)
-    st.write_json_atomic(out / "results.json", results)
+    st.io.write_json_atomic(out / "results.json", results)
     return results

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from _pipeline import DATA, add_arguments, run
 
-from sketchtune_jax.fileio import write_json_atomic
+from sketchtune_jax._utils.fileio import write_json_atomic
 
 SETS = ("ARC-Easy", "ARC-Challenge", "openbookqa", "boolq")
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import sketchtune_jax as st
 from converters import export_hf
-from sketchtune_jax.reporting import print_table
+from sketchtune_jax._utils.reporting import print_table
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -56,7 +56,7 @@ def task_accuracy(loaded, task: str, limit: int, out: Path) -> dict:
     )
     result = {"generate": summary["accuracy"], "no_answer": summary["no_answer"], "n": summary["n"]}
     if task == "commonsense":
-        ll = st.evaluate_multiple_choice(
+        ll = st.eval.multiple_choice.evaluate_multiple_choice(
             loaded.model,
             loaded.tokenizer,
             records,
@@ -123,7 +123,7 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    text = st.read_text(args.text)
+    text = st.eval.perplexity.read_text(args.text)
     results: dict = {"model": args.model}
 
     # Kept in a file rather than in memory, so that a resumed run reports the same figure.
@@ -131,14 +131,14 @@ def main() -> None:
     if not dense_file.is_file():
         loaded = st.load_any(args.model)
         ppl = st.perplexity(loaded.model, loaded.tokenizer, text, max_windows=args.eval_windows).ppl
-        st.write_json_atomic(dense_file, {"ppl": ppl})
+        st.io.write_json_atomic(dense_file, {"ppl": ppl})
         del loaded
     results["dense_ppl"] = json.loads(dense_file.read_text())["ppl"]
 
-    if args.sketch and not st.is_sketched_dir(args.sketch):
+    if args.sketch and not st.io.sketched_dir.is_sketched_dir(args.sketch):
         raise SystemExit(f"--sketch {args.sketch} is not a sketched directory; make one with `sketchtune sketch`")
     sketch_dir = Path(args.sketch) if args.sketch else out / "sketch"
-    if not st.is_sketched_dir(sketch_dir):
+    if not st.io.sketched_dir.is_sketched_dir(sketch_dir):
         settings = st.SketchSettings(
             bits=args.bits,
             groups_per_row=args.groups_per_row,
@@ -151,7 +151,7 @@ def main() -> None:
         st.sketch_to_dir(args.model, sketch_dir, settings)
     if args.heal_steps:
         healed_dir = out / "sketch-healed"
-        if not st.is_sketched_dir(healed_dir):
+        if not st.io.sketched_dir.is_sketched_dir(healed_dir):
             heal = st.HealSettings(steps=args.heal_steps, seq_len=args.seq_len, calib_range=(0.5, 1.0))
             st.heal_to_dir(sketch_dir, args.model, args.text, healed_dir, heal)
         sketch_dir = healed_dir
@@ -159,15 +159,15 @@ def main() -> None:
     sketched = st.load_any(str(sketch_dir))
     results["sketched_ppl"] = st.perplexity(sketched.model, sketched.tokenizer, text, max_windows=args.eval_windows).ppl
     results["ppl_ratio"] = results["sketched_ppl"] / results["dense_ppl"]
-    results["trainable_params"] = st.trainable_parameter_count(sketched.model)
+    results["trainable_params"] = st.io.codebooks.trainable_parameter_count(sketched.model)
     results["sketch"] = str(sketch_dir)
     results["task"] = args.task
     results["before"] = task_accuracy(sketched, args.task, args.eval_limit, out / f"{args.task}.before")
 
     if args.task == "commonsense":
-        records = st.sample_mixture(COMMONSENSE_TRAIN, 400)
+        records = st.data.records.sample_mixture(COMMONSENSE_TRAIN, 400)
     else:
-        records = st.load_instruction_data(DATA / "math" / "math_data.train.json")
+        records = st.data.records.load_instruction_data(DATA / "math" / "math_data.train.json")
     train, val = st.build_batches(
         records,
         sketched.tokenizer,
@@ -206,7 +206,7 @@ def main() -> None:
         before_after_rows(results),
     )
     print(f"exported to {results['export']}; sample answer: {results['sample']!r}")
-    st.write_json_atomic(out / "quickstart.json", results)
+    st.io.write_json_atomic(out / "quickstart.json", results)
 
 
 if __name__ == "__main__":

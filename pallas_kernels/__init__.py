@@ -3,7 +3,14 @@
 Self-contained: nothing here imports ``sketchtune_jax``.
 """
 
-from pallas_kernels.backends import KERNEL_BACKENDS, backend_for, default_backend, describe
+from pallas_kernels.backends import KERNEL_BACKENDS, Backend, backend_for, default_backend, describe
+from pallas_kernels.block_sizes import (
+    BlockSizes,
+    DcodebookBlockSizes,
+    DequantizeBlockSizes,
+    DxBlockSizes,
+    ForwardBlockSizes,
+)
 from pallas_kernels.packing import (
     SUPPORTED_BITS,
     decode_codes,
@@ -13,12 +20,6 @@ from pallas_kernels.packing import (
 )
 from pallas_kernels.sharding import SketchSharding, sharded_sketched_matmul
 from pallas_kernels.sketched_matmul import (
-    Backend,
-    BlockSizes,
-    DcodebookBlockSizes,
-    DequantizeBlockSizes,
-    DxBlockSizes,
-    ForwardBlockSizes,
     dense_matmul_reference,
     dequantize,
     dequantize_reference,

@@ -135,7 +135,7 @@ def reason_for(platform: str, compute_capability: tuple[int, int] | None = None)
         return "ROCm: Triton kernels"
     return (
         f"{platform}: no Pallas kernel runs here; the jnp twin rebuilds W_hat on every call "
-        "(generate and eval precompute it once per call, sketchtune_jax.inference)"
+        "(generate and eval precompute it once per call, sketchtune_jax.models.inference_view)"
     )
 
 

@@ -35,7 +35,7 @@ A dimension that the mesh axis does not divide stays whole (replicated), so any 
 runs; ``"columns"`` where ``model_axis`` does not divide ``groups`` falls back to
 ``"rows"``. Operands laid out otherwise are resharded to the layout above first. Use it
 via ``sharded_sketched_matmul(x, codebook, codes, bits, SketchSharding(mesh))``, or let
-``sketchtune_jax.sharding.shard_model`` set it on every ``SketchedLinear``. Meshes with
+``sketchtune_jax.parallel.sharding.shard_model`` set it on every ``SketchedLinear``. Meshes with
 ``Auto`` or ``Explicit`` axes both work.
 """
 
@@ -50,12 +50,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
-from pallas_kernels.sketched_matmul import (
-    Backend,
-    BlockSizes,
-    sketched_matmul,
-    sketched_matmul_grads,
-)
+from pallas_kernels.backends import Backend
+from pallas_kernels.block_sizes import BlockSizes
+from pallas_kernels.sketched_matmul import sketched_matmul, sketched_matmul_grads
 
 AxisName = str | tuple[str, ...] | None
 SPLITS = ("rows", "columns")

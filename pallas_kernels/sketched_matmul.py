@@ -150,7 +150,7 @@ def sketched_matmul_reference(x: jax.Array, codebook: jax.Array, codes: jax.Arra
 def dense_matmul_reference(x: jax.Array, w_hat: jax.Array) -> jax.Array:
     """`sketched_matmul_reference` with ``W_hat [out, in]`` (any float dtype) already rebuilt:
     ``x [..., in] @ W_hat.T -> [..., out]`` in ``x.dtype``, the same numbers bit for bit
-    (``sketchtune_jax.inference`` serves CPU decoding with it)."""
+    (``sketchtune_jax.models.inference_view`` serves CPU decoding with it)."""
     in_features = _in_features(x)
     if w_hat.ndim != 2 or w_hat.shape[1] != in_features:
         raise ValueError(f"w_hat must be [out, {in_features}] for x of shape {x.shape}, got {w_hat.shape}")

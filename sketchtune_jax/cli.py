@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from sketchtune_jax.distributed import DistributedSettings
+    from sketchtune_jax.parallel.distributed import DistributedSettings
     from sketchtune_jax.train.config import FinetuneSettings
 
 DTYPE_CHOICES = ("float32", "bfloat16")
@@ -57,7 +57,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args: argparse.Namespace):
-    from sketchtune_jax.loading import load_any
+    from sketchtune_jax.io.loading import load_any
     from sketchtune_jax.settings import dtype_from_name
 
     dtype = dtype_from_name(args.dtype)
@@ -76,9 +76,9 @@ def _add_adapter_arg(p: argparse.ArgumentParser) -> None:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from pallas_kernels import describe
-    from sketchtune_jax.fileio import write_json_atomic
-    from sketchtune_jax.loading import model_info
-    from sketchtune_jax.reporting import print_table
+    from sketchtune_jax._utils.fileio import write_json_atomic
+    from sketchtune_jax._utils.reporting import print_table
+    from sketchtune_jax.io.loading import model_info
 
     loaded = _load(args)
     info = model_info(loaded.model, loaded.config)
@@ -91,15 +91,15 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from sketchtune_jax.fileio import write_json_atomic
-    from sketchtune_jax.generate import GenerateSettings, generate_text
+    from sketchtune_jax._utils.fileio import write_json_atomic
+    from sketchtune_jax.models.generate import GenerateSettings, generate_text
     from sketchtune_jax.settings import settings_from_args
 
     settings = settings_from_args(GenerateSettings, args)
     loaded = _load(args)
     prompts = args.prompt
     if args.template == "alpaca":
-        from sketchtune_jax.data import format_prompt
+        from sketchtune_jax.data.prompts import format_prompt
 
         prompts = [format_prompt(p) for p in prompts]
     chat = args.template == "chat"
@@ -115,12 +115,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_ppl(args: argparse.Namespace) -> int:
-    from sketchtune_jax.eval_settings import PerplexitySettings
-    from sketchtune_jax.fileio import write_json_atomic
-    from sketchtune_jax.perplexity import perplexity, read_text, text_fraction
-    from sketchtune_jax.reporting import print_table
+    from sketchtune_jax._utils.fileio import write_json_atomic
+    from sketchtune_jax._utils.reporting import print_table
+    from sketchtune_jax.eval.held_out import calibration_overlap
+    from sketchtune_jax.eval.perplexity import perplexity, read_text, text_fraction
+    from sketchtune_jax.eval.settings import PerplexitySettings
     from sketchtune_jax.settings import settings_from_args
-    from sketchtune_jax.workflows import calibration_overlap
 
     settings = settings_from_args(PerplexitySettings, args)
     text = text_fraction(read_text(args.text), settings.text_range)
@@ -159,7 +159,7 @@ def _add_distributed_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0, which serves there")
     g.add_argument("--num-processes", type=int, help="how many processes take part")
     g.add_argument("--process-id", type=int, help="this process's number, 0 .. num-processes - 1")
-    from sketchtune_jax.distributed import DEFAULT_TIMEOUT_S
+    from sketchtune_jax.parallel.distributed import DEFAULT_TIMEOUT_S
 
     g.add_argument(
         "--distributed-timeout",
@@ -171,7 +171,7 @@ def _add_distributed_args(p: argparse.ArgumentParser) -> None:
 
 def _distributed_settings(args: argparse.Namespace) -> DistributedSettings | None:
     """The `DistributedSettings` the flags ask for, or None for one process (checked, nothing started)."""
-    from sketchtune_jax.distributed import distributed_settings
+    from sketchtune_jax.parallel.distributed import distributed_settings
     from sketchtune_jax.settings import renamed_settings
 
     with renamed_settings({"timeout_s": "distributed_timeout"}):
@@ -182,7 +182,7 @@ def _start_distributed(args: argparse.Namespace, settings: DistributedSettings |
     """Join the run of several processes ``settings`` describes (nothing for None)."""
     import os
 
-    from sketchtune_jax.distributed import initialize
+    from sketchtune_jax.parallel.distributed import initialize
 
     def fail(error: Exception) -> None:
         print(_error_line(args, error), file=sys.stderr, flush=True)
@@ -199,18 +199,18 @@ def _start_distributed(args: argparse.Namespace, settings: DistributedSettings |
 
 
 def _is_primary() -> bool:
-    from sketchtune_jax.distributed import is_primary
+    from sketchtune_jax.parallel.distributed import is_primary
 
     return is_primary()
 
 
 def cmd_sketch(args: argparse.Namespace) -> int:
-    from sketchtune_jax.fileio import write_json_atomic
-    from sketchtune_jax.heal import HealSettings
-    from sketchtune_jax.reporting import print_table
+    from sketchtune_jax._utils.fileio import write_json_atomic
+    from sketchtune_jax._utils.reporting import print_table
+    from sketchtune_jax.jobs import sketch_to_dir
     from sketchtune_jax.settings import SettingError, settings_from_args
-    from sketchtune_jax.sketcher import SketchSettings
-    from sketchtune_jax.workflows import sketch_to_dir
+    from sketchtune_jax.sketch.driver import SketchSettings
+    from sketchtune_jax.train.heal import HealSettings
 
     settings = settings_from_args(SketchSettings, args)
     # The heal's settings, built (and so checked) before the sketch, which may take an hour.
@@ -271,7 +271,7 @@ def cmd_sketch(args: argparse.Namespace) -> int:
     if heal.steps:
         from dataclasses import replace
 
-        from sketchtune_jax.workflows import heal_to_dir
+        from sketchtune_jax.jobs import heal_to_dir
 
         record = heal_to_dir(
             args.out,
@@ -303,11 +303,11 @@ def _heal_summary(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def cmd_heal(args: argparse.Namespace) -> int:
-    from sketchtune_jax.fileio import write_json_atomic
-    from sketchtune_jax.heal import HealSettings
-    from sketchtune_jax.reporting import print_table
+    from sketchtune_jax._utils.fileio import write_json_atomic
+    from sketchtune_jax._utils.reporting import print_table
+    from sketchtune_jax.jobs import heal_to_dir
     from sketchtune_jax.settings import settings_from_args
-    from sketchtune_jax.workflows import heal_to_dir
+    from sketchtune_jax.train.heal import HealSettings
 
     settings = settings_from_args(HealSettings, args)
     settings.require_steps()
@@ -331,19 +331,20 @@ def cmd_heal(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     """``convert`` and ``export``: any model the commands take, written as a dense HF directory."""
     from converters import export_hf
-    from sketchtune_jax.fileio import check_output_dir
+    from sketchtune_jax._utils.fileio import check_output_dir
 
     check_output_dir(args.out, overwrite=args.overwrite)
     loaded = _load(args)
     model = loaded.model
     if getattr(args, "adapter", None):
-        from sketchtune_jax.lora import merge_lora, read_adapter_settings
+        from sketchtune_jax.io.adapters import read_adapter_settings
+        from sketchtune_jax.train.lora import merge_lora
 
         model = merge_lora(model, read_adapter_settings(args.adapter))
     export_hf(model, loaded.config, loaded.tokenizer, args.out, overwrite=args.overwrite)
     print(f"wrote {args.out}")
     if args.json:
-        from sketchtune_jax.fileio import write_json_atomic
+        from sketchtune_jax._utils.fileio import write_json_atomic
 
         sources = {"codebooks": getattr(args, "codebooks", None), "adapter": getattr(args, "adapter", None)}
         write_json_atomic(args.json, {"model": args.model, **sources, "out": str(Path(args.out).resolve())})
@@ -352,9 +353,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def _finetune_method(args: argparse.Namespace, job: FinetuneSettings, seed: int):
     """The `FinetuneMethod` the flags ask for (None: the model's default, checked by the workflow)."""
-    from sketchtune_jax.lora import LoraSettings
-    from sketchtune_jax.methods import FinetuneMethod
     from sketchtune_jax.settings import SettingError, settings_from_args
+    from sketchtune_jax.train.lora import LoraSettings
+    from sketchtune_jax.train.methods import FinetuneMethod
 
     name = job.method
     if args.lora_init != "default" and name != "qlora":
@@ -380,11 +381,11 @@ LORA_PREFIX = "lora_"
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from sketchtune_jax.reporting import print_table
+    from sketchtune_jax._utils.reporting import print_table
+    from sketchtune_jax.jobs import finetune_to_dir
     from sketchtune_jax.settings import SettingError, settings_from_args
     from sketchtune_jax.train import TrainConfig
     from sketchtune_jax.train.config import FinetuneSettings
-    from sketchtune_jax.workflows import finetune_to_dir
 
     job = settings_from_args(FinetuneSettings, args)
     config = settings_from_args(TrainConfig, args, compute_dtype=None if args.dtype == "float32" else args.dtype)
@@ -415,7 +416,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if _is_primary():
         print_table(f"fine-tuned {args.model} on {args.data or args.text} ({summary['method']})", summary)
         if args.json:
-            from sketchtune_jax.fileio import write_json_atomic
+            from sketchtune_jax._utils.fileio import write_json_atomic
 
             write_json_atomic(args.json, summary)
     return 0
@@ -424,20 +425,20 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def cmd_eval_task(args: argparse.Namespace) -> int:
     """``eval math`` and ``eval commonsense``: generate for every record and score the extracted answers,
     or (``--scoring loglik``) choose each answer by log-likelihood."""
-    from sketchtune_jax.data import check_template
-    from sketchtune_jax.eval_settings import TaskSettings
-    from sketchtune_jax.evaluation import evaluate_task
-    from sketchtune_jax.fileio import write_json_atomic
-    from sketchtune_jax.generate import generate_text
-    from sketchtune_jax.reporting import print_table
+    from sketchtune_jax._utils.fileio import write_json_atomic
+    from sketchtune_jax._utils.reporting import print_table
+    from sketchtune_jax.data.prompts import check_template
+    from sketchtune_jax.eval.settings import TaskSettings
+    from sketchtune_jax.eval.tasks import evaluate_task
+    from sketchtune_jax.models.generate import generate_text
     from sketchtune_jax.settings import settings_from_args
 
     settings = settings_from_args(TaskSettings, args)
     if not Path(args.data).is_file():
         raise FileNotFoundError(f"data file not found: {args.data}")
     if settings.scoring == "loglik":
-        from sketchtune_jax.data import read_json_records
-        from sketchtune_jax.multiple_choice import check_records
+        from sketchtune_jax.data.records import read_json_records
+        from sketchtune_jax.eval.multiple_choice import check_records
 
         records = read_json_records(args.data)[: settings.limit]
         try:
@@ -453,7 +454,7 @@ def cmd_eval_task(args: argparse.Namespace) -> int:
     predictions = Path(args.out) / f"{name}.predictions.jsonl" if args.out else None
 
     if settings.scoring == "loglik":
-        from sketchtune_jax.multiple_choice import evaluate_multiple_choice
+        from sketchtune_jax.eval.multiple_choice import evaluate_multiple_choice
 
         summary = evaluate_multiple_choice(
             loaded.model,
@@ -521,8 +522,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.set_defaults(func=cmd_info)
 
-    from sketchtune_jax.data import TEMPLATES
-    from sketchtune_jax.generate import GenerateSettings
+    from sketchtune_jax.data.prompts import TEMPLATES
+    from sketchtune_jax.models.generate import GenerateSettings
     from sketchtune_jax.settings import add_settings_arguments
 
     p = sub.add_parser("generate", help="generate text from one or more prompts")
@@ -540,8 +541,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_json_arg(p, "the prompts and outputs")
     p.set_defaults(func=cmd_generate)
 
-    from sketchtune_jax.heal import HealSettings
-    from sketchtune_jax.sketcher import SketchSettings
+    from sketchtune_jax.sketch.driver import SketchSettings
+    from sketchtune_jax.train.heal import HealSettings
 
     p = sub.add_parser("sketch", help="sketch a model's projections into codebooks and codes")
     _add_model_args(p)
@@ -591,7 +592,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     ev = sub.add_parser("eval", help="evaluate a model").add_subparsers(dest="task", required=True)
-    from sketchtune_jax.eval_settings import PerplexitySettings, TaskSettings
+    from sketchtune_jax.eval.settings import PerplexitySettings, TaskSettings
 
     p = ev.add_parser("ppl", help="perplexity over non-overlapping windows of a text")
     _add_model_args(p)
@@ -612,13 +613,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--out", help="directory for per-item predictions (JSONL) and the summary")
         p.add_argument("--json", help="also write the summary to this JSON file")
         p.set_defaults(func=cmd_eval_task)
-    from sketchtune_jax.judge.cli import add_judge_parser
+    from sketchtune_jax.eval.judge.cli import add_judge_parser
 
     add_judge_parser(ev)
 
-    from sketchtune_jax.lora import LoraSettings
     from sketchtune_jax.train import TrainConfig
     from sketchtune_jax.train.config import FinetuneSettings
+    from sketchtune_jax.train.lora import LoraSettings
 
     p = sub.add_parser("finetune", help="fine-tune a sketch's codebooks, or a dense model by LoRA, QLoRA or fully")
     _add_model_args(p)

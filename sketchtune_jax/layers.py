@@ -86,7 +86,7 @@ class SketchedLinear(nnx.Module):
     does ``bias``. ``dtype`` is the compute dtype (``None``: the input's); the product
     runs through `pallas_kernels.sketched_matmul` (``backend`` forces its backend), or
     per shard through `pallas_kernels.sharded_sketched_matmul` when ``sharding`` is set
-    (`sketchtune_jax.sharding.shard_model` sets it).
+    (`sketchtune_jax.parallel.sharding.shard_model` sets it).
     """
 
     def __init__(

@@ -160,9 +160,9 @@ def tiny_sketched_llama(layers: int = 2, *, bits: int = 4, groups: int = 2, seed
     import jax
     import jax.numpy as jnp
 
+    from sketchtune_jax._utils.module_paths import iter_modules, set_submodule
     from sketchtune_jax.layers import Linear, SketchedLinear
     from sketchtune_jax.models import LlamaForCausalLM, ModelConfig
-    from sketchtune_jax.module_paths import iter_modules, set_submodule
 
     shape = {k: v for k, v in _BASE.items() if k in ModelConfig.__dataclass_fields__}
     cfg = ModelConfig(**{**shape, "num_hidden_layers": layers, **config})

@@ -18,7 +18,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numpy as np  # noqa: E402
 from tiny_lm import TinyCausalLM  # noqa: E402
 
-from sketchtune_jax.data import BucketedBatches, DataPosition, TokenizedExample  # noqa: E402
+from sketchtune_jax.data.batches import BucketedBatches, DataPosition  # noqa: E402
+from sketchtune_jax.data.records import TokenizedExample  # noqa: E402
 from sketchtune_jax.train import TrainConfig, finetune  # noqa: E402
 
 
@@ -65,9 +66,9 @@ def main() -> None:
     else:
         from flax import nnx
 
-        from sketchtune_jax.lora import LoraSettings
-        from sketchtune_jax.methods import FinetuneMethod
         from sketchtune_jax.models import LlamaForCausalLM, ModelConfig
+        from sketchtune_jax.train.lora import LoraSettings
+        from sketchtune_jax.train.methods import FinetuneMethod
 
         dense = LlamaForCausalLM(
             ModelConfig(

@@ -16,10 +16,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from model_utils import random_ids, tiny_hf_model  # noqa: E402
 
 from converters import from_state_dict  # noqa: E402
+from sketchtune_jax._utils.module_paths import flat_arrays  # noqa: E402
 from sketchtune_jax.layers import Codebook, Codes  # noqa: E402
 from sketchtune_jax.models import ModelConfig  # noqa: E402
-from sketchtune_jax.module_paths import flat_arrays  # noqa: E402
-from sketchtune_jax.sketcher import SketchSettings, sketch_model  # noqa: E402
+from sketchtune_jax.sketch.driver import SketchSettings, sketch_model  # noqa: E402
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from sketchtune_jax.calibration import calibration_windows
+from sketchtune_jax.data.calibration import calibration_windows
 
 
 class ByteTokenizer:

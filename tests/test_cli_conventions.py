@@ -89,12 +89,12 @@ def test_help_shows_defaults_and_model_commands_take_codebooks_adapter_and_json(
 @pytest.fixture
 def no_loading(monkeypatch):
     """Fail a test that loads a model: settings must be refused first."""
-    import sketchtune_jax.loading
+    import sketchtune_jax.io.loading
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the settings were checked")
 
-    monkeypatch.setattr(sketchtune_jax.loading, "load_any", refuse)
+    monkeypatch.setattr(sketchtune_jax.io.loading, "load_any", refuse)
 
 
 @pytest.mark.parametrize(
@@ -112,12 +112,12 @@ def test_generate_settings_are_refused_before_loading_with_status_2(no_loading, 
 
 
 def test_runtime_failure_is_status_1_in_one_line_and_ctrl_c_130(monkeypatch, capsys):
-    import sketchtune_jax.loading
+    import sketchtune_jax.io.loading
 
     def broken(*args, **kwargs):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(sketchtune_jax.loading, "load_any", broken)
+    monkeypatch.setattr(sketchtune_jax.io.loading, "load_any", broken)
     assert main(["info", "smollm2-135m"]) == 1
     err = capsys.readouterr().err.strip()
     assert err == "sketchtune info: error: disk on fire (RuntimeError; -v for the traceback)"
@@ -127,7 +127,7 @@ def test_runtime_failure_is_status_1_in_one_line_and_ctrl_c_130(monkeypatch, cap
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(sketchtune_jax.loading, "load_any", interrupted)
+    monkeypatch.setattr(sketchtune_jax.io.loading, "load_any", interrupted)
     assert main(["info", "smollm2-135m"]) == 130
 
 

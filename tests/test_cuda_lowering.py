@@ -27,9 +27,9 @@ from pallas_kernels import (
     sketched_matmul,
     sketched_matmul_grads,
 )
+from sketchtune_jax._utils.module_paths import iter_modules, set_submodule
 from sketchtune_jax.layers import Codebook, Linear, SketchedLinear
 from sketchtune_jax.models import LlamaForCausalLM, ModelConfig, init_cache
-from sketchtune_jax.module_paths import iter_modules, set_submodule
 from sketchtune_jax.train import apply_train_step
 
 TRITON = "__gpu$xla.gpu.triton"

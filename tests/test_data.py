@@ -9,13 +9,11 @@ import os
 import numpy as np
 import pytest
 
-from sketchtune_jax.data import (
-    BucketedBatches,
+from sketchtune_jax.data.batches import BucketedBatches, DataPosition, build_batches
+from sketchtune_jax.data.prompts import format_prompt
+from sketchtune_jax.data.records import (
     DataError,
-    DataPosition,
     TokenizedExample,
-    build_batches,
-    format_prompt,
     load_instruction_data,
     tokenize_dataset,
     tokenize_example,

@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from sketchtune_jax.data import format_prompt
-from sketchtune_jax.evaluation import (
+from sketchtune_jax.data.prompts import format_prompt
+from sketchtune_jax.eval.tasks import (
     answer_kind,
     evaluate_task,
     extract_answer,

@@ -6,7 +6,7 @@ import stat
 
 import pytest
 
-from sketchtune_jax.fileio import atomic_directory, check_output_dir, write_json_atomic
+from sketchtune_jax._utils.fileio import atomic_directory, check_output_dir, write_json_atomic
 
 
 def test_write_json_atomic_replaces_whole_file(tmp_path):
@@ -58,7 +58,7 @@ def test_setting_errors_name_settings_as_the_library_does_and_render_flags_for_t
 
 @pytest.mark.parametrize(("umask", "file_mode", "dir_mode"), [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700)])
 def test_atomic_outputs_get_the_modes_the_umask_gives(tmp_path, umask, file_mode, dir_mode):
-    from sketchtune_jax.fileio import atomic_write_bytes, current_umask
+    from sketchtune_jax._utils.fileio import atomic_write_bytes, current_umask
 
     old = os.umask(umask)
     try:

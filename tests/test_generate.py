@@ -7,8 +7,8 @@ import torch
 from model_utils import random_ids, tiny_hf_model, tiny_tokenizer
 
 from converters import from_state_dict
-from sketchtune_jax.generate import generate, generate_text
 from sketchtune_jax.models import ModelConfig
+from sketchtune_jax.models.generate import generate, generate_text
 
 
 def _models(name="llama_gqa"):

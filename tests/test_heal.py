@@ -14,10 +14,11 @@ from flax import nnx
 from model_utils import assert_cli_refuses, sketch_tiny_with_cli, tiny_hf_model
 from tiny_lm import TinyCausalLM
 
-from sketchtune_jax.heal import heal, window_batches
+from sketchtune_jax.data.batches import window_batches
 from sketchtune_jax.layers import Codebook, Codes
 from sketchtune_jax.train import TrainConfig, Trainer, codebook_state, eval_step, loss_and_grads
 from sketchtune_jax.train.distill import kl_from_logits, teacher_kl
+from sketchtune_jax.train.heal import heal
 
 VOCAB, T = 64, 12
 
@@ -354,7 +355,7 @@ def test_bad_heal_inputs_are_refused_before_any_work(tiny, tmp_path, capsys):
 def test_eval_warns_when_the_evaluated_text_healed_the_sketch(tiny, tmp_path):
     from transformers import AutoTokenizer
 
-    from sketchtune_jax.workflows import calibration_overlap
+    from sketchtune_jax.eval.held_out import calibration_overlap
 
     sketch = tmp_path / "s"
     sketch.mkdir()
@@ -370,7 +371,7 @@ def test_eval_warns_when_the_evaluated_text_healed_the_sketch(tiny, tmp_path):
     assert overlap([0.5, 1.0]) is None
 
     def overlap_of_range(heal_range: list[float], text_range: tuple[float, float]) -> str | None:
-        from sketchtune_jax.perplexity import text_fraction
+        from sketchtune_jax.eval.perplexity import text_fraction
 
         record = {"settings": {"calib": "self"}, "heal": {"calib": str(tiny["calib"]), "calib_range": heal_range}}
         (sketch / "sketch_config.json").write_text(json.dumps(record))

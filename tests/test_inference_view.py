@@ -14,18 +14,18 @@ from flax import nnx
 from model_utils import random_ids, tiny_sketched_llama, tiny_tokenizer
 
 from pallas_kernels import dense_matmul_reference, dequantize_reference, pack_codes, sketched_matmul_reference
-from sketchtune_jax.generate import _generate, generate
-from sketchtune_jax.inference import (
+from sketchtune_jax._utils.module_paths import iter_modules
+from sketchtune_jax.eval.perplexity import perplexity
+from sketchtune_jax.layers import SketchedLinear
+from sketchtune_jax.models import stack_layers
+from sketchtune_jax.models.generate import _generate, generate
+from sketchtune_jax.models.inference_view import (
     DenseWeight,
     PrecomputedSketchedLinear,
     dense_weight_bytes,
     inference_view,
     precompute_weights,
 )
-from sketchtune_jax.layers import SketchedLinear
-from sketchtune_jax.models import stack_layers
-from sketchtune_jax.module_paths import iter_modules
-from sketchtune_jax.perplexity import perplexity
 
 pytestmark = pytest.mark.skipif(jax.devices()[0].platform != "cpu", reason="the view is for CPU inference")
 

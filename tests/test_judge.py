@@ -1,4 +1,4 @@
-"""Pairwise LLM-as-judge evaluation (`sketchtune_jax.judge`, `sketchtune eval judge`).
+"""Pairwise LLM-as-judge evaluation (`sketchtune_jax.eval.judge`, `sketchtune eval judge`).
 
 The judge is `judge_stub.StubJudge` on 127.0.0.1: scripted verdicts, failures, slow and
 malformed replies; no network. Library tests answer with plain functions (generation is
@@ -18,7 +18,7 @@ import pytest
 from judge_stub import StubJudge, serve
 from model_utils import DATA, assert_cli_refuses, save_tiny_model_with_tokenizer, word_text
 
-from sketchtune_jax.judge import (
+from sketchtune_jax.eval.judge import (
     JudgeClient,
     JudgeError,
     JudgeStore,

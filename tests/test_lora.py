@@ -12,24 +12,22 @@ from model_utils import jax_logits, random_ids, tiny_hf_model
 
 from converters import from_state_dict
 from pallas_kernels import packed_words
-from sketchtune_jax.lora import (
-    AdapterMismatchError,
+from sketchtune_jax._utils.module_paths import get_submodule
+from sketchtune_jax.io.adapters import AdapterMismatchError, load_adapter, save_adapter
+from sketchtune_jax.models import ModelConfig
+from sketchtune_jax.settings import SettingError
+from sketchtune_jax.train import TrainConfig, make_optimizer, train_step
+from sketchtune_jax.train.lora import (
     LoraSettings,
     adapter_modules,
     apply_lora,
     auto_rank,
     base_weight,
-    load_adapter,
     lora_parameter_count,
     merge_lora,
-    save_adapter,
     sketch_parameter_count,
 )
-from sketchtune_jax.models import ModelConfig
-from sketchtune_jax.module_paths import get_submodule
-from sketchtune_jax.quantized_base import QTYPES, qtype_bits, quant_levels
-from sketchtune_jax.settings import SettingError
-from sketchtune_jax.train import TrainConfig, make_optimizer, train_step
+from sketchtune_jax.train.quantized_base import QTYPES, qtype_bits, quant_levels
 
 
 def _pair(seed: int = 0, **overrides):

@@ -28,13 +28,13 @@ from model_utils import random_ids, save_tiny_model_with_tokenizer, tiny_hf_mode
 
 from converters import from_state_dict
 from pallas_kernels.packing import unpack_codes
+from sketchtune_jax._utils.module_paths import flat_arrays, get_submodule, set_submodule
 from sketchtune_jax.layers import Codebook, Codes
 from sketchtune_jax.models import ModelConfig
-from sketchtune_jax.module_paths import flat_arrays, get_submodule, set_submodule
+from sketchtune_jax.parallel.sharding import make_mesh
 from sketchtune_jax.settings import SettingError
-from sketchtune_jax.sharding import make_mesh
-from sketchtune_jax.sketch import accumulate_hessian, init_hessian, prepare_hessian, sketch_matrix
-from sketchtune_jax.sketcher import SketchSettings, sketch_model
+from sketchtune_jax.sketch.driver import SketchSettings, sketch_model
+from sketchtune_jax.sketch.matrix import accumulate_hessian, init_hessian, prepare_hessian, sketch_matrix
 
 DEVICES = 8
 needs_8 = pytest.mark.skipif(
@@ -124,7 +124,7 @@ def test_the_hessian_pass_sums_per_device_hessians_and_moves_nothing_else():
     on its own samples; the only collective is one all-reduce of the four stages' [32, 32] Hessians."""
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from sketchtune_jax import sketcher
+    from sketchtune_jax.sketch import driver as sketcher
 
     mesh = make_mesh(MESH)
     layer = _model().model.layers[0]

@@ -21,8 +21,8 @@ from model_utils import random_ids, tiny_hf_model
 from converters import from_state_dict
 from sketchtune_jax.layers import Codebook
 from sketchtune_jax.models import ModelConfig
-from sketchtune_jax.sharding import shard_batch, shard_model, shard_optimizer_state
-from sketchtune_jax.sketcher import SketchSettings, sketch_model
+from sketchtune_jax.parallel.sharding import shard_batch, shard_model, shard_optimizer_state
+from sketchtune_jax.sketch.driver import SketchSettings, sketch_model
 from sketchtune_jax.train import TrainConfig, codebook_state, finetune, read_log
 
 DEVICES = 8
@@ -170,7 +170,7 @@ def sketch_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     calib = root / "calib.txt"
     calib.write_text("\n".join(_text(60, s) for s in range(40)))
-    from sketchtune_jax.data import format_prompt
+    from sketchtune_jax.data.prompts import format_prompt
 
     save_tiny_model_with_tokenizer(root / "hf", [calib.read_text(), format_prompt("x", "") * 20])
     argv = ["sketch", str(root / "hf"), "--bits", "3", "--groups-per-row", "4", "--calib", str(calib)]

@@ -22,7 +22,7 @@ import safetensors.numpy
 from model_utils import assert_cli_refuses, save_tiny_model_with_tokenizer
 
 from sketchtune_jax.cli import main
-from sketchtune_jax.data import format_prompt
+from sketchtune_jax.data.prompts import format_prompt
 from sketchtune_jax.train import read_codebooks, read_log
 
 ROOT = Path(__file__).resolve().parent.parent

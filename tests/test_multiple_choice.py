@@ -13,15 +13,15 @@ import pytest
 from model_utils import hf_logits, tiny_hf_model
 
 from converters import from_state_dict
-from sketchtune_jax.data import format_prompt
-from sketchtune_jax.models import ModelConfig
-from sketchtune_jax.multiple_choice import (
+from sketchtune_jax.data.prompts import format_prompt
+from sketchtune_jax.eval.multiple_choice import (
     RESPONSE_TEMPLATE,
     evaluate_multiple_choice,
     parse_choices,
     question_of,
     sequence_logliks,
 )
+from sketchtune_jax.models import ModelConfig
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "commonsense")
 

@@ -1,4 +1,4 @@
-"""What the benches measure (`sketchtune_jax.profiling`), on a tiny Llama: bytes held, train-step
+"""What the benches measure (`sketchtune_jax.train.profiling`), on a tiny Llama: bytes held, train-step
 memory and speed per method, serving speed."""
 
 from __future__ import annotations
@@ -7,10 +7,10 @@ import numpy as np
 from flax import nnx
 from test_train_step_lean import random_batch, tiny_llama
 
-from sketchtune_jax.lora import LoraSettings
-from sketchtune_jax.methods import FinetuneMethod
-from sketchtune_jax.profiling import serving_speed, state_bytes, train_step_memory, train_step_speed
 from sketchtune_jax.train import TrainConfig, make_optimizer
+from sketchtune_jax.train.lora import LoraSettings
+from sketchtune_jax.train.methods import FinetuneMethod
+from sketchtune_jax.train.profiling import serving_speed, state_bytes, train_step_memory, train_step_speed
 
 
 def _prepared(name: str):

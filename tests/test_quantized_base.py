@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sketchtune_jax.loftq import loftq_error, loftq_fit
-from sketchtune_jax.quantized_base import (
+from sketchtune_jax.train.loftq import loftq_error, loftq_fit
+from sketchtune_jax.train.quantized_base import (
     QTYPES,
     dequantize_blockwise,
     qtype_bits,

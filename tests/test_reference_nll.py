@@ -6,8 +6,8 @@ import numpy as np
 from model_utils import jax_logits, tiny_tokenizer
 
 from converters import from_state_dict
-from sketchtune_jax.data import tokenize_example
-from sketchtune_jax.evaluation import reference_nll
+from sketchtune_jax.data.records import tokenize_example
+from sketchtune_jax.eval.tasks import reference_nll
 from sketchtune_jax.models import ModelConfig
 
 RECORDS = [

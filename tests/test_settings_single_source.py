@@ -8,12 +8,12 @@ import dataclasses
 import pytest
 
 from sketchtune_jax.cli import build_parser
-from sketchtune_jax.eval_settings import PerplexitySettings, TaskSettings
-from sketchtune_jax.heal import HealSettings, heal_config
-from sketchtune_jax.lora import LoraSettings
+from sketchtune_jax.eval.settings import PerplexitySettings, TaskSettings
 from sketchtune_jax.settings import flag_name, settings_from_args
-from sketchtune_jax.sketcher import SketchSettings
+from sketchtune_jax.sketch.driver import SketchSettings
 from sketchtune_jax.train.config import FinetuneSettings, TrainConfig
+from sketchtune_jax.train.heal import HealSettings, heal_config
+from sketchtune_jax.train.lora import LoraSettings
 
 COMMANDS = {
     "sketch": (["sketch", "m", "--calib", "c", "--out", "o"], [(SketchSettings, "")]),

@@ -19,9 +19,9 @@ from jax.sharding import PartitionSpec as P
 
 from pallas_kernels import SketchSharding, sharded_sketched_matmul, sketched_matmul
 from sketchtune_jax.layers import Codebook, Linear, SketchedLinear
+from sketchtune_jax.parallel.sharding import make_mesh as mesh_from_spec
+from sketchtune_jax.parallel.sharding import shard_batch, shard_model
 from sketchtune_jax.settings import SettingError
-from sketchtune_jax.sharding import make_mesh as mesh_from_spec
-from sketchtune_jax.sharding import shard_batch, shard_model
 
 DEVICES = 8
 needs_8 = pytest.mark.skipif(jax.device_count() < DEVICES, reason="needs 8 devices (run by test_sharded_in_subprocess)")

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sketchtune_jax.sketch import (
+from sketchtune_jax.sketch.matrix import (
     accumulate_hessian,
     act_order_within_groups,
     assign_nearest,
@@ -20,8 +20,8 @@ from sketchtune_jax.sketch import (
     sketch_weight,
     weighted_kmeans,
 )
-from sketchtune_jax.sketch.kmeans import kmeans_batched
-from sketchtune_jax.sketch.sweep import group_weights, problem_ids
+from sketchtune_jax.sketch.matrix.kmeans import kmeans_batched
+from sketchtune_jax.sketch.matrix.sweep import group_weights, problem_ids
 
 OUT, IN, TOKENS = 64, 256, 1024
 BITS, GROUPS = 3, 4

@@ -17,11 +17,11 @@ from flax import nnx
 from model_utils import hf_logits, random_ids, tiny_hf_model
 
 from converters import export_hf, from_state_dict
-from sketchtune_jax.checkpoint import load_sketched, save_sketched
+from sketchtune_jax._utils.module_paths import iter_modules
+from sketchtune_jax.io.sketched_dir import load_sketched, save_sketched
 from sketchtune_jax.layers import Linear, SketchedLinear
 from sketchtune_jax.models import DecoderLayer, ModelConfig
-from sketchtune_jax.module_paths import iter_modules
-from sketchtune_jax.sketcher import SketchSettings, sketch_model
+from sketchtune_jax.sketch.driver import SketchSettings, sketch_model
 from sketchtune_jax.train import trainable_parameter_count
 
 HERE = Path(__file__).parent
@@ -253,7 +253,7 @@ def test_whole_model_gradients_match_between_pallas_and_the_jnp_twins(sketched):
 
 
 def test_fraction_ranges_parse_from_text_or_pairs_and_refuse_what_is_not_a_slice_of_a_text():
-    from sketchtune_jax.perplexity import text_fraction
+    from sketchtune_jax.eval.perplexity import text_fraction
     from sketchtune_jax.settings import SettingError, fraction_range, fraction_ranges_meet
 
     assert fraction_range("0.25:0.5", "text_range") == (0.25, 0.5) == fraction_range([0.25, 0.5], "text_range")

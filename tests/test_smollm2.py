@@ -10,7 +10,7 @@ import torch
 from model_utils import DATA, SMOLLM2_DENSE_PPL, jax_logits
 
 from sketchtune_jax.cli import main
-from sketchtune_jax.generate import generate
+from sketchtune_jax.models.generate import generate
 
 pytestmark = pytest.mark.slow
 

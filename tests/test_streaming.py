@@ -10,10 +10,10 @@ import safetensors.numpy
 from model_utils import random_ids, save_tiny_model_with_tokenizer, tiny_hf_model
 
 from converters import HFTensors, load_hf
-from sketchtune_jax.checkpoint import save_sketched
 from sketchtune_jax.cli import main
-from sketchtune_jax.sketcher import SketchSettings, sketch_model
-from sketchtune_jax.streaming import assemble_sketch, sketch_streaming
+from sketchtune_jax.io.sketched_dir import save_sketched
+from sketchtune_jax.sketch.driver import SketchSettings, sketch_model
+from sketchtune_jax.sketch.streaming import assemble_sketch, sketch_streaming
 
 SETTINGS = SketchSettings(bits=3, groups_per_row=2, kmeans_iters=20)
 

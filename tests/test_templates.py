@@ -9,7 +9,8 @@ import pytest
 from model_utils import assert_cli_refuses, save_tiny_model_with_tokenizer, word_text
 
 from sketchtune_jax.cli import main
-from sketchtune_jax.data import format_prompt, tokenize_example
+from sketchtune_jax.data.prompts import format_prompt
+from sketchtune_jax.data.records import tokenize_example
 from sketchtune_jax.settings import SettingError
 
 # Starts with the BOS text, as Llama-3's and SmolLM2's templates do: BOS must not be doubled.

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from model_utils import assert_cli_refuses, jax_logits, random_ids, save_tiny_model_with_tokenizer, word_text
 
-from sketchtune_jax.batches import packed_windows, text_batches
 from sketchtune_jax.cli import main
-from sketchtune_jax.loading import load_any
-from sketchtune_jax.perplexity import perplexity, read_text, text_fraction
+from sketchtune_jax.data.batches import packed_windows, text_batches
+from sketchtune_jax.eval.perplexity import perplexity, read_text, text_fraction
+from sketchtune_jax.io.loading import load_any
 
 TRAIN = ["--batch-size", "4", "--seq-len", "32", "--save-every", "0", "--warmup-steps", "0"]
 

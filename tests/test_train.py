@@ -19,8 +19,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from tiny_lm import TinyCausalLM  # noqa: E402
 
-from sketchtune_jax.batches import pad_rows  # noqa: E402
-from sketchtune_jax.data import DataPosition  # noqa: E402
+from sketchtune_jax.data.batches import (
+    DataPosition,  # noqa: E402
+    pad_rows,  # noqa: E402
+)
 from sketchtune_jax.layers import Codebook  # noqa: E402
 from sketchtune_jax.train import (  # noqa: E402
     CodebookMismatchError,

@@ -13,7 +13,7 @@ from model_utils import random_ids, tiny_hf_model
 from converters import from_state_dict
 from sketchtune_jax.layers import Codebook
 from sketchtune_jax.models import ModelConfig
-from sketchtune_jax.sketcher import SketchSettings, sketch_model
+from sketchtune_jax.sketch.driver import SketchSettings, sketch_model
 from sketchtune_jax.train import token_nll_sum
 
 peft_trainer = pytest.importorskip("tunix.sft.peft_trainer")

@@ -14,9 +14,9 @@ import torch
 from model_utils import tiny_hf_model
 
 from converters import from_state_dict
+from sketchtune_jax._utils.module_paths import get_submodule, iter_modules, set_submodule
 from sketchtune_jax.layers import Linear, SketchedLinear
 from sketchtune_jax.models import ModelConfig
-from sketchtune_jax.module_paths import get_submodule, iter_modules, set_submodule
 
 _spec = importlib.util.spec_from_file_location(
     "update_analysis", Path(__file__).resolve().parents[1] / "bench" / "update_analysis.py"
@@ -97,7 +97,7 @@ def _sketch_of(model, rng, bits=3, groups=2):
 
 
 def test_end_to_end_on_a_tiny_model_triple(tmp_path, capsys):
-    from sketchtune_jax.checkpoint import save_sketched
+    from sketchtune_jax.io.sketched_dir import save_sketched
 
     dense = tiny_hf_model("llama_gqa", seed=4)
     dense.save_pretrained(tmp_path / "dense")

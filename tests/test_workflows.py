@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny sketched model (2 bits), its calibration text and a few instruction records."""
-    from sketchtune_jax.data import format_prompt
+    from sketchtune_jax.data.prompts import format_prompt
 
     made = sketch_tiny_with_cli(tmp_path_factory.mktemp("tiny"), extra_texts=[format_prompt("x", "") * 20])
     data = made["root"] / "data.json"

@@ -8,7 +8,7 @@ the sketched model's hidden states, gives the dense model's hidden states:
 ``min ‖layer_sketched(x_sketched) − layer_dense(x_dense)‖²`` over the calibration rows
 (the block-wise fine-tuning of AQLM, Egiazarian et al. 2024, Sec. 3.3, on codebooks only).
 It needs no vocabulary head and no teacher pass through the whole model, so it is far
-cheaper per token than end-to-end healing (`sketchtune_jax.heal`).
+cheaper per token than end-to-end healing (`sketchtune_jax.train.heal`).
 """
 
 from __future__ import annotations

@@ -13,12 +13,11 @@
 See `sketchtune_jax.train.step` for a ten-line loop of your own and
 `sketchtune_jax.train.trainer` for the full loop; `checkpointing` (Orbax, one
 table of what is saved) and `metrics_log` (JSONL log, loss plot) are its parts;
-batch sources live in `sketchtune_jax.batches`.
+batch sources live in `sketchtune_jax.data.batches`.
 """
 
-from sketchtune_jax.batches import BatchSource, SequenceBatches, stack_micro_batches
-from sketchtune_jax.train.checkpointing import Checkpoints
-from sketchtune_jax.train.codebooks import (
+from sketchtune_jax.data.batches import BatchSource, SequenceBatches, stack_micro_batches
+from sketchtune_jax.io.codebooks import (
     CodebookMismatchError,
     apply_codebooks,
     codebook_state,
@@ -27,6 +26,7 @@ from sketchtune_jax.train.codebooks import (
     save_codebooks,
     trainable_parameter_count,
 )
+from sketchtune_jax.train.checkpointing import Checkpoints
 from sketchtune_jax.train.config import TrainConfig
 from sketchtune_jax.train.metrics_log import MetricsLog, plot_loss_curve, read_log
 from sketchtune_jax.train.optim import make_optimizer, make_schedule

@@ -17,7 +17,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from sketchtune_jax.train.codebooks import entry_value, layer_entries, set_entries
+from sketchtune_jax.io.codebooks import entry_value, layer_entries, set_entries
 
 # Config fields that decide which rows form which step: a resume with other
 # values would silently see different batches.

@@ -10,7 +10,6 @@ import math
 from typing import Any, Literal
 
 from sketchtune_jax.models.remat import REMAT_POLICIES, remat_name
-from sketchtune_jax.quantized_base import QTYPES
 from sketchtune_jax.settings import (
     DTYPES,
     SettingError,
@@ -21,6 +20,7 @@ from sketchtune_jax.settings import (
     setting,
     show_fraction_range,
 )
+from sketchtune_jax.train.quantized_base import QTYPES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,7 +154,7 @@ TEMPLATE_HELP = (
 @dataclasses.dataclass(frozen=True)
 class FinetuneSettings:
     """What a fine-tuning job decides besides the trainer's `TrainConfig` and the adapter's
-    `sketchtune_jax.lora.LoraSettings` (`sketchtune_jax.workflows.finetune_to_dir`, ``sketchtune
+    `sketchtune_jax.train.lora.LoraSettings` (`sketchtune_jax.jobs.finetune_to_dir`, ``sketchtune
     finetune``); checked when built.
 
     - ``method``: None trains a sketch's codebooks (a dense model must name one).
@@ -162,7 +162,7 @@ class FinetuneSettings:
       the paper's like-for-like comparison) or a positive number; ``lora_alpha`` None: 2 x rank.
     - ``qlora_qtype``: how method qlora stores its frozen base.
     - ``text_range``: the fraction of a plain text trained on (also ``"START:END"`` text).
-    - ``template``: the prompt format of instruction records (`sketchtune_jax.data.format_prompt`).
+    - ``template``: the prompt format of instruction records (`sketchtune_jax.data.prompts.format_prompt`).
     """
 
     method: Literal["sketch", "lora", "qlora", "full"] | None = setting(

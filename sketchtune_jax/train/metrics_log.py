@@ -12,8 +12,8 @@ import logging
 import os
 from typing import Any
 
-from sketchtune_jax.distributed import is_primary
-from sketchtune_jax.fileio import atomic_write_bytes
+from sketchtune_jax._utils.fileio import atomic_write_bytes
+from sketchtune_jax.parallel.distributed import is_primary
 
 logger = logging.getLogger(__name__)
 

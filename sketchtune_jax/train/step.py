@@ -117,7 +117,7 @@ def next_token_nll(model: nnx.Module, batch: Batch, loss_inputs: Any = None) -> 
 
     Every loss has this signature, ``loss_fn(model, batch, loss_inputs) -> (sum, count)``;
     the step divides the sums by the counts. ``loss_inputs`` is a pytree of arrays the
-    loss reads but never trains (e.g. a teacher's state, see `sketchtune_jax.heal`);
+    loss reads but never trains (e.g. a teacher's state, see `sketchtune_jax.train.heal`);
     this loss ignores it.
     """
     # Models that expose their trunk and head separately (LlamaForCausalLM) get the
@@ -205,7 +205,7 @@ def pure_train_step(graphdef, mutable, frozen, batch, loss_inputs=None, *, loss_
 
 def _keep_layout(state: nnx.State) -> nnx.State:
     # On a mesh, pin the new trained variables and moments to the layout their metadata
-    # names (`sketchtune_jax.sharding`): left to propagation, XLA may hand back moments
+    # names (`sketchtune_jax.parallel.sharding`): left to propagation, XLA may hand back moments
     # split over data as whole copies, and the next step would see another layout.
     meshes = {id(m): m for _, v in nnx.to_flat_state(state) if (m := v.get_metadata().get("mesh")) is not None}
     if len(meshes) != 1:

@@ -2,7 +2,7 @@
 
 ::
 
-    from sketchtune_jax.data import build_batches
+    from sketchtune_jax.data.records import build_batches
     from sketchtune_jax.train import TrainConfig, finetune
 
     train, val = build_batches("math_data.train.json", tokenizer, batch_size=8, seq_len=512, val_fraction=0.05)
@@ -14,7 +14,7 @@ Files in ``out_dir``: ``train_log.jsonl`` (one object per step, plus ``val_loss`
 records), ``checkpoints/<step>/`` (Orbax: codebooks, optimizer state, model RNG
 state, step, data position, config), ``codebooks.safetensors`` (the final
 codebooks, see `save_codebooks`), ``loss_curve.png`` (with matplotlib installed).
-In a run of several processes (`sketchtune_jax.distributed`) every process runs the same
+In a run of several processes (`sketchtune_jax.parallel.distributed`) every process runs the same
 loop and process 0 alone writes these files and shows progress; checkpoints are saved
 by all of them (Orbax), so ``out_dir`` must be one directory they all see.
 """
@@ -34,14 +34,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sketchtune_jax.batches import as_batch_source, stack_micro_batches
-from sketchtune_jax.data import DataPosition
-from sketchtune_jax.distributed import barrier, is_primary
+from sketchtune_jax.data.batches import DataPosition, as_batch_source, stack_micro_batches
+from sketchtune_jax.io.codebooks import flat_state, save_codebooks
 from sketchtune_jax.layers import Codebook
 from sketchtune_jax.models.scan import is_stacked, stack_layers, unstack_layers
-from sketchtune_jax.sharding import shard_optimizer_state
+from sketchtune_jax.parallel.distributed import barrier, is_primary
+from sketchtune_jax.parallel.sharding import shard_optimizer_state
 from sketchtune_jax.train.checkpointing import Checkpoints, saved_parts
-from sketchtune_jax.train.codebooks import flat_state, save_codebooks
 from sketchtune_jax.train.config import TrainConfig
 from sketchtune_jax.train.metrics_log import MetricsLog, plot_loss_curve
 from sketchtune_jax.train.optim import host_learning_rate, make_optimizer
@@ -81,7 +80,7 @@ class Trainer:
         val_batches: optional held-out batches; evaluated every ``config.eval_every`` steps and at the end.
         progress: show a tqdm progress bar with ETA.
         wrt: which variables train (an NNX filter); `Codebook` by default (see
-            `sketchtune_jax.methods` for LoRA, QLoRA and full fine-tuning). Checkpoints hold all of ``wrt``.
+            `sketchtune_jax.train.methods` for LoRA, QLoRA and full fine-tuning). Checkpoints hold all of ``wrt``.
         save_result: ``(model, out_dir) -> path`` writing what the finished run keeps; by
             default ``codebooks.safetensors`` (codebooks only).
         put_batch: numpy batch -> device arrays; the default puts them on the default

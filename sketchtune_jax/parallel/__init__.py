@@ -1,0 +1,2 @@
+"""Running on many devices and hosts: meshes and shardings (`sharding`), runs of several
+processes (`distributed`)."""
