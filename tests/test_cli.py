@@ -110,7 +110,10 @@ def test_sketch_act_order_is_recorded_and_the_sketch_loads(tmp_path, capsys):
     settings = json.loads((made["sketch"] / "sketch_config.json").read_text())["settings"]
     assert settings["act_order"] is True
     assert st.SketchSettings.from_dict(settings).act_order
-    assert st.io.sketched_dir.is_sketched_dir(made["sketch"]) and st.io.sketched_dir.load_sketched(made["sketch"]).model is not None
+    assert (
+        st.io.sketched_dir.is_sketched_dir(made["sketch"])
+        and st.io.sketched_dir.load_sketched(made["sketch"]).model is not None
+    )
 
 
 def test_a_plain_two_bit_sketch_hints_at_layer_tuning_act_order_and_healing(tmp_path, capsys):
