@@ -28,7 +28,7 @@ from pathlib import Path
 from flax import nnx
 
 import sketchtune_jax as st
-from sketchtune_jax.eval.perplexity import text_fraction
+from sketchtune_jax.data.text import text_fraction
 from sketchtune_jax.settings import fraction_range, fraction_ranges_meet
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     results = json.loads(out.read_text()) if out.is_file() else {"setup": vars(args), "runs": {}}
     results.setdefault("invocations", []).append(vars(args))  # a rerun that adds rows records its own flags
 
-    text = st.eval.perplexity.read_text(args.text)
+    text = st.data.text.read_text(args.text)
     if eval_range:
         text = text_fraction(text, eval_range)
     loaded = st.load_any(args.model)

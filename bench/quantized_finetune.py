@@ -264,8 +264,8 @@ def load_result(row: Row, model_ref: str, run: Path | None):
 def initial_model(model_ref: str, method, adapter: str | None):
     """The model as fine-tuning starts (for QLoRA the quantized base with its initial adapter; for
     LoftQ the adapter ``loftq_to_dir`` wrote) and the seconds preparing it took (quantization)."""
-    from sketchtune_jax.io.adapters import load_adapter
     from sketchtune_jax.io.loading import load_any
+    from sketchtune_jax.train.adapters import load_adapter
 
     loaded = load_any(model_ref)
     t0 = time.perf_counter()
@@ -358,7 +358,7 @@ def memory_of(model_ref: str, method, adapter: str | None, args: argparse.Namesp
 
 
 def run_row(row: Row, args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    from sketchtune_jax.eval.perplexity import read_text, text_fraction
+    from sketchtune_jax.data.text import read_text, text_fraction
 
     row_dir = work / "rows" / row.name
     finished = read_json(row_dir / "row.json")

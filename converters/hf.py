@@ -44,7 +44,7 @@ def read_config(directory: str | Path) -> ModelConfig:
 
 def resolve_directory(source: str | Path) -> Path:
     """A local directory for ``source``; a hub name ``org/name`` is downloaded if it is not a local path
-    (once, safetensors preferred over ``.bin``: `sketchtune_jax.io.hub.download_model`)."""
+    (once, safetensors preferred over ``.bin``: `sketchtune_jax.data.hub.download_model`)."""
     path = Path(source).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -53,7 +53,7 @@ def resolve_directory(source: str | Path) -> Path:
     if not _HUB_NAME.match(str(source)):
         raise ConversionError(f"{source} does not exist")
     try:
-        from sketchtune_jax.io.hub import download_model
+        from sketchtune_jax.data.hub import download_model
 
         return Path(download_model(str(source)))
     except Exception as e:  # noqa: BLE001 - any hub failure (offline, gated, missing) means the same to the user

@@ -123,7 +123,7 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    text = st.eval.perplexity.read_text(args.text)
+    text = st.data.text.read_text(args.text)
     results: dict = {"model": args.model}
 
     # Kept in a file rather than in memory, so that a resumed run reports the same figure.

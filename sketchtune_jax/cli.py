@@ -117,8 +117,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_eval_ppl(args: argparse.Namespace) -> int:
     from sketchtune_jax._utils.fileio import write_json_atomic
     from sketchtune_jax._utils.reporting import print_table
+    from sketchtune_jax.data.text import read_text, text_fraction
     from sketchtune_jax.eval.held_out import calibration_overlap
-    from sketchtune_jax.eval.perplexity import perplexity, read_text, text_fraction
+    from sketchtune_jax.eval.perplexity import perplexity
     from sketchtune_jax.eval.settings import PerplexitySettings
     from sketchtune_jax.settings import settings_from_args
 
@@ -337,7 +338,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     loaded = _load(args)
     model = loaded.model
     if getattr(args, "adapter", None):
-        from sketchtune_jax.io.adapters import read_adapter_settings
+        from sketchtune_jax.train.adapters import read_adapter_settings
         from sketchtune_jax.train.lora import merge_lora
 
         model = merge_lora(model, read_adapter_settings(args.adapter))

@@ -371,7 +371,7 @@ def test_eval_warns_when_the_evaluated_text_healed_the_sketch(tiny, tmp_path):
     assert overlap([0.5, 1.0]) is None
 
     def overlap_of_range(heal_range: list[float], text_range: tuple[float, float]) -> str | None:
-        from sketchtune_jax.eval.perplexity import text_fraction
+        from sketchtune_jax.data.text import text_fraction
 
         record = {"settings": {"calib": "self"}, "heal": {"calib": str(tiny["calib"]), "calib_range": heal_range}}
         (sketch / "sketch_config.json").write_text(json.dumps(record))

@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 from model_utils import tiny_tokenizer
 
-import sketchtune_jax.io.hub as hub
+import sketchtune_jax.data.hub as hub
 from sketchtune_jax.data.calibration import calibration_windows
 from sketchtune_jax.settings import SettingError
 
 
 def test_an_unreachable_hub_fails_a_dataset_source_once_in_one_line(monkeypatch, caplog):
-    from sketchtune_jax.eval.perplexity import read_text
+    from sketchtune_jax.data.text import read_text
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)

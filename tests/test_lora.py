@@ -13,10 +13,10 @@ from model_utils import jax_logits, random_ids, tiny_hf_model
 from converters import from_state_dict
 from pallas_kernels import packed_words
 from sketchtune_jax._utils.module_paths import get_submodule
-from sketchtune_jax.io.adapters import AdapterMismatchError, load_adapter, save_adapter
 from sketchtune_jax.models import ModelConfig
 from sketchtune_jax.settings import SettingError
 from sketchtune_jax.train import TrainConfig, make_optimizer, train_step
+from sketchtune_jax.train.adapters import AdapterMismatchError, load_adapter, save_adapter
 from sketchtune_jax.train.lora import (
     LoraSettings,
     adapter_modules,

@@ -11,8 +11,8 @@ import pytest
 from model_utils import assert_cli_refuses, hf_logits, jax_logits, random_ids, tiny_hf_model, tiny_tokenizer
 
 from sketchtune_jax.cli import main
-from sketchtune_jax.io.adapters import save_adapter
 from sketchtune_jax.io.loading import load_any
+from sketchtune_jax.train.adapters import save_adapter
 from sketchtune_jax.train.lora import LoraSettings, apply_lora, lora_parameter_count
 
 STEPS = [

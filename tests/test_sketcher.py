@@ -253,7 +253,7 @@ def test_whole_model_gradients_match_between_pallas_and_the_jnp_twins(sketched):
 
 
 def test_fraction_ranges_parse_from_text_or_pairs_and_refuse_what_is_not_a_slice_of_a_text():
-    from sketchtune_jax.eval.perplexity import text_fraction
+    from sketchtune_jax.data.text import text_fraction
     from sketchtune_jax.settings import SettingError, fraction_range, fraction_ranges_meet
 
     assert fraction_range("0.25:0.5", "text_range") == (0.25, 0.5) == fraction_range([0.25, 0.5], "text_range")

@@ -11,7 +11,8 @@ from model_utils import assert_cli_refuses, jax_logits, random_ids, save_tiny_mo
 
 from sketchtune_jax.cli import main
 from sketchtune_jax.data.batches import packed_windows, text_batches
-from sketchtune_jax.eval.perplexity import perplexity, read_text, text_fraction
+from sketchtune_jax.data.text import read_text, text_fraction
+from sketchtune_jax.eval.perplexity import perplexity
 from sketchtune_jax.io.loading import load_any
 
 TRAIN = ["--batch-size", "4", "--seq-len", "32", "--save-every", "0", "--warmup-steps", "0"]

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 
 from sketchtune_jax.data.records import read_json_records
+from sketchtune_jax.data.text import is_text, read_text, text_fraction
 from sketchtune_jax.settings import SettingError, fraction_range
 
 # A text given in memory rather than a file name: it has a line break, or a space and no file suffix.
-_FILE_SUFFIXES = (".txt", ".json", ".jsonl")
 
 
 def calibration_windows(
@@ -91,26 +91,9 @@ def _windows_of_ids(
     return ids[keep, :seq_len]
 
 
-def is_file_source(source: str) -> bool:
-    """Whether a text source names a file: not ``self`` (sampled from the model) nor an ``hf:`` dataset."""
-    return source != "self" and not source.startswith("hf:")
-
-
-def is_text(source: str) -> bool:
-    """Whether the str ``source`` is calibration text itself rather than a file name or source name."""
-    if not is_file_source(source):
-        return False
-    looks_like_text = "\n" in source or (" " in source and not source.lower().endswith(_FILE_SUFFIXES))
-    try:
-        return looks_like_text and not Path(source).is_file()
-    except OSError:  # longer than a file name can be
-        return True
-
-
 def calibration_token_ids(source: str, tokenizer, *, text_range: tuple[float, float] = (0.0, 1.0)) -> np.ndarray:
     """Token ids (int32 ``[n]``) of the ``text_range`` fraction of a text/JSON/JSONL file, an ``hf:``
     source, or a text given in memory (`is_text`)."""
-    from sketchtune_jax.eval.perplexity import text_fraction
 
     text = text_fraction(_read_calibration_text(source), text_range)
     return np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int32)
@@ -127,8 +110,6 @@ def _read_calibration_text(source: str) -> str:
     if is_text(source):
         return source
     if source.startswith("hf:"):
-        from sketchtune_jax.eval.perplexity import read_text
-
         return read_text(source)
     path = Path(source)
     if not path.is_file():

@@ -122,7 +122,7 @@ def read_json_records(path: str) -> list[Any]:
 
 
 def _load_hub_dataset(name: str, split: str) -> list[dict[str, Any]]:
-    from sketchtune_jax.io.hub import HubSourceError, load_hub_dataset
+    from sketchtune_jax.data.hub import HubSourceError, load_hub_dataset
 
     try:
         return [dict(r) for r in load_hub_dataset(name, None, split, source=name)]

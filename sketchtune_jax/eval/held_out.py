@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from sketchtune_jax.data.calibration import is_file_source
+from sketchtune_jax.data.text import is_file_source
 from sketchtune_jax.io.sketched_dir import SKETCH_CONFIG, is_sketched_dir
 from sketchtune_jax.settings import fraction_ranges_meet
 

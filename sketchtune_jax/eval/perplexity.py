@@ -6,7 +6,6 @@ import functools
 import math
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -110,28 +109,3 @@ def perplexity(
         tokens_per_s=windows.size / seconds,
         window_nll=tuple(x / (seq_len - 1) for x in sums),
     )
-
-
-def text_fraction(text: str, text_range: tuple[float, float]) -> str:
-    """The characters of ``text`` from fraction ``text_range[0]`` to ``text_range[1]`` of its length."""
-    from sketchtune_jax.settings import fraction_range
-
-    lo, hi = fraction_range(text_range, "text_range")
-    return text[int(len(text) * lo) : int(len(text) * hi)]
-
-
-def read_text(source: str) -> str:
-    """Text of a local file, or of an HF dataset given as ``hf:NAME[:CONFIG]:SPLIT`` (joined with blank lines)."""
-    if source.startswith("hf:"):
-        parts = source[3:].split(":")
-        if len(parts) not in (2, 3):
-            raise ValueError(f"expected hf:NAME[:CONFIG]:SPLIT, got {source!r}")
-        from sketchtune_jax.io.hub import load_hub_dataset
-
-        name, split = parts[0], parts[-1]
-        config = parts[1] if len(parts) == 3 else None
-        return "\n\n".join(load_hub_dataset(name, config, split, source=source)["text"])
-    path = Path(source)
-    if not path.is_file():
-        raise FileNotFoundError(f"text file not found: {source}")
-    return path.read_text(encoding="utf-8")

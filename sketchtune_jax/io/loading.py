@@ -32,13 +32,13 @@ def load_any(
             "adapter", f"applies to a dense model, and {source} is sketched (use {{codebooks}})", ("codebooks",)
         )
     if adapter:
-        from sketchtune_jax.io.adapters import load_adapter, read_adapter_settings
+        from sketchtune_jax.train.adapters import load_adapter, read_adapter_settings
 
         read_adapter_settings(adapter)
     if is_sketched_dir(source):
         loaded = load_sketched(source, dtype=dtype, param_dtype=param_dtype)
         if codebooks:
-            from sketchtune_jax.train import load_codebooks
+            from sketchtune_jax.io.codebooks import load_codebooks
 
             load_codebooks(loaded.model, codebooks)
         return loaded

@@ -12,7 +12,7 @@ from typing import Any
 import jax
 
 from sketchtune_jax._utils.fileio import check_output_dir, write_json_atomic
-from sketchtune_jax.data.calibration import is_file_source
+from sketchtune_jax.data.text import is_file_source
 from sketchtune_jax.io.sketched_dir import is_sketched_dir
 from sketchtune_jax.jobs._common import check_run_dir, load_model
 from sketchtune_jax.parallel.distributed import barrier, is_primary
@@ -84,7 +84,7 @@ def finetune_to_dir(
     if codebooks and method.name != "sketch":
         raise SettingError("codebooks", "apply to method sketch only")
     if adapter is not None:
-        from sketchtune_jax.io.adapters import read_adapter_settings
+        from sketchtune_jax.train.adapters import read_adapter_settings
 
         start = read_adapter_settings(adapter)
         if method.name not in ("lora", "qlora") or (start.qtype is not None) != (method.name == "qlora"):
@@ -124,7 +124,7 @@ def finetune_to_dir(
     if adapter is None:
         model = method.prepare(loaded.model)
     else:
-        from sketchtune_jax.io.adapters import load_adapter
+        from sketchtune_jax.train.adapters import load_adapter
 
         method.check_model(loaded.model)
         model, _ = load_adapter(loaded.model, adapter, for_training=True)
@@ -217,7 +217,7 @@ def loftq_to_dir(
     """
     import time
 
-    from sketchtune_jax.io.adapters import save_adapter
+    from sketchtune_jax.train.adapters import save_adapter
     from sketchtune_jax.train.lora import apply_lora
     from sketchtune_jax.train.methods import LOFTQ_BASE, write_loftq_base
 

@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from sketchtune_jax.data.calibration import is_file_source
+from sketchtune_jax.data.text import is_file_source
 from sketchtune_jax.io.sketched_dir import SKETCH_CONFIG, is_sketched_dir, save_sketched
 from sketchtune_jax.jobs._common import load_model
 from sketchtune_jax.settings import DTYPES, OutputExistsError, SettingError
@@ -129,7 +129,8 @@ def heal_to_dir(
         calib_windows = self_generated_windows(teacher.model, tokenizer, nsamples=wanted, seq_len=seq_len, seed=seed)
 
     def held_out_ppl() -> float:
-        from sketchtune_jax.eval.perplexity import perplexity, read_text
+        from sketchtune_jax.data.text import read_text
+        from sketchtune_jax.eval.perplexity import perplexity
 
         return perplexity(
             student.model, tokenizer, read_text(eval_text), seq_len=eval_seq_len, max_windows=eval_windows

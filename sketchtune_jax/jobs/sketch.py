@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from sketchtune_jax._utils.fileio import check_output_dir, write_json_atomic
-from sketchtune_jax.data.calibration import is_file_source
+from sketchtune_jax.data.text import is_file_source
 from sketchtune_jax.io.sketched_dir import is_sketched_dir, save_sketched
 from sketchtune_jax.jobs._common import dtype_named, load_model
 from sketchtune_jax.parallel.distributed import is_primary

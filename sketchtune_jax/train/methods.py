@@ -113,7 +113,7 @@ class FinetuneMethod:
 
                 save_codebooks(model, path)
             elif self.lora is not None:
-                from sketchtune_jax.io.adapters import save_adapter
+                from sketchtune_jax.train.adapters import save_adapter
 
                 base = base_model
                 if self.lora.init == "loftq":
