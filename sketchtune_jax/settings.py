@@ -6,7 +6,9 @@ A `SettingError` names the field that is wrong (``field``) and what is wrong wit
 same error with `SettingError.render`, naming each setting by its flag.
 
 Settings dataclasses hold every default once: fields made with `setting` carry their help text,
-and the command line builds its flags from them (`add_settings_arguments`, `settings_from_args`).
+and the command line builds its flags from them (`add_settings_arguments`, `settings_from_args`);
+`named_as_flags` names a class's fields by those flags in any error of a block. An `Advice`
+(a hint about settings) names settings the same way.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import argparse
 import dataclasses
 import math
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
@@ -57,6 +59,22 @@ class OutputExistsError(FileExistsError):
     def render(self, name_of: Callable[[str], str]) -> str:
         """The message with every setting it names named by ``name_of``."""
         return name_settings(self.message, self.mentions, name_of)
+
+
+@dataclasses.dataclass(frozen=True)
+class Advice:
+    """A suggestion about settings: ``text`` with each ``{name}`` of ``mentions`` a setting;
+    ``str(advice)`` names them as the library does, `render` as the caller does (by flag)."""
+
+    text: str
+    mentions: tuple[str, ...] = ()
+
+    def render(self, name_of: Callable[[str], str]) -> str:
+        """The text with every setting it names named by ``name_of``."""
+        return name_settings(self.text, self.mentions, name_of)
+
+    def __str__(self) -> str:
+        return self.render(str)
 
 
 def dtype_from_name(name: str) -> Any:
@@ -101,6 +119,22 @@ def require_non_negative(obj: Any, *fields: str) -> None:
     for name in fields:
         value = getattr(obj, name)
         require(value >= 0 and value == value, name, f"must be >= 0, got {value}")
+
+
+def changed_settings(settings: Any, names: Iterable[str]) -> tuple[str, ...]:
+    """The fields among ``names`` (in that order) whose value in the dataclass ``settings`` differs
+    from the field's default."""
+    defaults = {f.name: f.default for f in dataclasses.fields(settings)}
+    return tuple(n for n in names if getattr(settings, n) != defaults[n])
+
+
+def require_enabled(settings: Any, switch: str, dependents: Iterable[str]) -> None:
+    """Raise `SettingError` naming ``switch`` when it is 0 (off) in ``settings`` while a field of
+    ``dependents`` is set away from its default: that setting would do nothing."""
+    unused = changed_settings(settings, dependents)
+    if not getattr(settings, switch) and unused:
+        named = ", ".join("{" + name + "}" for name in unused)
+        raise SettingError(switch, f"is 0, so {named} would do nothing; give N > 0", unused)
 
 
 # ----------------------------------------------------------------------------- settings -> command line
@@ -184,16 +218,30 @@ def add_settings_arguments(
         parser.add_argument(*flags, type=kind, **common, **{**found, **extra})
 
 
-def settings_from_args(cls: type, args: argparse.Namespace, *, prefix: str = "", **values: Any) -> Any:
+def settings_from_args(
+    cls: type, args: argparse.Namespace, *, prefix: str = "", build: Callable[..., Any] | None = None, **values: Any
+) -> Any:
     """``cls`` built (and so checked) from the flags `add_settings_arguments` added, plus ``values``;
-    a `SettingError` names each field by its flag's dest (``prefix`` + field, or the field's ``flag``)."""
+    ``build`` (default ``cls``) makes it from those fields by name. A `SettingError` names each field
+    by its flag's dest (`named_as_flags`)."""
+    given = vars(args)
+    fields = dataclasses.fields(cls)
+    # Only fields made with `setting` have flags; another class's flag may share a plain field's name.
+    flagged = {f.name: flag_name(f, prefix) for f in fields if "help" in f.metadata}
+    found = {name: given[dest] for name, dest in flagged.items() if dest in given}
+    with named_as_flags(cls, args, prefix=prefix):
+        return (build or cls)(**{**found, **values})
+
+
+@contextmanager
+def named_as_flags(cls: type, args: argparse.Namespace, *, prefix: str = "") -> Iterator[None]:
+    """Re-raise a `SettingError` of the block with every field of the dataclass ``cls`` it names
+    named by its flag's dest in ``args`` (``prefix`` + field, or the field's own ``flag``); with a
+    ``prefix``, every field is renamed, flag or not, so that none passes for another class's."""
     given = vars(args)
     dests = {f.name: flag_name(f, prefix) for f in dataclasses.fields(cls)}
-    # Only fields made with `setting` have flags; another class's flag may share a plain field's name.
-    flagged = {f.name for f in dataclasses.fields(cls) if "help" in f.metadata}
-    fields = {name: given[dests[name]] for name in flagged if dests[name] in given}
     with renamed_settings({name: dest for name, dest in dests.items() if dest in given or prefix}):
-        return cls(**{**fields, **values})
+        yield
 
 
 @contextmanager

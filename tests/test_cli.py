@@ -120,3 +120,28 @@ def test_a_plain_two_bit_sketch_hints_at_layer_tuning_act_order_and_healing(tmp_
     sketch_tiny_with_cli(tmp_path)
     hint = [line for line in capsys.readouterr().err.splitlines() if line.startswith("hint:")]
     assert len(hint) == 1 and "--layer-tune-steps 32, --act-order, --heal-steps recover" in hint[0]
+
+
+@pytest.mark.parametrize(
+    ("settings", "heal_steps", "levers"),
+    [
+        (dict(bits=2), 0, "{layer_tune_steps} 32, {act_order}, {heal_steps}"),
+        (dict(bits=2), 8, "{layer_tune_steps} 32, {act_order}"),
+        (dict(bits=2, layer_tune_steps=4), 0, "{act_order}, {heal_steps}"),
+        (dict(bits=3, act_order=True), 0, "{layer_tune_steps} 32, {heal_steps}"),
+        (dict(bits=3), 0, "{layer_tune_steps} 32, {heal_steps}"),  # act-order helps at 2 bits only
+        (dict(bits=3, layer_tune_steps=32), 0, None),  # healing alone is not worth a hint
+        (dict(bits=2, layer_tune_steps=32, act_order=True), 0, None),
+        (dict(bits=4), 0, None),
+    ],
+)
+def test_the_recovery_hint_is_the_librarys_and_names_the_levers_left_off(settings, heal_steps, levers):
+    hint = st.SketchSettings(**settings).recovery_hint(heal_steps=heal_steps)
+    if levers is None:
+        assert hint is None
+        return
+    bits = settings["bits"]
+    assert hint.text == f"at {bits} bits, {levers} recover much of the loss to the dense model; see docs/recipes.md"
+    as_flags = hint.render(lambda name: "--" + name.replace("_", "-"))
+    assert "{" not in as_flags and "{" not in str(hint)
+    assert ("--act-order" in as_flags) == ("{act_order}" in levers)

@@ -4,9 +4,12 @@ checked before any model is loaded, exit status 2 / 1 / 130, each library log li
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
+import re
 import subprocess
 import sys
+from pathlib import Path
 from typing import Literal
 
 import pytest
@@ -152,3 +155,71 @@ def test_default_warmup_fits_short_and_long_runs_and_a_given_one_is_checked():
         TrainConfig(max_steps=3, warmup_steps=5)
     with pytest.raises(SettingError, match="warmup_steps must be >= 0"):
         TrainConfig(max_steps=3, warmup_steps=-1)
+
+
+def test_require_enabled_names_the_settings_a_zero_switch_leaves_unused():
+    from sketchtune_jax.settings import changed_settings, require_enabled
+
+    @dataclasses.dataclass(frozen=True)
+    class Job:
+        steps: int = 0
+        lr: float = 0.1
+        batch: int = 4
+
+    assert changed_settings(Job(lr=0.2, batch=4), ("batch", "lr")) == ("lr",)
+    require_enabled(Job(), "steps", ("lr", "batch"))  # nothing changed: nothing to say
+    require_enabled(Job(steps=3, lr=0.2), "steps", ("lr", "batch"))  # the switch is on
+    with pytest.raises(SettingError) as caught:
+        require_enabled(Job(lr=0.2, batch=8), "steps", ("batch", "lr"))
+    assert str(caught.value) == "steps is 0, so batch, lr would do nothing; give N > 0"
+    assert caught.value.mentions == ("batch", "lr")
+
+
+CLI = Path(__file__).resolve().parents[1] / "sketchtune_jax" / "cli"
+
+
+def _commands(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Every command and sub-command of ``parser``, as argv prefixes."""
+    found = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                found += [(*path, name), *_commands(sub, (*path, name))]
+    return found
+
+
+def test_every_command_is_a_small_module_that_parses_and_calls():
+    import sketchtune_jax.cli as cli
+
+    assert {c.__name__.rsplit(".", 1)[1] for c in cli.COMMANDS} == {c[0] for c in _commands(build_parser())}
+    for command in cli.COMMANDS:
+        assert callable(command.add_parser) and callable(command.run), command.__name__
+    for path in sorted(CLI.glob("*.py")):
+        source = path.read_text()
+        assert len(source.splitlines()) <= 200, f"{path.name} is over 200 lines: split what it does into the library"
+        for node in ast.walk(ast.parse(source)):
+            # Errors name settings by field; main renders them as flags (no flag typed by hand).
+            if isinstance(node, ast.Raise):
+                texts = [n.value for n in ast.walk(node) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
+                assert not [t for t in texts if re.search(r"--[a-z]", t)], (path.name, ast.unparse(node))
+
+
+def test_every_command_has_help(capsys):
+    commands = _commands(build_parser())
+    assert {c for c in commands if len(c) == 2} == {("eval", t) for t in ("ppl", "math", "commonsense", "judge")}
+    for command in commands:
+        with pytest.raises(SystemExit) as done:
+            main([*command, "--help"])
+        assert done.value.code == 0, command
+        out = capsys.readouterr().out
+        assert out.startswith(f"usage: sketchtune {' '.join(command)} "), (command, out[:200])
+        assert "-v, --verbose" in out, command
+
+
+def test_the_command_runs_as_a_module_and_as_the_installed_entry_point():
+    from importlib.metadata import entry_points
+
+    (script,) = entry_points(group="console_scripts", name="sketchtune")
+    assert script.load() is main
+    run = subprocess.run([sys.executable, "-m", "sketchtune_jax.cli", "--version"], capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout.strip() == f"sketchtune {__version__}"

@@ -9,7 +9,7 @@ import pytest
 
 from sketchtune_jax.cli import build_parser
 from sketchtune_jax.eval.settings import PerplexitySettings, TaskSettings
-from sketchtune_jax.settings import flag_name, settings_from_args
+from sketchtune_jax.settings import SettingError, flag_name, settings_from_args
 from sketchtune_jax.sketch.driver import SketchSettings
 from sketchtune_jax.train.config import FinetuneSettings, TrainConfig
 from sketchtune_jax.train.heal import HealSettings, heal_config
@@ -129,3 +129,24 @@ def test_evaluation_and_heal_settings_are_checked_before_any_work(argv, message,
     from model_utils import assert_cli_refuses
 
     assert_cli_refuses(argv, capsys, message)
+
+
+@pytest.mark.parametrize("command", ["sketch", "finetune"])
+def test_distributed_flags_are_built_from_distributed_settings(command):
+    from sketchtune_jax.parallel.distributed import DEFAULT_TIMEOUT_S, DistributedSettings, distributed_settings
+
+    argv = COMMANDS[command][0]
+    one_process = build_parser().parse_args(argv)
+    assert one_process.distributed_timeout == DEFAULT_TIMEOUT_S == DistributedSettings.timeout_s
+    assert settings_from_args(DistributedSettings, one_process, build=distributed_settings) is None
+    flags = ["--coordinator", "h:9", "--num-processes", "3", "--process-id", "2", "--distributed-timeout", "5"]
+    built = settings_from_args(
+        DistributedSettings, build_parser().parse_args([*argv, *flags]), build=distributed_settings
+    )
+    assert built == DistributedSettings("h:9", 3, 2, 5.0) and (built.host, built.port) == ("h", 9)
+    partial = build_parser().parse_args([*argv, "--num-processes", "3", "--distributed-timeout", "0"])
+    with pytest.raises(SettingError) as caught:
+        settings_from_args(DistributedSettings, partial, build=distributed_settings)
+    assert caught.value.field == "num_processes" and caught.value.mentions == ("coordinator", "process_id")
+    with pytest.raises(SettingError, match="distributed_timeout must be a finite number of seconds > 0, got 0.0"):
+        settings_from_args(DistributedSettings, build_parser().parse_args([*argv, *flags[:-1], "0"]))

@@ -31,7 +31,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from sketchtune_jax.settings import SettingError, require
+from sketchtune_jax.settings import SettingError, require, setting
 
 __all__ = [
     "BARRIER_TIMEOUT_S",
@@ -59,15 +59,29 @@ class DistributedSettings:
     """Where process ``process_id`` of ``num_processes`` finds the others; checked when made.
 
     ``coordinator`` is ``HOST:PORT`` of process 0 (which serves there); ``timeout_s``
-    bounds every wait for the other processes while starting.
+    bounds every wait for the other processes while starting. The first three are given
+    together (their defaults, None, only say that a flag was not given).
     """
 
-    coordinator: str
-    num_processes: int
-    process_id: int
-    timeout_s: float = DEFAULT_TIMEOUT_S
+    coordinator: str | None = setting(None, "address of process 0, which serves there", metavar="HOST:PORT")
+    num_processes: int | None = setting(None, "how many processes take part")
+    process_id: int | None = setting(None, "this process's number, 0 .. num-processes - 1")
+    timeout_s: float = setting(
+        DEFAULT_TIMEOUT_S,
+        "seconds to wait for the coordinator, and then for all processes to join",
+        flag="distributed_timeout",
+    )
 
     def __post_init__(self) -> None:
+        given = {"coordinator": self.coordinator, "num_processes": self.num_processes, "process_id": self.process_id}
+        missing = tuple(name for name, value in given.items() if value is None)
+        if len(missing) == len(given):
+            raise SettingError("coordinator", "is needed, with {num_processes} and {process_id}", missing[1:])
+        if missing:
+            field = next(name for name, value in given.items() if value is not None)
+            raise SettingError(
+                field, f"needs {' and '.join('{' + m + '}' for m in missing)} too (a run of several processes)", missing
+            )
         host, sep, port = self.coordinator.rpartition(":")
         require(
             bool(sep and host) and port.isdigit() and 0 < int(port) < 65536,
@@ -108,15 +122,8 @@ def distributed_settings(
 
     Raises `SettingError` when only some are given, or when they are out of range.
     """
-    given = {"coordinator": coordinator, "num_processes": num_processes, "process_id": process_id}
-    missing = tuple(name for name, value in given.items() if value is None)
-    if len(missing) == len(given):
+    if coordinator is None and num_processes is None and process_id is None:
         return None
-    if missing:
-        field = next(name for name, value in given.items() if value is not None)
-        raise SettingError(
-            field, f"needs {' and '.join('{' + m + '}' for m in missing)} too (a run of several processes)", missing
-        )
     return DistributedSettings(coordinator, num_processes, process_id, timeout_s)
 
 

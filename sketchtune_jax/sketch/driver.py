@@ -43,6 +43,7 @@ from sketchtune_jax.layers import Linear, SketchedLinear
 from sketchtune_jax.models import DecoderLayer, ModelConfig
 from sketchtune_jax.parallel.sharding import mesh_spec
 from sketchtune_jax.settings import (
+    Advice,
     OutputExistsError,
     SettingError,
     fraction_range,
@@ -63,6 +64,8 @@ from sketchtune_jax.sketch.matrix import (
 _NOT_FINITE_HINT = "check the checkpoint's weights and the dtype (float32 if a half dtype overflows)"
 # The mesh axis the calibration samples are split over; rows split over every axis.
 DATA_AXIS = "data"
+# Layer-tuning steps recommended below 4 bits (docs/recipes.md).
+RECOMMENDED_LAYER_TUNE_STEPS = 32
 
 
 @dataclass(frozen=True)
@@ -97,7 +100,7 @@ class SketchSettings:
     layer_tune_steps: int = setting(
         0,
         "then train each sketched layer's codebooks for N Adam steps to the dense layer's output "
-        "(0: no; 32 recommended below 4 bits, docs/recipes.md)",
+        f"(0: no; {RECOMMENDED_LAYER_TUNE_STEPS} recommended below 4 bits, docs/recipes.md)",
     )
     layer_tune_lr: float = setting(1e-3, "peak learning rate of the layer tuning")
     layer_tune_rows: int = setting(4, "calibration windows per layer-tuning step")
@@ -141,6 +144,22 @@ class SketchSettings:
             d["calib_range"] = tuple(d["calib_range"])
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+    def recovery_hint(self, heal_steps: int = 0) -> Advice | None:
+        """Below 4 bits, the levers left off that recover much of the loss to the dense model (layer
+        tuning; act-order at 2 bits; a heal of ``heal_steps`` after the sketch, named ``heal_steps``,
+        when another lever is off too); None when there is nothing to suggest."""
+        levers = [] if self.layer_tune_steps else [f"{{layer_tune_steps}} {RECOMMENDED_LAYER_TUNE_STEPS}"]
+        # act-order won every held-out comparison at 2 bits (README), by less than the noise at 3.
+        levers += ["{act_order}"] if self.bits == 2 and not self.act_order else []
+        if self.bits >= 4 or not levers:
+            return None
+        levers += [] if heal_steps else ["{heal_steps}"]
+        return Advice(
+            f"at {self.bits} bits, {', '.join(levers)} recover much of the loss to the dense model; "
+            "see docs/recipes.md",
+            ("layer_tune_steps", "act_order", "heal_steps"),
+        )
 
     def validate(self, config) -> None:
         """Reject settings that cannot work for ``config`` before any work is done."""
