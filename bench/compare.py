@@ -11,7 +11,7 @@ LoRA/QLoRA unmerged and merged). Costs do not depend on the trained values: they
 measured last, one method at a time on a freshly prepared model, so no timing shares the
 machine with another method's training or evaluation.
 
-    python bench/compare.py --sketch-int4 SKETCH4 --sketch-int3 SKETCH3 --out bench/results/compare.json
+    python bench/compare.py --sketch-int4 SKETCH4 --sketch-int3 SKETCH3 --out bench/results/compare/compare.json
 
 Every stage is cached under ``--work`` (fine-tuning runs resume; finished methods are read
 back), so an interrupted run continues where it stopped. Prints a table and writes JSON.
@@ -22,13 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-DATA = ROOT.parent / "shared" / "data" / "commonsense"
+from _common import DATA, report, result_header, write_result
+
+COMMONSENSE = DATA / "commonsense"
 TASKS = ("ARC-Easy", "ARC-Challenge", "openbookqa", "boolq")
 METHODS = ("sketch4", "sketch3", "lora", "qlora", "full")
 DEFAULT_LRS = {
@@ -102,7 +101,7 @@ def train_records(per_task: int, seed: int) -> list[dict]:
     """``per_task`` train records of every task, shuffled together with ``seed``."""
     from sketchtune_jax.data.records import sample_mixture
 
-    return sample_mixture([DATA / f"{task}.train.json" for task in TASKS], per_task, seed=seed)
+    return sample_mixture([COMMONSENSE / f"{task}.train.json" for task in TASKS], per_task, seed=seed)
 
 
 def unseen_words_set(limit: int) -> list[dict]:
@@ -111,7 +110,7 @@ def unseen_words_set(limit: int) -> list[dict]:
     from sketchtune_jax.data.records import read_json_records
 
     out = []
-    for r in read_json_records(str(DATA / "ARC-Easy.test.json")):
+    for r in read_json_records(str(COMMONSENSE / "ARC-Easy.test.json")):
         if "answer4" not in r["instruction"] or "answer5" in r["instruction"]:
             continue
         instruction = re.sub(r"Answer(\d):", r"Ending\1:", r["instruction"]).replace("answer", "ending")
@@ -233,7 +232,7 @@ def evaluate(args: argparse.Namespace, model, tokenizer, work: Path) -> dict:
     def generate_fn(prompts):
         return generate_text(model, tokenizer, prompts, max_new_tokens=12)
 
-    sets = {t: str(DATA / f"{t}.test.json") for t in TASKS}
+    sets = {t: str(COMMONSENSE / f"{t}.test.json") for t in TASKS}
     unseen = unseen_words_set(args.eval_limit)
     results = {}
     for name, records in [*sets.items(), ("ARC-Easy-unseen-words", unseen)]:
@@ -254,11 +253,7 @@ def evaluate(args: argparse.Namespace, model, tokenizer, work: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    import jax
-
     from sketchtune_jax import load_any
-    from sketchtune_jax._utils.fileio import write_json_atomic
-    from sketchtune_jax._utils.reporting import print_table
     from sketchtune_jax.data.batches import build_batches
 
     if args.markdown:
@@ -300,7 +295,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"== {name}", flush=True)
         results[name] = run_method(args, name, train, val)
         results[name]["settings"] = run_settings(args, name)
-        write_json_atomic(cached, results[name])
+        write_result(results[name], cached)
     import numpy as np
 
     batch = {k: np.asarray(v) for k, v in next(iter(train.iterate()))[1].items()}
@@ -310,19 +305,15 @@ def main(argv: list[str] | None = None) -> None:
         if costs is None or costs.get("settings") != cost_settings(args):
             print(f"== costs of {name}", flush=True)
             costs = {**measure_costs(args, name, batch), "settings": cost_settings(args)}
-            write_json_atomic(cached, costs)
+            write_result(costs, cached)
         results[name].update({k: v for k, v in costs.items() if k != "settings"})
     out = {
-        "bench": "compare",
-        "command": "python bench/compare.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "device": str(jax.devices()[0].device_kind),
-        "platform": jax.devices()[0].platform,
-        "config": {k: v for k, v in vars(args).items()},
+        **result_header(__file__, argv),
+        "config": vars(args),
         "train_records": train.num_batches * args.batch,
         "seconds": time.perf_counter() - t0,
         "methods": results,
     }
-    write_json_atomic(args.out, out)
     rows = []
     for name, r in results.items():
         row = {
@@ -338,7 +329,7 @@ def main(argv: list[str] | None = None) -> None:
         for task, acc in r["accuracy"].items():
             row[f"{task} gen/ll"] = f"{acc['generate']:.2f}/{acc['loglik_acc']:.2f}"
         rows.append(row)
-    print_table("fine-tuning methods side by side", rows)
+    report(out, args.out, summary=rows, title="fine-tuning methods side by side")
 
 
 if __name__ == "__main__":

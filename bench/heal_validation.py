@@ -2,7 +2,7 @@
 
     python bench/heal_validation.py runs/quality/int3-g4-lt32 --teacher smollm2-135m \\
         --variant "h32=--steps 32 --batch-size 2" --variant "h32-norms=--steps 32 --batch-size 2 --train-norms" \\
-        --runs runs/quality/val-runs --out bench/results/heal-validation-int3-smollm2-135m-cpu.json
+        --runs runs/quality/val-runs --out bench/results/healing/heal-validation-int3-smollm2-135m-cpu.json
 
 Each ``--variant NAME=FLAGS`` is one ``sketchtune heal SKETCH --teacher T --calib TEXT
 --calib-range CALIB --out RUNS/NAME FLAGS``; the healed sketch, the unhealed one and the teacher
@@ -22,11 +22,8 @@ import json
 import shlex
 from pathlib import Path
 
-import sketchtune_jax as st
-from sketchtune_jax.cli import main as sketchtune
-from sketchtune_jax.settings import fraction_range, fraction_ranges_meet
+from _common import WIKITEXT, progress, report, result_header, run_cli, write_result
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 HEAL_SETTINGS = ("steps", "batch_size", "seq_len", "lr", "schedule", "warmup_steps", "train_norms", "seed")
 
 
@@ -36,12 +33,6 @@ def parse_variant(spec: str) -> tuple[str, list[str]]:
     if not sep or not name or "/" in name:
         raise ValueError(f"--variant must be NAME=FLAGS with a plain NAME, got {spec!r}")
     return name, shlex.split(flags)
-
-
-def run_cli(argv: list[str]) -> None:
-    """``sketchtune ARGV`` in this process (compiled programs are reused); SystemExit if it fails."""
-    if sketchtune(argv) != 0:
-        raise SystemExit(f"failed: sketchtune {shlex.join(argv)}")
 
 
 def val_ppl(model: str, args: argparse.Namespace) -> float:
@@ -60,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("sketch", help="the sketched directory every variant heals")
     parser.add_argument("--teacher", default="smollm2-135m")
-    parser.add_argument("--text", default=str(DATA / "wikitext-2" / "test.txt"))
+    parser.add_argument("--text", default=str(WIKITEXT))
     parser.add_argument("--calib-range", default="0.5:1", help="fractions of the text the heals read")
     parser.add_argument("--val-range", default="0.25:0.5", help="fractions of the text the variants are scored on")
     parser.add_argument("--val-windows", type=int, default=20, help="validation windows")
@@ -69,18 +60,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", required=True, help="directory for the healed sketches and per-run JSON")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
+    from sketchtune_jax.io.sketched_dir import is_sketched_dir
+    from sketchtune_jax.settings import fraction_range, fraction_ranges_meet
 
     variants = dict(parse_variant(v) for v in args.variant)
     calib, val = fraction_range(args.calib_range, "calib_range"), fraction_range(args.val_range, "val_range")
     if fraction_ranges_meet(calib, val):
         raise SystemExit(f"--val-range {args.val_range} meets --calib-range {args.calib_range}; keep them apart")
-    if not st.io.sketched_dir.is_sketched_dir(args.sketch):
+    if not is_sketched_dir(args.sketch):
         raise SystemExit(f"{args.sketch} is not a sketched directory")
     runs = Path(args.runs)
     runs.mkdir(parents=True, exist_ok=True)
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.is_file() else {}
     results.update(
+        result_header(__file__, argv),
         what=f"heal variants of {args.sketch}, scored on {args.val_windows} x {args.val_seq_len} windows of {args.text} "
         f"from {args.val_range} (heals read {args.calib_range})",
         heal_command=f"sketchtune heal {args.sketch} --teacher {args.teacher} --calib {args.text} "
@@ -95,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     results.setdefault("variants", {})
     for name, flags in variants.items():
         healed = runs / name
-        if not st.io.sketched_dir.is_sketched_dir(healed):
+        if not is_sketched_dir(healed):
             run_cli(
                 [
                     "heal",
@@ -119,12 +113,15 @@ def main(argv: list[str] | None = None) -> None:
             "seconds": record["seconds"],
             "cpu_seconds": record["cpu_seconds"],
         }
-        st._utils.fileio.write_json_atomic(out, results)
-        print(json.dumps({name: results["variants"][name]}))
+        write_result(results, out)
+        progress({name: results["variants"][name]})
     rows = sorted(results["variants"].items(), key=lambda kv: kv[1]["val_ppl"])
-    print(f"teacher {results['val_ppl']['teacher']:.3f}, unhealed {results['val_ppl']['unhealed']:.3f}")
-    for name, row in rows:
-        print(f"{row['val_ppl']:8.3f}  {name}  ({row['flags']})")
+    report(
+        results,
+        out,
+        summary=[{"variant": name, "val_ppl": row["val_ppl"], "flags": row["flags"]} for name, row in rows],
+        title=f"teacher {results['val_ppl']['teacher']:.3f}, unhealed {results['val_ppl']['unhealed']:.3f}",
+    )
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ Forward at decode (1, 8, 16 rows) and prefill (512, 4096 rows), and forward+back
 4096x4096, 14336x4096 and 4096x14336 layers at 4 and 2 bits. Prints JSON and writes it
 to ``--out``. Figures only; nothing here passes or fails on time.
 
-    python bench/kernel_speed.py --out bench/results/kernels-h100.json
+    python bench/kernel_speed.py --out bench/results/kernels/kernels-h100.json
     python bench/kernel_speed.py --small --out /tmp/kernels.json          # CPU smoke test
     python bench/kernel_speed.py --layers 576x576,1536x576,576x1536 --out k.json  # SmolLM2 shapes
 """
@@ -13,25 +13,22 @@ to ``--out``. Figures only; nothing here passes or fails on time.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
+import functools
 import statistics
 import sys
 import time
 from typing import Any, Callable
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-
-from pallas_kernels import describe, pack_codes, packed_words, sketched_matmul
-from pallas_kernels.backends import chip_bandwidth
+from _common import report, result_header
 
 FULL = dict(layers=[(4096, 4096), (14336, 4096), (4096, 14336)], decode=[1, 8, 16], prefill=[512, 4096], bits=[4, 2])
 SMALL = dict(layers=[(256, 128), (128, 256)], decode=[1, 8], prefill=[64], bits=[4, 2])
 
 
 def _time(fn: Callable, args: tuple, iters: int, warmup: int) -> float:
+    import jax
+
     for _ in range(warmup):
         jax.block_until_ready(fn(*args))
     times = []
@@ -51,17 +48,18 @@ def _temp_bytes(fn, args) -> int | None:
 
 
 def _peak_bytes() -> int | None:
+    import jax
+
     stats = jax.devices()[0].memory_stats()
     return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
 
 
-_BANDWIDTH = chip_bandwidth(jax.devices()[0].device_kind)
-
-
-def _measure(name: str, fn, args, *, nbytes: int, flops: int, iters: int, warmup: int, **meta: Any) -> dict:
+def _measure(
+    name: str, fn, args, *, nbytes: int, flops: int, iters: int, warmup: int, bandwidth: float | None, **meta: Any
+) -> dict:
     t = _time(fn, args, iters, warmup)
     return dict(
-        bandwidth_fraction=nbytes / t / _BANDWIDTH if _BANDWIDTH else None,
+        bandwidth_fraction=nbytes / t / bandwidth if bandwidth else None,
         impl=name,
         **meta,
         median_ms=t * 1e3,
@@ -74,9 +72,19 @@ def _measure(name: str, fn, args, *, nbytes: int, flops: int, iters: int, warmup
     )
 
 
-def run(config: dict, *, groups: int, dtype, backend: str | None, iters: int, warmup: int) -> list[dict]:
+def run(
+    config: dict, *, groups: int, dtype, backend: str | None, iters: int, warmup: int, bandwidth: float | None
+) -> list[dict]:
+    """Every ``(layer, bits, rows)`` of ``config`` timed for the dense, sketched and jnp-twin
+    matmul (forward; forward+backward at prefill sizes), as one row each."""
+    import jax
+    import jax.numpy as jnp
+
+    from pallas_kernels import pack_codes, packed_words, sketched_matmul
+
     rng = np.random.default_rng(0)
     item = jnp.dtype(dtype).itemsize
+    measure = functools.partial(_measure, iters=iters, warmup=warmup, bandwidth=bandwidth)
     results = []
     for out, k in config["layers"]:
         w = jnp.asarray(rng.normal(size=(out, k)) * 0.02, dtype)
@@ -102,39 +110,33 @@ def run(config: dict, *, groups: int, dtype, backend: str | None, iters: int, wa
                 x = jnp.asarray(rng.normal(size=(m, k)), dtype)
                 act = (m * k + m * out) * item
                 meta = dict(out=out, in_features=k, rows=m, bits=bits, groups=groups)
-                dense = _measure(
+                dense = measure(
                     "dense",
                     dense_fwd,
                     (x, w),
                     op="forward",
                     nbytes=act + out * k * item,
                     flops=2 * m * out * k,
-                    iters=iters,
-                    warmup=warmup,
                     **meta,
                 )
-                sk = _measure(
+                sk = measure(
                     "sketched",
                     sk_fwd,
                     (x, codebook, codes),
                     op="forward",
                     nbytes=act + sketch_bytes,
                     flops=2 * m * out * k,
-                    iters=iters,
-                    warmup=warmup,
                     **meta,
                 )
                 sk["speedup_vs_dense"] = dense["median_ms"] / sk["median_ms"]
                 # The jnp twin moves the sketch in, and writes and reads back W_hat.
-                twin_row = _measure(
+                twin_row = measure(
                     "jnp_twin",
                     ref_fwd,
                     (x, codebook, codes),
                     op="forward",
                     nbytes=act + sketch_bytes + 2 * out * k * item,
                     flops=2 * m * out * k,
-                    iters=iters,
-                    warmup=warmup,
                     **meta,
                 )
                 results += [dense, sk, twin_row]
@@ -144,38 +146,32 @@ def run(config: dict, *, groups: int, dtype, backend: str | None, iters: int, wa
                 # Forward + backward reads x, dy and the weights; writes y, dx and the
                 # weight gradient (dW dense, dcodebook sketched).
                 train_act = (2 * m * k + 2 * m * out) * item
-                dense = _measure(
+                dense = measure(
                     "dense",
                     dense_vjp,
                     (x, w, dy),
                     op="forward_backward",
                     nbytes=train_act + 2 * out * k * item,
                     flops=6 * m * out * k,
-                    iters=iters,
-                    warmup=warmup,
                     **meta,
                 )
-                sk = _measure(
+                sk = measure(
                     "sketched",
                     sk_vjp,
                     (x, codebook, codes, dy),
                     op="forward_backward",
                     nbytes=train_act + 2 * sketch_bytes,
                     flops=6 * m * out * k,
-                    iters=iters,
-                    warmup=warmup,
                     **meta,
                 )
                 sk["speedup_vs_dense"] = dense["median_ms"] / sk["median_ms"]
-                twin_row = _measure(
+                twin_row = measure(
                     "jnp_twin",
                     ref_vjp,
                     (x, codebook, codes, dy),
                     op="forward_backward",
                     nbytes=train_act + 2 * sketch_bytes + 4 * out * k * item,
                     flops=6 * m * out * k,
-                    iters=iters,
-                    warmup=warmup,
                     **meta,
                 )
                 results += [dense, sk, twin_row]
@@ -210,33 +206,33 @@ def main(argv: list[str] | None = None) -> dict:
     config = dict(SMALL if args.small else FULL)
     if args.layers:
         config["layers"] = args.layers
-    device = jax.devices()[0]
-    report = dict(
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        device=device.device_kind,
-        platform=device.platform,
-        jax=jax.__version__,
-        dtype=args.dtype,
-        backend=args.backend or "auto",
-        kernel_backend=args.backend or describe()["kernel_backend"],
-        kernel_backend_reason="forced by --backend" if args.backend else describe()["reason"],
-        chip_bandwidth_bytes_per_s=_BANDWIDTH,
-        iters=iters,
-        results=run(
+    import jax
+    import jax.numpy as jnp
+
+    from pallas_kernels import describe
+    from pallas_kernels.backends import chip_bandwidth
+
+    bandwidth = chip_bandwidth(jax.devices()[0].device_kind)
+    result = {
+        **result_header(__file__, argv),
+        "dtype": args.dtype,
+        "backend": args.backend or "auto",
+        "kernel_backend": args.backend or describe()["kernel_backend"],
+        "kernel_backend_reason": "forced by --backend" if args.backend else describe()["reason"],
+        "chip_bandwidth_bytes_per_s": bandwidth,
+        "iters": iters,
+        "results": run(
             config,
             groups=args.groups,
             dtype=jnp.dtype(args.dtype),
             backend=args.backend,
             iters=iters,
             warmup=args.warmup,
+            bandwidth=bandwidth,
         ),
-    )
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-    return report
+    }
+    report(result, args.out)
+    return result
 
 
 if __name__ == "__main__":

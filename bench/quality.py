@@ -1,6 +1,6 @@
 """Perplexity of sketched models across bits x groups per row and ablations, on held-out text.
 
-    python bench/quality.py --out bench/results/quality-smollm2-cpu.json [--configs int4-g4,int4-g4-nofb]
+    python bench/quality.py --out bench/results/quality/quality-smollm2-cpu.json [--configs int4-g4,int4-g4-nofb]
     python bench/quality.py --configs int3-g4 --heal-steps 60 --sketched int3-g4=runs/int3 --out ...
 
 Calibrates on windows from one part of the text (default: its second half) and
@@ -25,13 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from flax import nnx
-
-import sketchtune_jax as st
-from sketchtune_jax.data.text import text_fraction
-from sketchtune_jax.settings import fraction_range, fraction_ranges_meet
-
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from _common import WIKITEXT, progress, report, result_header, write_result
 
 # Picked on the first three layers of SmolLM2 at INT3 from 1e-4, 3e-4, 1e-3 (layer error after 32 steps, on calibration rows only).
 LAYER_TUNE_LR = 1e-3
@@ -57,7 +51,7 @@ CONFIGS: dict[str, dict] = {
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--text", default=str(DATA / "wikitext-2" / "test.txt"))
+    parser.add_argument("--text", default=str(WIKITEXT))
     parser.add_argument("--calib-range", default="0.5:1", help="fractions of the text the calibration draws from")
     parser.add_argument("--nsamples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=512)
@@ -93,6 +87,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.markdown:
         print(markdown_tables(json.loads(Path(args.out).read_text())))
         return
+    from flax import nnx
+
+    import sketchtune_jax as st
+    from sketchtune_jax.data.text import text_fraction
+    from sketchtune_jax.settings import fraction_range, fraction_ranges_meet
+
     names = args.configs.split(",")
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.is_file() else {"setup": vars(args), "runs": {}}
     results.setdefault("invocations", []).append(vars(args))  # a rerun that adds rows records its own flags
+    results.update(result_header(__file__, argv))
 
     text = st.data.text.read_text(args.text)
     if eval_range:
@@ -129,8 +130,8 @@ def main(argv: list[str] | None = None) -> None:
             saved = json.loads((Path(sketched[name]) / "sketch_config.json").read_text())
             seed = check_saved_settings(config, sketched[name], saved.get("settings", {}))
             model = st.io.sketched_dir.load_sketched(sketched[name]).model
-            report = saved["report"]
-            seconds, cpu = report.get("seconds"), None
+            sketch_report = saved["report"]
+            seconds, cpu = sketch_report.get("seconds"), None
         else:
             settings = st.SketchSettings(
                 calib=args.text,
@@ -143,11 +144,11 @@ def main(argv: list[str] | None = None) -> None:
             start, cpu = time.perf_counter(), time.process_time()
             if args.save_dir:
                 sketched[name] = str(Path(args.save_dir) / name)
-                report = st.sketch_to_dir(args.model, sketched[name], settings)
+                sketch_report = st.sketch_to_dir(args.model, sketched[name], settings)
                 model = st.io.sketched_dir.load_sketched(sketched[name]).model
             else:
                 model = nnx.clone(loaded.model)  # sketching swaps modules in place; the dense model stays as it is
-                report = st.sketch_model(model, calib, settings)
+                sketch_report = st.sketch_model(model, calib, settings)
             seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
         if name not in results["runs"]:
             ppl = st.perplexity(model, loaded.tokenizer, text, max_windows=args.eval_windows).ppl
@@ -156,26 +157,28 @@ def main(argv: list[str] | None = None) -> None:
                 "seed": seed,
                 "ppl": ppl,
                 "ratio": ppl / results["dense"],
-                "mean_rel_output_error": report["mean_rel_output_error"],
+                "mean_rel_output_error": sketch_report["mean_rel_output_error"],
                 "sketch_seconds": seconds,
                 **({"sketch_cpu_seconds": cpu} if cpu is not None else {}),
                 "trainable_params": st.io.codebooks.trainable_parameter_count(model),
                 "sketch_dir": sketched.get(name),
             }
-            st._utils.fileio.write_json_atomic(out, results)
-            print(json.dumps({name: results["runs"][name]}))
+            write_result(results, out)
+            progress({name: results["runs"][name]})
         if args.heal_steps:
             results["runs"][healed(name)] = heal_row(
                 args, model, loaded, (lo, hi), text, results["dense"], CONFIGS[config], sketched.get(name)
             )
-            st._utils.fileio.write_json_atomic(out, results)
-            print(json.dumps({healed(name): results["runs"][healed(name)]}))
-    print(json.dumps(results, indent=2))
+            write_result(results, out)
+            progress({healed(name): results["runs"][healed(name)]})
+    report(results, out)
 
 
 def check_saved_settings(config: str, sketch_dir: str, settings: dict) -> int:
     """The k-means++ seed of the sketch in ``sketch_dir``; SystemExit if its saved ``settings``
     disagree with configuration ``config`` (its row would be mislabelled)."""
+    import sketchtune_jax as st
+
     saved = dataclasses.asdict(st.SketchSettings.from_dict(settings))
     named = dataclasses.asdict(st.SketchSettings(**CONFIGS[config]))
     varied = sorted({k for c in CONFIGS.values() for k in c})
@@ -193,6 +196,7 @@ def heal_row(
     With ``--save-dir`` the sketch in ``sketch_dir`` is healed into ``<sketch_dir>-healed<N>``
     (`st.heal_to_dir`: resumable, kept for fine-tuning); otherwise ``model`` is healed in place.
     """
+    import sketchtune_jax as st
     from sketchtune_jax.data.calibration import calibration_token_ids
     from sketchtune_jax.train import read_log
     from sketchtune_jax.train.heal import heal, heal_windows

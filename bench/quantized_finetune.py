@@ -38,11 +38,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-TEXT = ROOT.parent / "shared" / "data" / "wikitext-2" / "test.txt"
-MATH_TRAIN = ROOT.parent / "shared" / "data" / "math" / "math_data.train.json"
-GSM8K_TEST = ROOT.parent / "shared" / "data" / "math" / "gsm8k.test.json"
+from _common import DATA, ROOT, WIKITEXT, result_header
+
+TEXT = WIKITEXT
+MATH_TRAIN = DATA / "math" / "math_data.train.json"
+GSM8K_TEST = DATA / "math" / "gsm8k.test.json"
 MATH_ROWS = ("lora-r64", "qlora-r64-nf4", "qlora-r64-nf2", "loftq-r64-nf2", "sketch-int4-g4", "sketch-int2-g4")
 MODEL = "smollm2-135m"
 TRAIN_RANGE = (0.5, 1.0)
@@ -550,16 +550,12 @@ def comparisons(rows: dict[str, dict[str, Any]], resamples: int, seed: int) -> l
 
 
 def write_report(args: argparse.Namespace, rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    import os
-    import platform
-
     from sketchtune_jax._utils.fileio import write_json_atomic
 
     report = {
+        **result_header(__file__),
         "benchmark": "quantized-finetune",
-        "command": "python bench/quantized_finetune.py " + shlex.join(sys.argv[1:]),
         "settings": settings_of(args),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores (CPU)",
         "rows": list(rows.values()),
         "comparisons": comparisons(rows, args.bootstrap, args.seed),
         "missing": [r for r in DEFAULT_ORDER if r not in rows],

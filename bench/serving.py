@@ -1,7 +1,7 @@
 """CPU serving speed of a sketch with and without the inference view, beside merged LoRA.
 
     python bench/serving.py --model smollm2-135m --prompt 16 --new-tokens 64 --rounds 2 \\
-        --out bench/results/serving-view-smollm2-135m-cpu.json
+        --out bench/results/serving/serving-view-smollm2-135m-cpu.json
 
 Three models of the same architecture, greedy generation with the KV cache, batch 1:
 
@@ -26,15 +26,10 @@ and without the view.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
-import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from _common import report, result_header
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -81,7 +76,6 @@ def build(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    import jax
     import numpy as np
 
     from pallas_kernels import describe
@@ -128,11 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
     with precompute_weights(False):
         per_call_tokens = generate(sketch, prompt, **kwargs)
     out = {
-        "bench": "serving",
-        "command": "python bench/serving.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "device": jax.devices()[0].device_kind,
-        "host": platform.machine(),
-        "jax": jax.__version__,
+        **result_header(__file__, argv),
         "kernels": describe(),
         "settings": {
             **{k: v for k, v in vars(args).items() if k != "out"},
@@ -161,12 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
         "pairs": rounds,
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    text = json.dumps(out, indent=2)
-    if args.out:
-        from sketchtune_jax._utils.fileio import write_json_atomic
-
-        write_json_atomic(args.out, out)
-    print(text)
+    report(out, args.out)
     return out
 
 

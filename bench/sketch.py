@@ -4,34 +4,30 @@ Synthetic calibration inputs (correlated channels with varying scales, the shape
 real activations, not their values), bf16 like a model's activations, fed in
 batches as a layer-by-layer driver would. Prints JSON and writes it to ``--out``.
 
-    python bench/sketch.py --out bench/results/sketch-<device>-<date>.json
+    python bench/sketch.py --out bench/results/sketching/sketch-<device>-<date>.json
     python bench/sketch.py --small          # quick CPU smoke run
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
 import time
+from typing import TYPE_CHECKING
 
-import jax
-import jax.numpy as jnp
+from _common import progress, report, result_header
 
-from sketchtune_jax.sketch.matrix import (
-    accumulate_hessian,
-    init_hessian,
-    prepare_hessian,
-    relative_output_error,
-    sketch_matrix,
-)
+if TYPE_CHECKING:
+    import jax
 
 FULL_SHAPES = ((4096, 4096), (14336, 4096), (4096, 14336))
 SMALL_SHAPES = ((512, 512), (1024, 512), (512, 1024))
 
 
 def _calibration_batch(key: jax.Array, tokens: int, scales: jax.Array, mix: jax.Array) -> jax.Array:
+    """``[tokens, in]`` bf16 inputs: normal channels plus a shared low-rank part, scaled per channel."""
+    import jax
+    import jax.numpy as jnp
+
     k1, k2 = jax.random.split(key)
     z = jax.random.normal(k1, (tokens, scales.shape[0]), jnp.float32)
     # A shared low-rank part correlates the channels, so H is far from diagonal.
@@ -39,10 +35,9 @@ def _calibration_batch(key: jax.Array, tokens: int, scales: jax.Array, mix: jax.
     return ((z + low) * scales).astype(jnp.bfloat16)
 
 
-_calibration_batch = jax.jit(_calibration_batch, static_argnums=1)
-
-
 def _time(fn):
+    import jax
+
     t = time.perf_counter()
     out = jax.block_until_ready(fn())
     return out, time.perf_counter() - t
@@ -58,6 +53,18 @@ def bench_module(
     repeat: bool,
     **sketch_kw,
 ) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from sketchtune_jax.sketch.matrix import (
+        accumulate_hessian,
+        init_hessian,
+        prepare_hessian,
+        relative_output_error,
+        sketch_matrix,
+    )
+
+    calibration_batch = jax.jit(_calibration_batch, static_argnums=1)
     key = jax.random.key(out_f * 100003 + in_f)
     kw, ks, km, kx = jax.random.split(key, 4)
     w = 0.02 * jax.random.normal(kw, (out_f, in_f), jnp.float32)
@@ -66,13 +73,13 @@ def bench_module(
 
     h, n = init_hessian(in_f)
     # Compiled once per shape in a real run; keep compilation out of the figure.
-    warm = _calibration_batch(kx, min(batch_seqs, seqs) * seq_len, scales, mix)
+    warm = calibration_batch(kx, min(batch_seqs, seqs) * seq_len, scales, mix)
     jax.block_until_ready(accumulate_hessian(h, n, warm))
     del warm
     accumulate_s = 0.0
     for i, bkey in enumerate(jax.random.split(kx, -(-seqs // batch_seqs))):
         tokens = min(batch_seqs, seqs - i * batch_seqs) * seq_len
-        x = jax.block_until_ready(_calibration_batch(bkey, tokens, scales, mix))
+        x = jax.block_until_ready(calibration_batch(bkey, tokens, scales, mix))
         (h, n), dt = _time(lambda: accumulate_hessian(h, n, x))
         accumulate_s += dt
 
@@ -92,7 +99,7 @@ def bench_module(
     return row
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--small", action="store_true", help="small shapes and calibration (CPU smoke)")
     p.add_argument("--shapes", type=str, default=None, help="e.g. 4096x4096,14336x4096 (out x in)")
@@ -105,7 +112,7 @@ def main() -> None:
     p.add_argument("--refit-codebook", action="store_true")
     p.add_argument("--no-repeat", action="store_true", help="skip the second, compiled, call")
     p.add_argument("--out", type=str, default=None)
-    a = p.parse_args()
+    a = p.parse_args(argv)
 
     if a.shapes:
         shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")]
@@ -114,13 +121,8 @@ def main() -> None:
     seqs = a.seqs or (4 if a.small else 128)
     seq_len = a.seq_len or (512 if a.small else 2048)
 
-    dev = jax.devices()[0]
     result = {
-        "bench": "sketch",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": f"{dev.platform}:{dev.device_kind}",
-        "host": platform.node(),
-        "jax": jax.__version__,
+        **result_header(__file__, argv),
         "bits": a.bits,
         "groups_per_row": a.groups,
         "kmeans_restarts": a.kmeans_restarts,
@@ -146,11 +148,9 @@ def main() -> None:
             refit_codebook=a.refit_codebook,
         )
         result["modules"].append(row)
-        print(json.dumps(row), flush=True)
-    print(json.dumps(result, indent=2))
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump(result, f, indent=2)
+        progress(row)
+    report(result, a.out)
+    return result
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ import subprocess
 import sys
 import time
 
+from _common import child_env, report, result_header
+
 METHODS = ("sketch", "lora", "qlora", "full")
 LEGACY_NAMES = {"sketched": "sketch", "dense": "full"}
 # Architectures by name: SmolLM2-135M (all 30 layers) and one Llama-3-8B decoder layer.
@@ -169,17 +171,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.single:
         print(json.dumps(run_one(args, args.single)))
         return
-    import jax
-
     from pallas_kernels import describe
 
     methods = [LEGACY_NAMES.get(m.strip(), m.strip()) for m in args.methods.split(",") if m.strip()]
     if unknown := set(methods) - set(METHODS):
         raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {METHODS}")
     results = {}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
-    child_argv = [a for a in (argv if argv is not None else sys.argv[1:])]
+    child_argv = list(argv if argv is not None else sys.argv[1:])
     if "--out" in child_argv:
         i = child_argv.index("--out")
         del child_argv[i : i + 2]
@@ -188,16 +186,13 @@ def main(argv: list[str] | None = None) -> None:
             [sys.executable, os.path.abspath(__file__), *child_argv, "--single", method],
             capture_output=True,
             text=True,
-            env=env,
+            env=child_env(),
         )
         if proc.returncode != 0:
             raise SystemExit(f"{method} run failed:\n{proc.stderr[-4000:]}")
         results[method] = json.loads(proc.stdout.strip().splitlines()[-1])
     out = {
-        "bench": "train_step",
-        "command": "python bench/train_step.py " + " ".join(child_argv),
-        "device": str(jax.devices()[0].device_kind),
-        "platform": jax.devices()[0].platform,
+        **result_header(__file__, argv),
         "kernels": describe(),
         "config": {k: v for k, v in vars(args).items() if k not in ("single", "out")},
         "methods": results,
@@ -215,12 +210,7 @@ def main(argv: list[str] | None = None) -> None:
                     b["argument_bytes"] + b["temp_bytes"]
                 )
             out[f"sketch_over_{base}"] = ratios
-    text = json.dumps(out, indent=2)
-    if args.out:
-        from sketchtune_jax._utils.fileio import write_json_atomic
-
-        write_json_atomic(args.out, out)
-    print(text)
+    report(out, args.out)
 
 
 if __name__ == "__main__":

@@ -3,10 +3,10 @@
 # dot_product_attention): bench/train_step.py at a SmolLM2-135M-like shape (4 layers),
 # run on the code of BEFORE_REV and on this checkout. Writes two JSON files.
 #
-#   bench/train_step_lean.sh [BEFORE_REV] [OUT_DIR]      # defaults: 2128bf8 bench/results
+#   bench/train_step_lean.sh [BEFORE_REV] [OUT_DIR]      # defaults: 2128bf8 bench/results/training-step
 set -euo pipefail
 before=${1:-2128bf8}
-out=${2:-bench/results}
+out=${2:-bench/results/training-step}
 python=${PYTHON:-python}
 root=$(git rev-parse --show-toplevel)
 tmp=$(mktemp -d)

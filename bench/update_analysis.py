@@ -1,6 +1,7 @@
 """How well a low-rank update and a sketch-space update capture a full fine-tune (paper Fig. 1 / App. B).
 
-    python bench/update_analysis.py DENSE FINETUNED --sketch SKETCH_DIR --out bench/results/update-analysis.json
+    python bench/update_analysis.py DENSE FINETUNED --sketch SKETCH_DIR \
+        --out bench/results/update-analysis/update-analysis.json
 
 DENSE and FINETUNED are model refs `sketchtune_jax.load_any` takes (HF directory, GGUF,
 ``smollm2-135m``); SKETCH_DIR is a sketch of DENSE (``sketchtune sketch``). For every
@@ -20,11 +21,11 @@ matplotlib is installed.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
+from _common import report, result_header
 
 LAYER_TYPES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -175,7 +176,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="JSON file to write; the plot goes beside it as .png")
     args = parser.parse_args(argv)
 
-    from sketchtune_jax._utils.fileio import write_json_atomic
     from sketchtune_jax.io.loading import load_any
     from sketchtune_jax.io.sketched_dir import is_sketched_dir
 
@@ -190,17 +190,22 @@ def main(argv: list[str] | None = None) -> int:
 
     dense, finetuned, sketched = (load_any(ref).model for ref in (args.dense, args.finetuned, args.sketch))
     result = analyse_updates(dense, finetuned, sketched)
-    result = {"dense": args.dense, "finetuned": args.finetuned, "sketch": args.sketch, **result}
-    write_json_atomic(out, result)
+    result = {
+        **result_header(__file__, argv),
+        "dense": args.dense,
+        "finetuned": args.finetuned,
+        "sketch": args.sketch,
+        **result,
+    }
     png = out.with_suffix(".png")
     if not plot(result, png, f"ΔW of {Path(args.finetuned).name} vs {Path(args.dense).name}"):
         print("info: matplotlib is not installed; no plot written", file=sys.stderr)
         png = None
-    summary = {
+    per_type = {
         t: {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
         for t, row in result["per_type"].items()
     }
-    print(json.dumps({"json": str(out), "png": str(png) if png else None, "per_type": summary}, indent=2))
+    report(result, out, summary={"json": str(out), "png": str(png) if png else None, "per_type": per_type})
     return 0
 
 

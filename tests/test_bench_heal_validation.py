@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import math
 from pathlib import Path
@@ -10,14 +10,16 @@ from pathlib import Path
 import pytest
 from model_utils import sketch_tiny_with_cli
 
-_spec = importlib.util.spec_from_file_location(
-    "heal_validation", Path(__file__).resolve().parents[1] / "bench" / "heal_validation.py"
-)
-heal_validation = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(heal_validation)
+
+@pytest.fixture(scope="module")
+def heal_validation():
+    with pytest.MonkeyPatch.context() as mp:
+        # bench scripts import their shared module, _common, from bench/
+        mp.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+        yield importlib.import_module("heal_validation")
 
 
-def test_variants_are_healed_scored_on_validation_windows_and_a_rerun_skips_them(tmp_path):
+def test_variants_are_healed_scored_on_validation_windows_and_a_rerun_skips_them(tmp_path, heal_validation):
     tiny = sketch_tiny_with_cli(tmp_path)
     out = tmp_path / "val.json"
     argv = [str(tiny["sketch"]), "--teacher", str(tiny["hf"]), "--text", str(tiny["calib"])]

@@ -21,15 +21,14 @@ def test_an_eval_range_that_meets_the_calibration_range_is_refused(tmp_path, eva
     assert not out.exists()
 
 
-def test_a_saved_sketch_is_scored_with_its_own_seed_and_refused_under_another_config(tmp_path):
-    import importlib.util
+def test_a_saved_sketch_is_scored_with_its_own_seed_and_refused_under_another_config(tmp_path, monkeypatch):
+    import importlib
     import json
 
     from model_utils import sketch_tiny_with_cli
 
-    spec = importlib.util.spec_from_file_location("quality", ROOT / "bench" / "quality.py")
-    quality = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(quality)
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))  # bench scripts import their shared module, _common, from bench/
+    quality = importlib.import_module("quality")
     tiny = sketch_tiny_with_cli(tmp_path, extra_args=["--seed", "3"])
     out = tmp_path / "q.json"
     argv = ["--model", str(tiny["hf"]), "--text", str(tiny["calib"]), "--nsamples", "4", "--seq-len", "32"]

@@ -1,13 +1,13 @@
-"""bench/scale.py: the collective-bytes parser on literal HLO text."""
+"""bench/collective_bytes.py: the collective-bytes parser on literal HLO text."""
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 from pathlib import Path
 
-_spec = importlib.util.spec_from_file_location("scale", Path(__file__).resolve().parents[1] / "bench" / "scale.py")
-scale = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(scale)
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 HLO = """
 ENTRY %main.1 (param.1: f32[2,5,32]) -> f32[2,5,64] {
@@ -25,8 +25,15 @@ ENTRY %main.1 (param.1: f32[2,5,32]) -> f32[2,5,64] {
 """
 
 
-def test_collective_bytes_sums_result_sizes_per_op():
-    got = scale.collective_bytes(HLO)
+@pytest.fixture(scope="module")
+def bench():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(BENCH))  # bench scripts import their shared module, _common, from bench/
+        yield importlib.import_module("collective_bytes")
+
+
+def test_collective_bytes_sums_result_sizes_per_op(bench):
+    got = bench.collective_bytes(HLO)
     assert got["all-gather"] == {"count": 2, "bytes": 2 * 5 * 64 * 4 + 32 * 4}
     assert got["all-reduce"] == {"count": 2, "bytes": 2 * 5 * 32 * 4 + (4 + 32 * 2 * 16 * 2 + 4)}
     assert got["collective-permute"] == {"count": 1, "bytes": 4 * 32 * 4}
@@ -34,6 +41,6 @@ def test_collective_bytes_sums_result_sizes_per_op():
     assert got["reduce-scatter"] == {"count": 1, "bytes": 16}
 
 
-def test_collective_bytes_of_text_without_collectives_is_zero():
-    got = scale.collective_bytes("%add = f32[4]{0} add(%a, %b)\n%f = f32[4]{0} fusion(%a), calls=%all-reduce")
+def test_collective_bytes_of_text_without_collectives_is_zero(bench):
+    got = bench.collective_bytes("%add = f32[4]{0} add(%a, %b)\n%f = f32[4]{0} fusion(%a), calls=%all-reduce")
     assert all(v == {"count": 0, "bytes": 0} for v in got.values())
