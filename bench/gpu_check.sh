@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One prepared check for an NVIDIA GPU (H100/H200; Triton needs Ampere or newer), about
-# 10 minutes in all (the step limits sum to 600 s). From the repository root, with jax[cuda] already installed:
+# 11 minutes in all (the step limits sum to 660 s). From the repository root, with jax[cuda] already installed:
 #
 #     OUT=./gpu-out bash bench/gpu_check.sh
 #
@@ -49,15 +49,16 @@ step install 45 - "$PY" -m pip install --no-deps -q -e .
 step kernel_tests 90 - env SKETCHTUNE_KERNEL_BACKEND=pallas \
   "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_cuda_lowering.py tests/test_kernel_backends.py
 
-# The Mosaic GPU kernels compiled, against the jnp twins: the forward (which its CPU
-# interpreter cannot run) and the codebook gradient (interpreted in the tests, here with
-# its tiled/swizzled SMEM; pallas_kernels/mosaic_gpu.py). Kernels bench beside it.
+# The Mosaic GPU kernels compiled (forward, dx, codebook gradient; interpreted on CPU in
+# tests/test_kernels_mosaic_gpu.py, which runs them compiled here), against the jnp twins
+# at model shapes (pallas_kernels/mosaic_gpu.py). Kernels bench beside it.
+step mosaic_gpu_tests 60 - "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_mosaic_gpu.py
 step mosaic_gpu_check 75 mosaic-gpu-check.json "$PY" - <<'PYEOF'
 import json, jax, jax.numpy as jnp, numpy as np
 from pallas_kernels import (pack_codes, sketched_matmul, sketched_matmul_grads,
                             sketched_matmul_grads_reference, sketched_matmul_reference)
 rows = []
-for bits in (2, 4):
+for bits in (2, 3, 4):
     for m, out, k, groups in [(1, 128, 2048, 2), (16, 4096, 4096, 1), (200, 1024, 4096, 4)]:
         rng = np.random.default_rng(0)
         cb = jnp.asarray(rng.normal(size=(out, groups, 2**bits)), jnp.float32)
@@ -73,10 +74,11 @@ for bits in (2, 4):
         codes = pack_codes(jnp.asarray(rng.integers(0, 2**bits, (out, groups, k // groups)), jnp.uint8), bits)
         x = jnp.asarray(rng.normal(size=(m, k)), jnp.bfloat16)
         dy = jnp.asarray(rng.normal(size=(m, out)), jnp.bfloat16)
-        _, dcb = sketched_matmul_grads(x, cb, codes, bits, dy, backend="mosaic_gpu")
-        _, ref = sketched_matmul_grads_reference(x, cb, codes, bits, dy)
-        err = float(jnp.max(jnp.abs(dcb - ref)) / jnp.max(jnp.abs(ref)))
-        rows.append(dict(kernel="dcodebook", bits=bits, m=m, out=out, k=k, groups=groups, rel_err=err, ok=err < 2e-2))
+        grads = sketched_matmul_grads(x, cb, codes, bits, dy, backend="mosaic_gpu")
+        for kernel, got, ref in zip(("dx", "dcodebook"), grads, sketched_matmul_grads_reference(x, cb, codes, bits, dy)):
+            got, ref = got.astype(jnp.float32), ref.astype(jnp.float32)
+            err = float(jnp.max(jnp.abs(got - ref)) / jnp.max(jnp.abs(ref)))
+            rows.append(dict(kernel=kernel, bits=bits, m=m, out=out, k=k, groups=groups, rel_err=err, ok=err < 2e-2))
 print(json.dumps(rows, indent=1))
 raise SystemExit(0 if all(r["ok"] for r in rows) else 1)
 PYEOF

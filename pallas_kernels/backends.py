@@ -16,11 +16,11 @@ jit on a CPU never lowers a kernel. For CUDA the chip decides: a CUDA device att
 this process gives its compute capability; with none (exporting from a CPU host) the
 module is lowered for `CROSS_LOWERING_CUDA_CAPABILITY` (Hopper).
 
-The Mosaic GPU kernels lower for CUDA, but jax 0.10.2's Mosaic GPU interpreter can run only
-the codebook gradient (without its SMEM tiling), not the forward, and none has been
-compiled on a GPU: until `bench/gpu_check.sh` has run them against the ``jnp`` twins on a
-Hopper GPU, `MOSAIC_GPU_AUTOMATIC` is off and sm90+ gets Triton unless
-``backend="mosaic_gpu"`` is asked for.
+The Mosaic GPU kernels (forward, dx, codebook gradient) lower for CUDA and match the ``jnp``
+twins in jax 0.10.2's Mosaic GPU interpreter, but none has been compiled on a GPU: until
+`bench/gpu_check.sh` has run them against the twins on a Hopper GPU,
+`MOSAIC_GPU_AUTOMATIC` is off and sm90+ gets Triton unless ``backend="mosaic_gpu"`` is
+asked for. Forced, a training step on it needs Triton only for float32 activations.
 
 Overrides, for tests and benchmarks: ``backend="triton" | "mosaic_gpu" | "mosaic_tpu" |
 "reference"`` and ``interpret=True`` (the backend's own interpreter on any host). The older

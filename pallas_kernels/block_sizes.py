@@ -7,7 +7,8 @@ its hardware accepts:
 * Triton (`resolve`): powers of two >= 16, shrunk to the next power of two of the dimension;
 * Mosaic TPU (`tpu_rows`, `tpu_lanes`): second-minor sides a multiple of 8 (16 for 16-bit
   dtypes), minor sides a multiple of 128 unless they span the whole dimension;
-* Mosaic GPU (`pallas_kernels.mosaic_gpu`): warpgroup-sized tiles (see there).
+* Mosaic GPU (`mosaic_gpu`): 64 rows of ``W_hat`` (one warpgroup) a program; tokens and
+  the K step from the fields, fitted to shared memory by `pallas_kernels.mosaic_gpu`.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ class ForwardBlockSizes(_Tiles):
 
     Attributes:
       block_m: rows of ``x`` per program.
-      block_n: output features (rows of ``W_hat``) per program.
+      block_n: output features (rows of ``W_hat``) per program (Mosaic GPU: always 64).
       block_k: input features per step of the K loop.
     """
 
@@ -106,6 +107,13 @@ class ForwardBlockSizes(_Tiles):
         default = (min(m, 256), 512, 8192) if m <= 64 else (256, 256, 4096)
         return _pick((self.block_m, self.block_n, self.block_k), default)
 
+    def mosaic_gpu(self, m: int) -> tuple[int, int | None]:
+        """Mosaic GPU upper bounds ``(block_m, block_k)`` for ``m`` rows of ``x``: rows of ``x``
+        per program (the wgmma N side: ``m`` rounded to 16, 32, 64, then 128; at most 256)
+        and input features per K step (``None``: as many as shared memory takes)."""
+        default = next(t for t in (16, 32, 64, 128) if m <= t or t == 128)
+        return min(256, self.block_m or default), self.block_k
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class DxBlockSizes(_Tiles):
@@ -115,7 +123,8 @@ class DxBlockSizes(_Tiles):
     Attributes:
       block_m: rows of ``dy`` per program (Triton default 64, TPU 256).
       block_n: output features per step of the N loop (Triton 32, TPU 256).
-      block_k: input features (columns of ``dx``) per program (Triton 128, TPU 4096).
+      block_k: input features (columns of ``dx``) per program (Triton 128, TPU 4096,
+        Mosaic GPU 64 word-lanes).
     """
 
     block_m: int | None = None
@@ -130,6 +139,11 @@ class DxBlockSizes(_Tiles):
         """Logical TPU upper bounds ``(block_m, block_n, block_k)``."""
         return _pick((self.block_m, self.block_n, self.block_k), (256, 256, 4096))
 
+    def mosaic_gpu(self) -> int | None:
+        """Mosaic GPU upper bound on input features per program (``None``: 64 word-lanes);
+        the tokens (64, the wgmma M side) and the rows per step (64) are fixed."""
+        return self.block_k
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class DcodebookBlockSizes(_Tiles):
@@ -139,7 +153,8 @@ class DcodebookBlockSizes(_Tiles):
     Attributes:
       block_m: rows of ``x``/``dy`` per step of the M loop (Triton default 64, TPU 512).
       block_n: output features per program (Triton 64, TPU 256).
-      block_k: columns of a group per step of the K loop (Triton 64, TPU 2048).
+      block_k: columns of a group per step of the K loop (Triton 64, TPU 2048; Mosaic GPU:
+        per program, 64 word-lanes).
     """
 
     block_m: int | None = None
@@ -153,6 +168,11 @@ class DcodebookBlockSizes(_Tiles):
     def tpu(self) -> tuple[int, int, int]:
         """Logical TPU upper bounds ``(block_m, block_n, block_k)``."""
         return _pick((self.block_m, self.block_n, self.block_k), (512, 256, 2048))
+
+    def mosaic_gpu(self) -> int | None:
+        """Mosaic GPU upper bound on input features per program (``None``: 64 word-lanes);
+        the rows (64, the wgmma M side) and the tokens per step (64) are fixed."""
+        return self.block_k
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

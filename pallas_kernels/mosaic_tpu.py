@@ -1,17 +1,11 @@
 """Mosaic TPU (Pallas TPU) kernels of the sketched matmul: dequantize, forward, dx, dcodebook.
 
 TPU vector registers are ``8 x 128`` (sublanes x lanes) and there is no lane gather, so
-the kernels never turn a packed word into adjacent columns. A packed word holds ``S``
-codes (``S = 32 // bits``; for 3 bits a 32-code block spread over three bit-plane words),
-and every kernel works in *slot* order: slot ``s`` of word-lane ``j`` is column
-``j * S + s`` of its group. For each slot the codes of a ``[block_n, lanes]`` tile of
-words come out with one shift and mask, are looked up in the row's codebook with a
-``bits``-deep tree of selects (``2**bits - 1`` selects, no gather), and meet the
-activation columns of that slot on the MXU. The activations (``x``, and ``dx`` on the
-way out) are permuted into slot order by XLA outside the kernel; they are the small
-operands. The dense weight exists only as one slot's tile in VMEM.
+the kernels never turn a packed word into adjacent columns: they work in slot order
+(`pallas_kernels.slots`), and a slot's codes meet that slot's activation columns on the
+MXU. The dense weight exists only as one slot's tile in VMEM.
 
-Layouts passed to the kernels (built by `_TpuLayout`):
+Layouts passed to the kernels (built by `_TpuLayout`, a `SlotLayout`):
 
 * codes ``uint32 [planes, out, groups * lanes]``: a free reshape of the packed codes for
   2 and 4 bits (``planes = 1``); for 3 bits the three bit planes of each 32-code block are
@@ -47,6 +41,7 @@ from pallas_kernels.block_sizes import (
     tpu_lanes,
     tpu_rows,
 )
+from pallas_kernels.slots import SlotLayout, select, slot_bits, slot_codes
 
 
 def _interpret(interpret: bool):
@@ -55,26 +50,10 @@ def _interpret(interpret: bool):
 
 
 @dataclasses.dataclass(frozen=True)
-class _TpuLayout:
+class _TpuLayout(SlotLayout):
     """How one sketch's codes are cut into slots, lanes and K chunks (static)."""
 
-    bits: int
-    groups: int
-    cols: int  # columns per group
-    chunk_cols: int  # wanted input features per chunk (block_k)
-
-    @property
-    def slots(self) -> int:
-        return 32 if self.bits == 3 else 32 // self.bits
-
-    @property
-    def planes(self) -> int:
-        return 3 if self.bits == 3 else 1
-
-    @property
-    def lanes(self) -> int:
-        """Word-lanes per group (words per group, or 32-code blocks for 3 bits)."""
-        return -(-self.cols // self.slots)
+    chunk_cols: int = 8192  # wanted input features per chunk (block_k)
 
     @property
     def whole_rows(self) -> bool:
@@ -114,28 +93,6 @@ class _TpuLayout:
         # through a sign computation that Mosaic only knows for a real TPU generation.
         return 0 if self.whole_rows else lax.div(k, self.chunks_per_group)
 
-    def codes(self, codes: jax.Array) -> jax.Array:
-        """Packed ``uint32 [out, groups, words]`` -> ``[planes, out, groups * lanes]``."""
-        out = codes.shape[0]
-        if self.bits != 3:
-            return codes.reshape(1, out, self.groups * self.lanes)
-        planes = codes.reshape(out, self.groups, self.lanes, 3).transpose(3, 0, 1, 2)
-        return planes.reshape(3, out, self.groups * self.lanes)
-
-    def to_slots(self, a: jax.Array, rows: int) -> jax.Array:
-        """Activations ``[r, groups * cols]`` -> ``[slots, rows, groups * lanes]`` (zero-padded)."""
-        r = a.shape[0]
-        a = a.reshape(r, self.groups, self.cols)
-        a = jnp.pad(a, ((0, rows - r), (0, 0), (0, self.lanes * self.slots - self.cols)))
-        a = a.reshape(rows, self.groups, self.chunks_per_group, self.chunk_lanes, self.slots)
-        return a.transpose(4, 0, 1, 2, 3).reshape(self.slots, rows, self.groups * self.lanes)
-
-    def from_slots(self, a: jax.Array, rows: int) -> jax.Array:
-        """Inverse of `to_slots`: ``[slots, R, groups * lanes]`` -> ``[rows, groups * cols]``."""
-        a = a[:, :rows].reshape(self.slots, rows, self.groups, self.chunks_per_group, self.chunk_lanes)
-        a = a.transpose(1, 2, 3, 4, 0).reshape(rows, self.groups, self.lanes * self.slots)
-        return a[:, :, : self.cols].reshape(rows, self.groups * self.cols)
-
 
 def _codebook(codebook: jax.Array, rows: int) -> jax.Array:
     """``[out, groups, 2**bits]`` -> fp32 ``[groups, rows, 2**bits]``, zero rows past ``out``."""
@@ -151,33 +108,11 @@ def _load_words(codes_ref, gi: int, lanes: int, planes: int) -> list[jax.Array]:
     return [codes_ref[p, :, pl.ds(gi * lanes, lanes)] for p in range(planes)]
 
 
-def _slot_bits(words: list[jax.Array], s, bits: int) -> list[jax.Array]:
-    """Bit ``b`` (b < bits) of the codes in slot ``s`` (traced int32), as bool arrays."""
-    one = jnp.uint32(1)
-    s = s.astype(jnp.uint32) if hasattr(s, "astype") else jnp.uint32(s)
-    if bits == 3:
-        return [((plane >> s) & one) == one for plane in words]
-    (w,) = words
-    base = s * jnp.uint32(bits)
-    return [((w >> (base + jnp.uint32(b))) & one) == one for b in range(bits)]
-
-
 def _lookup(bit_masks: list[jax.Array], cb: jax.Array) -> jax.Array:
-    """``cb[r, code]`` for codes given by their bits: a tree of ``2**bits - 1`` selects.
-
-    ``cb`` is ``[block_n, 2**bits]``; the result is ``[block_n, lanes]`` in ``cb.dtype``.
-    """
-    values = [cb[:, k : k + 1] for k in range(cb.shape[1])]
-    for bit in bit_masks:
-        values = [jnp.where(bit, values[2 * i + 1], values[2 * i]) for i in range(len(values) // 2)]
-    return jnp.broadcast_to(values[0], bit_masks[0].shape)
-
-
-def _codes_of(bit_masks: list[jax.Array]) -> jax.Array:
-    code = jnp.zeros(bit_masks[0].shape, jnp.int32)
-    for b, bit in enumerate(bit_masks):
-        code = code | (bit.astype(jnp.int32) << b)
-    return code
+    """``cb[r, code]`` for codes given by their bits: ``cb [block_n, 2**bits]`` ->
+    ``[block_n, lanes]`` in ``cb.dtype``."""
+    values = select(bit_masks, [cb[:, k : k + 1] for k in range(cb.shape[1])])
+    return jnp.broadcast_to(values, bit_masks[0].shape)
 
 
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
@@ -195,7 +130,7 @@ def _dequantize_kernel(cb_ref, codes_ref, o_ref, *, layout: _TpuLayout):
         words = _load_words(codes_ref, gi, lanes, layout.planes)
 
         def body(s, carry, cb=cb, words=words, gi=gi):
-            w = _lookup(_slot_bits(words, s, layout.bits), cb)
+            w = _lookup(slot_bits(words, s, layout.bits), cb)
             o_ref[s, :, pl.ds(gi * lanes, lanes)] = w.astype(o_ref.dtype)
             return carry
 
@@ -243,7 +178,7 @@ def _forward_kernel(x_ref, cb_ref, codes_ref, o_ref, acc_ref, *, layout: _TpuLay
 
         def body(s, acc, cb=cb, words=words, gi=gi):
             x = x_ref[s, :, pl.ds(gi * lanes, lanes)]
-            w = _lookup(_slot_bits(words, s, layout.bits), cb).astype(x.dtype)
+            w = _lookup(slot_bits(words, s, layout.bits), cb).astype(x.dtype)
             return acc + lax.dot_general(x, w, _NT, precision=precision, preferred_element_type=jnp.float32)
 
         acc_ref[...] = lax.fori_loop(0, layout.slots, body, acc_ref[...])
@@ -298,7 +233,7 @@ def _dx_kernel(dy_ref, cb_ref, codes_ref, o_ref, acc_ref, *, layout: _TpuLayout,
         words = _load_words(codes_ref, gi, lanes, layout.planes)
 
         def body(s, carry, cb=cb, words=words, gi=gi):
-            w = _lookup(_slot_bits(words, s, layout.bits), cb).astype(dy.dtype)
+            w = _lookup(slot_bits(words, s, layout.bits), cb).astype(dy.dtype)
             part = lax.dot_general(dy, w, _NN, precision=precision, preferred_element_type=jnp.float32)
             acc_ref[s, :, pl.ds(gi * lanes, lanes)] += part
             return carry
@@ -370,7 +305,7 @@ def _dcodebook_kernel(dy_ref, x_ref, codes_ref, o_ref, dw_ref, *, layout: _TpuLa
             centres = lax.broadcasted_iota(jnp.int32, (1, nc), 1)
 
             def bucket(s, acc, words=words, gi=gi):
-                code = _codes_of(_slot_bits(words, s, layout.bits))
+                code = slot_codes(words, s, layout.bits)
                 d = dw_ref[s, :, pl.ds(gi * lanes, lanes)]
                 for c in range(nc):
                     total = jnp.sum(jnp.where(code == c, d, 0.0), axis=1, keepdims=True)

@@ -13,8 +13,9 @@ GPUs, the ``jnp`` reference on CPU); ``"triton" | "mosaic_gpu" | "mosaic_tpu" |
 
 The kernels (`pallas_kernels.triton`, `pallas_kernels.mosaic_tpu`,
 `pallas_kernels.mosaic_gpu`) never write ``W_hat`` to HBM, except `dequantize`, whose
-job it is. The Mosaic GPU backend has its own forward and codebook-gradient kernels and
-takes ``dx`` and `dequantize` from Triton (both lower into the same CUDA module).
+job it is. The Mosaic GPU backend has its own forward, ``dx`` and codebook-gradient kernels
+for 16-bit activations and takes `dequantize` (and float32 activations) from Triton, which
+lowers into the same CUDA module.
 
 Tiles are set per kernel by `ForwardBlockSizes`, `DxBlockSizes`, `DcodebookBlockSizes`
 (gathered in `BlockSizes`) and `DequantizeBlockSizes`. Shapes are checked once per public
@@ -253,7 +254,7 @@ def _grads(x2, codebook, codes, bits, cols, dy2, choice: Choice, blocks: BlockSi
 
     kernels = _kernels(
         triton=kernel(triton, triton),
-        mosaic_gpu=kernel(triton, mosaic_gpu),
+        mosaic_gpu=kernel(mosaic_gpu, mosaic_gpu),
         mosaic_tpu=kernel(mosaic_tpu, mosaic_tpu),
     )
     return dispatch(choice, kernels, reference, x2, codebook, codes, dy2)
