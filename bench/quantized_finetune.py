@@ -231,20 +231,15 @@ def prepare_loftq(settings, out: Path) -> tuple[str, str, dict[str, Any]]:
 
 
 def method_of(row: Row, rank: int, loftq_iters: int, seed: int):
+    """``(job, lora, method)``: the `FinetuneSettings` and `LoraSettings` a row trains with, and the
+    `FinetuneMethod` they make."""
+    from sketchtune_jax.train.config import FinetuneSettings
     from sketchtune_jax.train.lora import LoraSettings
-    from sketchtune_jax.train.methods import FinetuneMethod
+    from sketchtune_jax.train.methods import method_for
 
-    if row.method not in ("lora", "qlora"):
-        return FinetuneMethod(row.method)
-    lora = LoraSettings(
-        rank=rank,
-        alpha=2.0 * rank,
-        qtype=row.qtype,
-        init="loftq" if row.loftq else "default",
-        loftq_iters=loftq_iters,
-        seed=seed,
-    )
-    return FinetuneMethod(row.method, lora=lora)
+    job = FinetuneSettings(method=row.method, lora_rank=rank, lora_alpha=2.0 * rank, qlora_qtype=row.qtype or "nf4")
+    lora = LoraSettings(qtype=row.qtype, init="loftq" if row.loftq else "default", loftq_iters=loftq_iters, seed=seed)
+    return job, lora, method_for(job, lora, sketched=row.method == "sketch")
 
 
 def load_result(row: Row, model_ref: str, run: Path | None):
@@ -276,7 +271,7 @@ def initial_model(model_ref: str, method, adapter: str | None):
 
 
 def finetune_run(
-    model_ref: str, adapter: str | None, method, lr: float, steps: int, run: Path, args: argparse.Namespace
+    model_ref: str, adapter: str | None, job, lora, lr: float, steps: int, run: Path, args: argparse.Namespace
 ) -> dict[str, Any]:
     """Fine-tune (or resume) into ``run``; the summary, with train tokens/s from the run's log."""
     from sketchtune_jax.jobs import finetune_to_dir
@@ -298,12 +293,11 @@ def finetune_run(
         t0 = time.perf_counter()
         done = finetune_to_dir(
             model_ref,
-            None,
             run,
-            config=config,
+            config,
+            dataclasses.replace(job, text_range=TRAIN_RANGE),
             text=args.text,
-            text_range=TRAIN_RANGE,
-            method=method,
+            lora=lora,
             adapter=adapter,
             resume=run.is_dir() and any(run.iterdir()),
             progress=True,
@@ -367,7 +361,7 @@ def run_row(row: Row, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     row_dir.mkdir(parents=True, exist_ok=True)
     prep: dict[str, Any] = {}
     adapter = None
-    method = method_of(row, args.rank, args.loftq_iters, args.seed)
+    job, lora, method = method_of(row, args.rank, args.loftq_iters, args.seed)
     if row.method == "sketch":
         model_ref, prep = prepare_sketch(row, work, args.text)
     elif row.loftq:
@@ -389,7 +383,7 @@ def run_row(row: Row, args: argparse.Namespace, work: Path) -> dict[str, Any]:
         pilot_dir = row_dir / f"pilot-lr{lr:g}"
         scored = read_json(pilot_dir / "val.json")
         if scored is None:
-            summary = finetune_run(model_ref, adapter, method, lr, args.pilot_steps, pilot_dir / "run", args)
+            summary = finetune_run(model_ref, adapter, job, lora, lr, args.pilot_steps, pilot_dir / "run", args)
             loaded = load_result(row, model_ref, pilot_dir / "run")
             scored = {"lr": lr, "val": ppl(loaded.model, loaded.tokenizer, val_text, args.val_windows, args.seq_len)}
             scored["train_loss"] = summary["loss"]
@@ -400,7 +394,7 @@ def run_row(row: Row, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     lr = best["lr"]
 
     final_dir = row_dir / f"final-lr{lr:g}"
-    summary = finetune_run(model_ref, adapter, method, lr, args.steps, final_dir, args)
+    summary = finetune_run(model_ref, adapter, job, lora, lr, args.steps, final_dir, args)
     test_text = read_text(args.text)
     before = read_json(row_dir / "test-before.json")
     if before is None:
@@ -478,7 +472,7 @@ def run_math(row: Row, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     done = read_json(row_dir / "math.json")
     if done is not None and done.get("settings") == settings_of(args):
         return done
-    method = method_of(row, args.rank, args.loftq_iters, args.seed)
+    job, lora, method = method_of(row, args.rank, args.loftq_iters, args.seed)
     adapter = None
     if row.loftq:
         model_ref, adapter, _ = prepare_loftq(method.lora, row_dir / "loftq-init")
@@ -503,10 +497,11 @@ def run_math(row: Row, args: argparse.Namespace, work: Path) -> dict[str, Any]:
         )
         finetune_to_dir(
             model_ref,
-            str(MATH_TRAIN),
             run,
-            config=config,
-            method=method,
+            config,
+            job,
+            data=str(MATH_TRAIN),
+            lora=lora,
             adapter=adapter,
             resume=run.is_dir() and any(run.iterdir()),
         )

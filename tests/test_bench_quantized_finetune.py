@@ -28,7 +28,7 @@ def test_rows_are_the_papers_table_and_every_row_is_in_the_run_order(bench):
     assert set(rows) == expected == set(bench.DEFAULT_ORDER)
     assert all(len(r.lrs) >= 3 for r in rows.values())
     assert rows["loftq-r64-nf2"].loftq and rows["loftq-r64-nf2"].qtype == "nf2"
-    method = bench.method_of(rows["loftq-r64-nf3"], 64, 5, 0)
+    _, _, method = bench.method_of(rows["loftq-r64-nf3"], 64, 5, 0)
     assert (method.lora.qtype, method.lora.init, method.lora.loftq_iters, method.lora.alpha) == ("nf3", "loftq", 5, 128)
 
 

@@ -15,12 +15,13 @@ from sketchtune_jax.cli._common import (
     start_distributed,
     write_json,
 )
+from sketchtune_jax.io.sketched_dir import is_sketched_dir
 from sketchtune_jax.jobs import finetune_to_dir
 from sketchtune_jax.parallel.distributed import is_primary
 from sketchtune_jax.settings import SettingError, add_settings_arguments, named_as_flags, settings_from_args
 from sketchtune_jax.train.config import FinetuneSettings, TrainConfig
 from sketchtune_jax.train.lora import LoraSettings
-from sketchtune_jax.train.methods import FinetuneMethod
+from sketchtune_jax.train.methods import method_for
 
 # The adapter settings as --lora-<name> flags (a field's own flag, e.g. --qlora-tile-size, aside).
 LORA_PREFIX = "lora_"
@@ -68,26 +69,25 @@ def add_parser(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     job = settings_from_args(FinetuneSettings, args)
     config = settings_from_args(TrainConfig, args, compute_dtype=None if args.dtype == "float32" else args.dtype)
-    method = _method(args, job, config.seed)
+    # Rank, alpha and the QLoRA base are the job's (FinetuneSettings); the rest are --lora-* flags.
+    qtype = job.qlora_qtype if job.method == "qlora" else None
+    lora = settings_from_args(LoraSettings, args, prefix=LORA_PREFIX, rank=1, alpha=1.0, qtype=qtype, seed=config.seed)
+    with named_as_flags(LoraSettings, args, prefix=LORA_PREFIX):
+        method = method_for(job, lora, sketched=is_sketched_dir(args.model), model=args.model)
     distributed = distributed_settings(args)
-    if distributed is not None and method is not None and method.name != "sketch":
+    if distributed is not None and method.name != "sketch":
         raise SettingError("method", f"{method.name} cannot run over several processes (for now); use sketch")
     start_distributed(args, distributed)
     summary = finetune_to_dir(
         args.model,
-        args.data,
         args.out,
-        config=config,
+        config,
+        job,
+        data=args.data,
         text=args.text,
-        text_range=job.text_range,
-        method=method,
-        auto_lora_rank=job.lora_rank == "auto",
-        lora_alpha=job.lora_alpha,
+        lora=lora,
         codebooks=args.codebooks,
         dtype=args.dtype,
-        val_fraction=job.val_fraction,
-        pad_multiple=job.pad_multiple,
-        template=job.template,
         resume=args.resume,
         overwrite=args.overwrite,
         mesh=args.mesh,
@@ -96,27 +96,3 @@ def run(args: argparse.Namespace) -> int:
         print_table(f"fine-tuned {args.model} on {args.data or args.text} ({summary['method']})", summary)
         write_json(args, summary)
     return 0
-
-
-def _method(args: argparse.Namespace, job: FinetuneSettings, seed: int) -> FinetuneMethod | None:
-    """The `FinetuneMethod` the flags ask for (None: the model's default, checked by the job)."""
-    if args.lora_init != "default" and job.method != "qlora":
-        # Checked here: sketch and full build no LoraSettings to refuse it, and lora the same in one line.
-        with named_as_flags(LoraSettings, args, prefix=LORA_PREFIX):
-            problem = f"{args.lora_init} initialises a QLoRA adapter; add {{method}} qlora"
-            raise SettingError("init", problem, ("method",))
-    if job.method is None:
-        return None
-    if job.method not in ("lora", "qlora"):
-        return FinetuneMethod(job.method)
-    # Rank and alpha are the job's (FinetuneSettings: 'auto', 2 x rank), resolved with the model.
-    lora = settings_from_args(
-        LoraSettings,
-        args,
-        prefix=LORA_PREFIX,
-        rank=1 if job.lora_rank == "auto" else job.lora_rank,
-        alpha=1.0 if job.lora_alpha is None else job.lora_alpha,
-        qtype=job.qlora_qtype if job.method == "qlora" else None,
-        seed=seed,
-    )
-    return FinetuneMethod(job.method, lora=lora)

@@ -17,52 +17,45 @@ from sketchtune_jax.io.sketched_dir import is_sketched_dir
 from sketchtune_jax.jobs._common import check_run_dir, load_model
 from sketchtune_jax.parallel.distributed import barrier, is_primary
 from sketchtune_jax.parallel.sharding import mesh_spec
-from sketchtune_jax.settings import SettingError, fraction_range
+from sketchtune_jax.settings import SettingError
 from sketchtune_jax.train.config import FinetuneSettings, TrainConfig
-from sketchtune_jax.train.methods import FinetuneMethod, check_method_fits, default_method
-
-# finetune_to_dir's defaults are FinetuneSettings' (one source; the command line reads them too).
-_FINETUNE = FinetuneSettings()
+from sketchtune_jax.train.lora import LoraSettings
+from sketchtune_jax.train.methods import FinetuneMethod, check_method_fits, method_for, with_rank
 
 
 def finetune_to_dir(
     model_ref: str,
-    data: str | os.PathLike | None,
     out_dir: str | os.PathLike,
-    *,
     config: TrainConfig,
+    job: FinetuneSettings | None = None,
+    *,
+    data: str | os.PathLike | None = None,
     text: str | None = None,
-    text_range: tuple[float, float] | str = _FINETUNE.text_range,
-    method: FinetuneMethod | None = None,
-    auto_lora_rank: bool = False,
-    lora_alpha: float | None = _FINETUNE.lora_alpha,
+    lora: LoraSettings | None = None,
     codebooks: str | None = None,
     adapter: str | None = None,
     dtype: str = "float32",
-    val_fraction: float = _FINETUNE.val_fraction,
-    pad_multiple: int = _FINETUNE.pad_multiple,
-    template: str = _FINETUNE.template,
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
     mesh: str | None = None,
 ) -> dict[str, Any]:
-    """Fine-tune ``model_ref`` on instruction records ``data``, or on plain ``text``, by ``method``;
-    outputs in ``out_dir``.
+    """Fine-tune ``model_ref`` on instruction records ``data``, or on plain ``text``, as ``job`` says
+    (`FinetuneSettings`: method, adapter rank and alpha, QLoRA base, template, ...; the defaults
+    when None), with the trainer's ``config``; outputs in ``out_dir``.
 
     With ``text`` (a text/JSON/JSONL file or ``hf:`` source; ``data`` None) the ``text_range``
     fraction of it is cut into packed windows of ``config.seq_len`` tokens and every token is
     scored (language modelling; `sketchtune_jax.data.batches.text_batches`); ``val_fraction`` holds
     out the last windows. Instruction records score the response tokens only, after a prompt in
     ``template`` (``alpaca``, the paper's, or ``chat``: the tokenizer's own chat template).
-    The defaults are `FinetuneSettings`'.
 
     ``adapter`` (methods lora and qlora) starts from that adapter directory, whose settings (rank,
-    alpha, quantized base) then replace ``method``'s: e.g. a LoftQ initialisation made once and
-    trained several times (`loftq_to_dir`).
-    ``method`` None means sketch tuning, which only a sketched ``model_ref`` has as its default;
-    lora, qlora and full take a dense model (see `sketchtune_jax.train.methods`). ``auto_lora_rank`` replaces the adapter
-    rank by `auto_rank` of the model; ``lora_alpha`` None means 2 x rank. ``resume`` continues the
+    alpha, quantized base) then replace the job's: e.g. a LoftQ initialisation made once and
+    trained several times (`loftq_to_dir`). ``lora`` gives the adapters' other settings (targets,
+    dropout, init, ...; `method_for` says how they meet the job's).
+    ``job.method`` None means sketch tuning, which only a sketched ``model_ref`` has as its default;
+    lora, qlora and full take a dense model (see `sketchtune_jax.train.methods`). ``resume`` continues the
     run found in ``out_dir`` (from its latest checkpoint); ``overwrite`` deletes it first.
     ``mesh`` (e.g. ``"data=2,model=4"``, sketch tuning only) trains on a mesh of all
     devices: batches split over ``data``, projections Megatron-style over ``model``
@@ -78,9 +71,9 @@ def finetune_to_dir(
     from sketchtune_jax.train import finetune, trainable_parameter_count
     from sketchtune_jax.train.lora import auto_rank
 
+    job = job or FinetuneSettings()
     sketched = is_sketched_dir(model_ref)
-    method = method or FinetuneMethod(default_method(sketched, model_ref))
-    check_method_fits(method.name, sketched=sketched, model=model_ref)
+    method = method_for(job, lora, sketched=sketched, model=model_ref)
     if codebooks and method.name != "sketch":
         raise SettingError("codebooks", "apply to method sketch only")
     if adapter is not None:
@@ -102,9 +95,6 @@ def finetune_to_dir(
     source = data if text is None else text
     if (text is None or is_file_source(text)) and not Path(source).is_file():
         raise FileNotFoundError(f"{'data' if text is None else 'text'} file not found: {source}")
-    text_range = fraction_range(text_range, "text_range")
-    if not 0 <= val_fraction < 1:
-        raise SettingError("val_fraction", f"must be in [0, 1), got {val_fraction}")
     if mesh is None and jax.process_count() > 1:
         mesh = f"data={jax.device_count()}"
     device_mesh = _training_mesh(mesh, method.name, config) if mesh is not None else None
@@ -116,11 +106,9 @@ def finetune_to_dir(
     if text is None:
         from sketchtune_jax.data.prompts import check_template
 
-        check_template(template, loaded.tokenizer)
-    if method.lora is not None and adapter is None:
-        rank = auto_rank(loaded.model, method.lora.targets) if auto_lora_rank else method.lora.rank
-        alpha = 2.0 * rank if lora_alpha is None else lora_alpha
-        method = FinetuneMethod(method.name, lora=dataclasses.replace(method.lora, rank=rank, alpha=alpha))
+        check_template(job.template, loaded.tokenizer)
+    if method.lora is not None and adapter is None and job.lora_rank == "auto":
+        method = with_rank(method, auto_rank(loaded.model, method.lora.targets), job.lora_alpha)
     if adapter is None:
         model = method.prepare(loaded.model)
     else:
@@ -140,11 +128,11 @@ def finetune_to_dir(
             loaded.tokenizer,
             batch_size=config.batch_size,
             seq_len=config.seq_len,
-            val_fraction=val_fraction,
+            val_fraction=job.val_fraction,
             seed=config.seed,
             on_long_prompt="skip",
-            pad_multiple=pad_multiple,
-            template=template,
+            pad_multiple=job.pad_multiple,
+            template=job.template,
         )
     else:
         from sketchtune_jax.data.batches import text_batches
@@ -154,8 +142,8 @@ def finetune_to_dir(
             loaded.tokenizer,
             batch_size=config.batch_size,
             seq_len=config.seq_len,
-            text_range=text_range,
-            val_fraction=val_fraction,
+            text_range=job.text_range,
+            val_fraction=job.val_fraction,
             seed=config.seed,
         )
     if overwrite and is_primary():
@@ -192,9 +180,9 @@ def finetune_to_dir(
         if method.lora.init == "loftq":
             summary.update(lora_init="loftq", loftq_iters=method.lora.loftq_iters)
     if text is None:
-        summary["template"] = template
+        summary["template"] = job.template
     else:
-        summary["text_range"] = list(text_range)
+        summary["text_range"] = list(job.text_range)
     if is_primary():
         write_json_atomic(Path(out_dir) / "summary.json", summary)
     return summary
@@ -212,7 +200,7 @@ def loftq_to_dir(
     base, dequantized, as an HF directory) and ``out_dir/adapter`` (the initial adapter, PEFT format).
 
     ``settings`` is a `LoraSettings` with a ``qtype`` and ``init="loftq"``. Fine-tune from it with
-    ``finetune_to_dir(out_dir/base, ..., method=FinetuneMethod("qlora", ...), adapter=out_dir/adapter)``.
+    ``finetune_to_dir(out_dir/base, run, config, FinetuneSettings(method="qlora"), adapter=out_dir/adapter)``.
     Returns the paths and the seconds LoftQ took.
     """
     import time

@@ -29,6 +29,7 @@ from flax import nnx
 
 from sketchtune_jax.layers import Codebook
 from sketchtune_jax.settings import SettingError
+from sketchtune_jax.train.config import FinetuneSettings
 from sketchtune_jax.train.lora import LoraSettings, apply_lora
 
 METHODS = ("sketch", "lora", "qlora", "full")
@@ -145,3 +146,32 @@ def write_loftq_base(model: nnx.Module, config: Any, tokenizer: Any, out_dir: st
     path = os.path.join(out_dir, LOFTQ_BASE)
     export_hf(dense_base(model), config, tokenizer, path, overwrite=True)
     return path
+
+
+def method_for(
+    job: FinetuneSettings, lora: LoraSettings | None = None, *, sketched: bool, model: str = "this model"
+) -> FinetuneMethod:
+    """The `FinetuneMethod` a `FinetuneSettings` ``job`` asks for on a (``sketched``) ``model``.
+
+    lora and qlora take their adapter's targets, dropout, init, ... from ``lora`` (defaults when
+    None) and rank, alpha and QLoRA base from the job; a rank ``"auto"`` is 1 here until the model
+    is known (`with_rank`). An ``init`` other than default needs method qlora.
+    """
+    lora = lora or LoraSettings()
+    if lora.init != "default" and job.method != "qlora":
+        raise SettingError("init", f"{lora.init} initialises a QLoRA adapter; add {{method}} qlora", ("method",))
+    name = job.method or default_method(sketched, model)
+    check_method_fits(name, sketched=sketched, model=model)
+    if name not in ("lora", "qlora"):
+        return FinetuneMethod(name)
+    rank = 1 if job.lora_rank == "auto" else job.lora_rank
+    return FinetuneMethod(name, lora=_ranked(lora, rank, job.lora_alpha, job.qlora_qtype if name == "qlora" else None))
+
+
+def with_rank(method: FinetuneMethod, rank: int, alpha: float | None) -> FinetuneMethod:
+    """``method`` with its adapters at ``rank`` (``alpha`` None: 2 x rank)."""
+    return FinetuneMethod(method.name, lora=_ranked(method.lora, rank, alpha, method.lora.qtype))
+
+
+def _ranked(lora: LoraSettings, rank: int, alpha: float | None, qtype: str | None) -> LoraSettings:
+    return dataclasses.replace(lora, rank=rank, alpha=2.0 * rank if alpha is None else alpha, qtype=qtype)
