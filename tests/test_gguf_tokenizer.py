@@ -10,7 +10,7 @@ import gguf
 import numpy as np
 import pytest
 
-from converters import ConversionError, smollm2_path
+from converters import ConversionError
 from converters.gguf import GGUFTensors
 from converters.gguf_tokenizer import build_tokenizer, read_tokenizer_metadata
 
@@ -25,8 +25,8 @@ CHATTY = [
 
 def _reference(path: Path):
     """transformers' own GGUF tokenizer (its reader needs torch, which the test extra has)."""
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("torch")
+    import transformers
+
     return transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
@@ -36,9 +36,8 @@ def _ours(path: Path):
 
 
 @pytest.fixture(scope="module")
-def smollm2_pair():
-    path = smollm2_path()
-    return _ours(path), _reference(path)
+def smollm2_pair(smollm2_gguf):
+    return _ours(smollm2_gguf), _reference(smollm2_gguf)
 
 
 @pytest.mark.slow
