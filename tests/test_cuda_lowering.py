@@ -1,5 +1,5 @@
 """The GPU and TPU paths, checked on a CPU-only host: every kernel and a whole sketched model
-lower for CUDA (Triton kernels; the Mosaic GPU kernel's lowering is in test_kernel_backends.py)
+lower for CUDA (Triton kernels; the Mosaic GPU kernels' lowering is in test_kernels_mosaic_gpu.py)
 and for TPU (Mosaic TPU kernels), with no dense weight buffer.
 
 ``jax.export`` with ``platforms=["cuda"]`` runs the Pallas Triton lowering (kernel jaxpr to

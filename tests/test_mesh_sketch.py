@@ -8,8 +8,8 @@ all-reduce), its float32 sums run in another order, so H, and through the Choles
 factor the codebooks, differ by rounding. A code flips where a weight is within rounding
 of the midpoint of two centers, and a flip moves the rest of its row (error feedback) and
 every later layer's inputs: on this tiny model no code flips; on a larger one the mesh is
-as far from one device as one device with another ``batch_size`` is (``python bench/scale.py
---sketch-mesh``, README "Scaling out").
+as far from one device as one device with another ``batch_size`` is (``python
+bench/mesh_sketch_agreement.py``, README "Scaling out").
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -18,11 +19,14 @@ from sketchtune_jax._utils.module_paths import get_submodule, iter_modules, set_
 from sketchtune_jax.layers import Linear, SketchedLinear
 from sketchtune_jax.models import ModelConfig
 
-_spec = importlib.util.spec_from_file_location(
-    "update_analysis", Path(__file__).resolve().parents[1] / "bench" / "update_analysis.py"
-)
+_BENCH = Path(__file__).resolve().parents[1] / "bench"
+_spec = importlib.util.spec_from_file_location("update_analysis", _BENCH / "update_analysis.py")
 ua = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ua)
+sys.path.insert(0, str(_BENCH))  # bench scripts import their shared module, _common, from bench/
+try:
+    _spec.loader.exec_module(ua)
+finally:
+    sys.path.remove(str(_BENCH))
 
 
 def test_svd_error_is_the_tail_singular_values_norm():
