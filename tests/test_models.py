@@ -190,10 +190,14 @@ def test_remat_gives_the_same_gradients():
 
     def jitted_grads():
         graphdef = nnx.graphdef(model)
-        return jax.jit(lambda state: nnx.grad(loss)(nnx.merge(graphdef, state)))(nnx.state(model))
+        grads = jax.jit(lambda state: nnx.grad(loss)(nnx.merge(graphdef, state)))
+        program = grads.lower(nnx.state(model)).as_text()
+        return grads(nnx.state(model)), program.count("stablehlo.optimization_barrier")
 
-    plain = jitted_grads()
+    plain, plain_barriers = jitted_grads()
     model.model.remat = True
-    remat = jitted_grads()
+    remat, barriers = jitted_grads()
+    # The program changes: each layer's recomputed forward sits behind an optimization barrier.
+    assert barriers == plain_barriers + config.num_hidden_layers
     for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(remat)):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7)

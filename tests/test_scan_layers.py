@@ -158,21 +158,33 @@ def test_unlike_layers_are_refused_by_name_and_train_unstacked(tmp_path):
     assert not is_stacked(model)
 
 
-def _program_chars(layers: int, scan: bool) -> int:
+def _train_step_program(layers: int, scan: bool, remat: str = "none") -> str:
+    """The lowered (StableHLO) text of a train step of a tiny sketched model."""
     model = tiny_sketched_llama(layers)
+    model.model.remat = remat
     if scan:
         stack_layers(model)
     opt = nnx.Optimizer(model, optax.adam(1e-3), wrt=Codebook)
     graphdef, mutable, frozen = split_for_step(model, opt)
     b = {k: jnp.asarray(v) for k, v in batch().items()}
-    return len(pure_train_step.lower(graphdef, mutable, frozen, b).as_text())
+    return pure_train_step.lower(graphdef, mutable, frozen, b).as_text()
 
 
 def test_scanned_train_step_program_does_not_grow_with_depth():
-    shallow, deep = _program_chars(2, True), _program_chars(6, True)
+    shallow, deep = len(_train_step_program(2, True)), len(_train_step_program(6, True))
     assert deep < 1.1 * shallow, (shallow, deep)
-    shallow, deep = _program_chars(2, False), _program_chars(6, False)
+    shallow, deep = len(_train_step_program(2, False)), len(_train_step_program(6, False))
     assert deep > 2 * shallow, (shallow, deep)
+
+
+def test_remat_applies_under_the_scan():
+    # The scan's body, one layer, is traced once: remat puts its recomputed forward behind one
+    # optimization barrier (per-layer models get one per layer).
+    def barriers(scan: bool, remat: str) -> int:
+        return _train_step_program(3, scan, remat).count("stablehlo.optimization_barrier")
+
+    assert barriers(True, "full") == barriers(True, "none") + 1
+    assert barriers(False, "full") == barriers(False, "none") + 3
 
 
 def test_cli_flag_sets_scan_layers_and_lora_refuses_it(tmp_path, capsys):

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -228,14 +229,26 @@ def test_finetune_outputs_and_resume_in_process(tmp_path):
         )
 
 
+def _optimization_barriers(model, batch) -> int:
+    """Optimization barriers in the lowered gradient program: one per rematerialised layer, which
+    keeps XLA from merging the recomputed forward with the original."""
+    graphdef, state = nnx.split(model)
+    program = jax.jit(lambda s: loss_and_grads(nnx.merge(graphdef, s), batch)).lower(state).as_text()
+    return program.count("stablehlo.optimization_barrier")
+
+
 def test_remat_and_dtypes_switch_on(tmp_path):
+    from sketchtune_jax.train import Trainer
+
     model = TinyCausalLM()
     batch = to_jnp(make_batch(2, 16, seed=5))
     ref, _ = loss_and_grads(model, batch)
-    model.set_attributes(remat=True)
+    plain = _optimization_barriers(model, batch)
+    Trainer(model, [make_batch(1, 4)], TrainConfig(remat="full", max_steps=1), tmp_path / "on").checkpoints.close()
+    assert [layer.remat for layer in model.layers] == ["full", "full"]
+    assert _optimization_barriers(model, batch) == plain + 2  # the program did change
     remat, _ = loss_and_grads(model, batch)
     np.testing.assert_allclose(float(remat), float(ref), rtol=1e-6)
-    from sketchtune_jax.train import Trainer
 
     class NoRemat(nnx.Module):
         def __init__(self):

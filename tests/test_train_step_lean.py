@@ -175,12 +175,30 @@ def test_each_remat_policy_gives_the_same_gradients(policy):
     assert remat.model.remat == policy
     batch = random_batch(2, 9, 96, seed=2)
 
-    def grads(model):
+    def program(model):
         graphdef, state = nnx.split(model)
-        return jax.jit(lambda s: nnx.grad(_loss_fn(4))(nnx.merge(graphdef, s), batch))(state)
+        return jax.jit(lambda s: nnx.grad(_loss_fn(4))(nnx.merge(graphdef, s), batch)), state
+
+    def grads(model):
+        fn, state = program(model)
+        return fn(state)
+
+    def count(model, op: str) -> int:
+        fn, state = program(model)
+        return fn.lower(state).as_text().count(f"stablehlo.{op}")
 
     for (path, a), (_, b) in zip(nnx.to_flat_state(grads(remat)), nnx.to_flat_state(grads(plain))):
         np.testing.assert_allclose(np.asarray(a[...]), np.asarray(b[...]), rtol=1e-5, atol=1e-7, err_msg=str(path))
+    # The program changes as the policy says: each layer's recomputed forward sits behind an
+    # optimization barrier; "full" recomputes matmuls, "dots_saveable" keeps them all, and
+    # "dots_with_no_batch_dims_saveable" recomputes the two attention einsums (they have a batch dim).
+    layers = plain.config.num_hidden_layers
+    assert count(remat, "optimization_barrier") == count(plain, "optimization_barrier") + layers
+    recomputed = count(remat, "dot_general") - count(plain, "dot_general")
+    if policy == "full":
+        assert recomputed > 2 * layers, recomputed
+    else:
+        assert recomputed == {"dots_saveable": 0, "dots_with_no_batch_dims_saveable": 2 * layers}[policy]
 
 
 def test_remat_option_accepts_booleans_and_rejects_unknown_names():
