@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -42,3 +43,20 @@ def smollm2(smollm2_gguf):
     from converters import load_model
 
     return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def tiny_sketch(tmp_path_factory) -> dict[str, Path]:
+    """A tiny HF model, its calibration text, its 2-bit sketch made by ``sketchtune sketch``
+    (`model_utils.sketch_tiny_with_cli`: ``root``, ``calib``, ``hf``, ``sketch``) and ``data``,
+    8 instruction records its tokenizer covers with the prompt template."""
+    from model_utils import sketch_tiny_with_cli, word_text
+
+    from sketchtune_jax.data.prompts import format_prompt
+
+    made = sketch_tiny_with_cli(tmp_path_factory.mktemp("tiny"), extra_texts=[format_prompt("x", "") * 20])
+    data = made["root"] / "data.json"
+    data.write_text(
+        json.dumps([{"instruction": word_text(6, s), "input": "", "output": word_text(4, s + 1)} for s in range(8)])
+    )
+    return {**made, "data": data}

@@ -10,30 +10,17 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
-from model_utils import sketch_tiny_with_cli, word_text
 from safetensors.numpy import load_file
 
 from sketchtune_jax.cli import main
 from sketchtune_jax.train import read_codebooks, read_log
 
 HERE = Path(__file__).resolve().parent
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A tiny HF model, its calibration text, its 2-bit sketch (``sketch_tiny_with_cli``) and 16 instruction records."""
-    from sketchtune_jax.data.prompts import format_prompt
-
-    made = sketch_tiny_with_cli(tmp_path_factory.mktemp("tiny"), extra_texts=[format_prompt("x", "") * 20])
-    data = made["root"] / "data.json"
-    data.write_text(
-        json.dumps([{"instruction": word_text(6, s), "input": "", "output": word_text(4, s + 1)} for s in range(16)])
-    )
-    return {**made, "data": data}
 
 
 def _cli(point: str, kill_after: int, argv: list[str]) -> subprocess.CompletedProcess:
@@ -66,11 +53,11 @@ def _assert_same_tensors(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> 
         assert a[key].dtype == b[key].dtype and np.array_equal(a[key], b[key]), key
 
 
-def _sketch_argv(tiny, out: Path) -> list[str]:
-    """The arguments ``sketch_tiny_with_cli`` made ``tiny["sketch"]`` with, writing to ``out``."""
+def _sketch_argv(tiny_sketch, out: Path) -> list[str]:
+    """The arguments ``sketch_tiny_with_cli`` made ``tiny_sketch["sketch"]`` with, writing to ``out``."""
     return [
-        *("sketch", str(tiny["hf"]), "--bits", "2", "--groups-per-row", "2", "--calib", str(tiny["calib"])),
-        *("--nsamples", "4", "--seq-len", "32", "--kmeans-iters", "5", "--out", str(out)),
+        *("sketch", str(tiny_sketch["hf"]), "--calib", str(tiny_sketch["calib"]), "--out", str(out)),
+        *("--bits", "2", "--groups-per-row", "2", "--nsamples", "4", "--seq-len", "32", "--kmeans-iters", "5"),
     ]
 
 
@@ -78,66 +65,67 @@ def _losses(path: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in read_log(path) if "loss" in r]
 
 
-def test_a_killed_sketch_resumes_from_its_partial_directory_to_the_same_sketch(tiny, tmp_path):
+def test_a_killed_sketch_resumes_from_its_partial_directory_to_the_same_sketch(tiny_sketch, tmp_path):
     out = tmp_path / "sketch"
     partial = tmp_path / "sketch.partial"
-    _killed("layer", 1, _sketch_argv(tiny, out))
+    _killed("layer", 1, _sketch_argv(tiny_sketch, out))
     assert (partial / "layer_0000.safetensors").is_file() and not (partial / "layer_0001.safetensors").exists()
     assert not out.exists()
-    assert _resumed("layer", _sketch_argv(tiny, out)) == 1  # of the model's two layers, only the second
+    assert _resumed("layer", _sketch_argv(tiny_sketch, out)) == 1  # of the model's two layers, only the second
     assert not partial.exists()
-    _assert_same_tensors(load_file(out / "model.safetensors"), load_file(tiny["sketch"] / "model.safetensors"))
-    settings = [json.loads((d / "sketch_config.json").read_text())["settings"] for d in (out, tiny["sketch"])]
+    _assert_same_tensors(load_file(out / "model.safetensors"), load_file(tiny_sketch["sketch"] / "model.safetensors"))
+    settings = [json.loads((d / "sketch_config.json").read_text())["settings"] for d in (out, tiny_sketch["sketch"])]
     assert settings[0] == settings[1]
 
 
-def _finetune_argv(tiny, out: Path) -> list[str]:
-    return [
-        *("finetune", str(tiny["sketch"]), "--data", str(tiny["data"]), "--out", str(out)),
-        *("--max-steps", "6", "--save-every", "2", "--batch-size", "4", "--seq-len", "128"),
-        *("--pad-multiple", "128", "--warmup-steps", "0", "--lr", "1e-3"),
-    ]
+def _killed_and_resumed(argv_for: Callable[[Path], list[str]], tmp_path: Path, checkpoint: str, resume=()) -> int:
+    """Run ``argv_for(tmp_path / "a")`` to the end in this process, and ``argv_for(tmp_path / "b")``
+    killed once its first checkpoint, ``tmp_path / checkpoint``, is written, then again (plus
+    ``resume``) to the end; returns how many checkpoints the rerun wrote."""
+    assert main(argv_for(tmp_path / "a")) == 0
+    _killed("checkpoint", 1, argv_for(tmp_path / "b"))
+    assert (tmp_path / checkpoint).is_dir()
+    return _resumed("checkpoint", [*argv_for(tmp_path / "b"), *resume])
 
 
-def test_a_killed_finetune_resumes_with_resume_to_the_same_codebooks_and_losses(tiny, tmp_path):
-    assert main(_finetune_argv(tiny, tmp_path / "a")) == 0
-    run = tmp_path / "b"
-    _killed("checkpoint", 1, _finetune_argv(tiny, run))
-    assert (run / "checkpoints" / "2").is_dir() and not (run / "codebooks.safetensors").exists()
-    assert _resumed("checkpoint", [*_finetune_argv(tiny, run), "--resume"]) == 2  # steps 4 and 6
-    summary = json.loads((run / "summary.json").read_text())
+def test_a_killed_finetune_resumes_with_resume_to_the_same_codebooks_and_losses(tiny_sketch, tmp_path):
+    def argv(out: Path) -> list[str]:
+        return [
+            *("finetune", str(tiny_sketch["sketch"]), "--data", str(tiny_sketch["data"]), "--out", str(out)),
+            *("--max-steps", "6", "--save-every", "2", "--batch-size", "4", "--seq-len", "128"),
+            *("--pad-multiple", "128", "--warmup-steps", "0", "--lr", "1e-3"),
+        ]
+
+    assert _killed_and_resumed(argv, tmp_path, "b/checkpoints/2", ["--resume"]) == 2  # steps 4 and 6
+    a, b = tmp_path / "a", tmp_path / "b"
+    summary = json.loads((b / "summary.json").read_text())
     assert summary["resumed_from"] == 2 and summary["step"] == 6
-    unbroken, _ = read_codebooks(tmp_path / "a" / "codebooks.safetensors")
-    resumed, _ = read_codebooks(run / "codebooks.safetensors")
-    _assert_same_tensors(unbroken, resumed)
-    sketch, _ = read_codebooks(tiny["sketch"] / "model.safetensors")
+    unbroken, _ = read_codebooks(a / "codebooks.safetensors")
+    _assert_same_tensors(unbroken, read_codebooks(b / "codebooks.safetensors")[0])
+    sketch, _ = read_codebooks(tiny_sketch["sketch"] / "model.safetensors")
     assert all(not np.array_equal(unbroken[k], sketch[k]) for k in unbroken)  # the codebooks did train
-    assert _losses(run / "train_log.jsonl") == _losses(tmp_path / "a" / "train_log.jsonl")
-    assert [step for step, _ in _losses(run / "train_log.jsonl")] == [1, 2, 3, 4, 5, 6]
+    assert _losses(b / "train_log.jsonl") == _losses(a / "train_log.jsonl")
+    assert [step for step, _ in _losses(b / "train_log.jsonl")] == [1, 2, 3, 4, 5, 6]
 
 
-def _heal_argv(tiny, out: Path) -> list[str]:
-    return [
-        *("heal", str(tiny["sketch"]), "--teacher", str(tiny["hf"]), "--calib", str(tiny["calib"])),
-        *("--out", str(out), "--steps", "6", "--save-every", "2", "--batch-size", "2", "--seq-len", "32"),
-        *("--lr", "1e-3"),
-    ]
+def test_a_killed_heal_resumes_to_the_same_healed_sketch(tiny_sketch, tmp_path):
+    def argv(out: Path) -> list[str]:
+        return [
+            *("heal", str(tiny_sketch["sketch"]), "--teacher", str(tiny_sketch["hf"])),
+            *("--calib", str(tiny_sketch["calib"]), "--out", str(out), "--steps", "6", "--save-every", "2"),
+            *("--batch-size", "2", "--seq-len", "32", "--lr", "1e-3"),
+        ]
 
-
-def test_a_killed_heal_resumes_to_the_same_healed_sketch(tiny, tmp_path):
-    assert main(_heal_argv(tiny, tmp_path / "a")) == 0
-    out = tmp_path / "b"
-    _killed("checkpoint", 1, _heal_argv(tiny, out))
-    assert (tmp_path / "b.heal" / "checkpoints" / "2").is_dir() and not out.exists()
-    assert _resumed("checkpoint", _heal_argv(tiny, out)) == 2  # steps 4 and 6
+    assert _killed_and_resumed(argv, tmp_path, "b.heal/checkpoints/2") == 2  # steps 4 and 6
+    a, b = tmp_path / "a", tmp_path / "b"
     assert not (tmp_path / "b.heal").exists()
-    record = json.loads((out / "sketch_config.json").read_text())["heal"]
+    record = json.loads((b / "sketch_config.json").read_text())["heal"]
     assert record["resumed_from"] == 2 and record["steps"] == 6
-    unbroken = load_file(tmp_path / "a" / "model.safetensors")
-    _assert_same_tensors(unbroken, load_file(out / "model.safetensors"))
-    sketch = load_file(tiny["sketch"] / "model.safetensors")
+    unbroken = load_file(a / "model.safetensors")
+    _assert_same_tensors(unbroken, load_file(b / "model.safetensors"))
+    sketch = load_file(tiny_sketch["sketch"] / "model.safetensors")
     assert any(not np.array_equal(unbroken[k], sketch[k]) for k in unbroken if k.endswith(".codebook"))
-    assert _losses(out / "heal_log.jsonl") == _losses(tmp_path / "a" / "heal_log.jsonl")
+    assert _losses(b / "heal_log.jsonl") == _losses(a / "heal_log.jsonl")
 
 
 @pytest.mark.xfail(
@@ -145,16 +133,16 @@ def test_a_killed_heal_resumes_to_the_same_healed_sketch(tiny, tmp_path):
     reason="the rerun refuses its own finished sketch in OUT ('exists and is not empty'), and with --overwrite "
     "it would sketch again and drop OUT.heal: `sketch --heal-steps` cannot resume a heal yet",
 )
-def test_a_sketch_with_heal_steps_killed_while_healing_resumes_the_heal(tiny, tmp_path):
-    heal = ["--heal-steps", "4", "--heal-batch-size", "2", "--heal-lr", "1e-3"]
-    assert main([*_sketch_argv(tiny, tmp_path / "a"), *heal]) == 0
-    out = tmp_path / "b"
+def test_a_sketch_with_heal_steps_killed_while_healing_resumes_the_heal(tiny_sketch, tmp_path):
+    def argv(out: Path) -> list[str]:
+        return [*_sketch_argv(tiny_sketch, out), "--heal-steps", "4", "--heal-batch-size", "2", "--heal-lr", "1e-3"]
+
     # The heal checkpoints at its last step (4) only: the kill lands after the heal trained,
     # before the healed codebooks replace the sketch's.
-    _killed("checkpoint", 1, [*_sketch_argv(tiny, out), *heal])
-    assert (tmp_path / "b.heal" / "checkpoints" / "4").is_dir()
-    assert _resumed("checkpoint", [*_sketch_argv(tiny, out), *heal]) == 0  # nothing left to train
+    assert _killed_and_resumed(argv, tmp_path, "b.heal/checkpoints/4") == 0  # nothing left to train
     assert not (tmp_path / "b.heal").exists() and not (tmp_path / "b.partial").exists()
-    record = json.loads((out / "sketch_config.json").read_text())["heal"]
+    record = json.loads((tmp_path / "b" / "sketch_config.json").read_text())["heal"]
     assert record["resumed_from"] == 4 and record["steps"] == 4
-    _assert_same_tensors(load_file(tmp_path / "a" / "model.safetensors"), load_file(out / "model.safetensors"))
+    _assert_same_tensors(
+        load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    )

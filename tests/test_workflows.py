@@ -11,32 +11,18 @@ import sys
 from pathlib import Path
 
 import pytest
-from model_utils import sketch_tiny_with_cli, word_text
 
 from sketchtune_jax.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A tiny sketched model (2 bits), its calibration text and a few instruction records."""
-    from sketchtune_jax.data.prompts import format_prompt
-
-    made = sketch_tiny_with_cli(tmp_path_factory.mktemp("tiny"), extra_texts=[format_prompt("x", "") * 20])
-    data = made["root"] / "data.json"
-    data.write_text(
-        json.dumps([{"instruction": word_text(6, s), "input": "", "output": word_text(4, s + 1)} for s in range(8)])
-    )
-    return {**made, "data": data}
-
-
-def _finetune_argv(tiny, out) -> list[str]:
+def _finetune_argv(tiny_sketch, out) -> list[str]:
     return [
         "finetune",
-        str(tiny["sketch"]),
+        str(tiny_sketch["sketch"]),
         "--data",
-        str(tiny["data"]),
+        str(tiny_sketch["data"]),
         "--out",
         str(out),
         "--max-steps",
@@ -52,14 +38,14 @@ def _finetune_argv(tiny, out) -> list[str]:
     ]
 
 
-def test_sketch_records_its_calibration(tiny):
-    settings = json.loads((tiny["sketch"] / "sketch_config.json").read_text())["settings"]
-    assert settings["calib"] == str(tiny["calib"].resolve())
+def test_sketch_records_its_calibration(tiny_sketch):
+    settings = json.loads((tiny_sketch["sketch"] / "sketch_config.json").read_text())["settings"]
+    assert settings["calib"] == str(tiny_sketch["calib"].resolve())
     assert tuple(settings["calib_range"]) == (0.0, 1.0) and settings["hessian_exponent"] == 3.0
-    assert not (tiny["root"] / "sketch.partial").exists()
+    assert not (tiny_sketch["root"] / "sketch.partial").exists()
 
 
-def test_finetune_without_matplotlib_finishes(tiny, tmp_path):
+def test_finetune_without_matplotlib_finishes(tiny_sketch, tmp_path):
     blocker = (
         "import sys, runpy\n"
         "class NoMatplotlib:\n"
@@ -77,7 +63,7 @@ def test_finetune_without_matplotlib_finishes(tiny, tmp_path):
         "JAX_PLATFORMS": "cpu",
     }
     proc = subprocess.run(
-        [sys.executable, "-c", blocker, *_finetune_argv(tiny, run)],
+        [sys.executable, "-c", blocker, *_finetune_argv(tiny_sketch, run)],
         capture_output=True,
         text=True,
         env=env,
@@ -90,16 +76,16 @@ def test_finetune_without_matplotlib_finishes(tiny, tmp_path):
     assert json.loads((run / "summary.json").read_text())["step"] == 2
 
 
-def test_finetune_resumes_only_when_asked(tiny, tmp_path, capsys):
+def test_finetune_resumes_only_when_asked(tiny_sketch, tmp_path, capsys):
     run = tmp_path / "run"
-    assert main(_finetune_argv(tiny, run)) == 0
+    assert main(_finetune_argv(tiny_sketch, run)) == 0
     capsys.readouterr()
-    assert main(_finetune_argv(tiny, run)) == 2
+    assert main(_finetune_argv(tiny_sketch, run)) == 2
     err = capsys.readouterr().err.strip()
     assert "--resume" in err and "--overwrite" in err and len(err.splitlines()) == 1
-    assert main([*_finetune_argv(tiny, run), "--resume"]) == 0
+    assert main([*_finetune_argv(tiny_sketch, run), "--resume"]) == 0
     assert json.loads((run / "summary.json").read_text())["resumed_from"] == 2
-    assert main([*_finetune_argv(tiny, run), "--overwrite"]) == 0
+    assert main([*_finetune_argv(tiny_sketch, run), "--overwrite"]) == 0
     assert json.loads((run / "summary.json").read_text())["resumed_from"] is None
 
 
@@ -116,8 +102,8 @@ def test_finetune_resumes_only_when_asked(tiny, tmp_path, capsys):
         ("--max-grad-norm", "-1", "--max-grad-norm must be >= 0"),
     ],
 )
-def test_finetune_rejects_bad_settings_before_any_work(tiny, tmp_path, capsys, flag, value, message):
-    argv = _finetune_argv(tiny, tmp_path / "run")
+def test_finetune_rejects_bad_settings_before_any_work(tiny_sketch, tmp_path, capsys, flag, value, message):
+    argv = _finetune_argv(tiny_sketch, tmp_path / "run")
     if flag in argv:
         argv[argv.index(flag) + 1] = value
     else:
@@ -128,31 +114,41 @@ def test_finetune_rejects_bad_settings_before_any_work(tiny, tmp_path, capsys, f
     assert not (tmp_path / "run").exists()
 
 
-def test_warmup_longer_than_an_epoch_is_refused(tiny, tmp_path, capsys):
-    argv = _finetune_argv(tiny, tmp_path / "run")
+def test_warmup_longer_than_an_epoch_is_refused(tiny_sketch, tmp_path, capsys):
+    argv = _finetune_argv(tiny_sketch, tmp_path / "run")
     argv[argv.index("--max-steps") + 1] = "0"
     argv[argv.index("--warmup-steps") + 1] = "50"
     assert main(argv) == 2
     assert "--warmup-steps must be shorter than the run (2 steps), got 50" in capsys.readouterr().err
 
 
-def test_eval_ppl_warns_when_the_text_calibrated_the_sketch(tiny, capsys):
-    argv = ["eval", "ppl", str(tiny["sketch"]), "--text", str(tiny["calib"]), "--seq-len", "32", "--max-windows", "2"]
+def test_eval_ppl_warns_when_the_text_calibrated_the_sketch(tiny_sketch, capsys):
+    argv = [
+        "eval",
+        "ppl",
+        str(tiny_sketch["sketch"]),
+        "--text",
+        str(tiny_sketch["calib"]),
+        "--seq-len",
+        "32",
+        "--max-windows",
+        "2",
+    ]
     assert main(argv) == 0
     err = capsys.readouterr().err
     assert "also calibrated this sketch" in err and "not on held-out text" in err
-    other = tiny["root"] / "other.txt"
-    other.write_text(tiny["calib"].read_text())
+    other = tiny_sketch["root"] / "other.txt"
+    other.write_text(tiny_sketch["calib"].read_text())
     assert main([*argv[:4], str(other), *argv[5:]]) == 0
     assert "calibrated" not in capsys.readouterr().err
 
 
-def test_eval_ppl_text_range_reads_that_fraction_of_the_text(tiny, tmp_path, capsys):
-    text = tiny["calib"].read_text()
+def test_eval_ppl_text_range_reads_that_fraction_of_the_text(tiny_sketch, tmp_path, capsys):
+    text = tiny_sketch["calib"].read_text()
     whole, part = tmp_path / "whole.txt", tmp_path / "part.txt"
     whole.write_text(text)
     part.write_text(text[len(text) // 2 :])
-    argv = ["eval", "ppl", str(tiny["sketch"]), "--seq-len", "32", "--max-windows", "2"]
+    argv = ["eval", "ppl", str(tiny_sketch["sketch"]), "--seq-len", "32", "--max-windows", "2"]
     assert main([*argv, "--text", str(whole), "--text-range", "0.5:1", "--json", str(tmp_path / "a.json")]) == 0
     assert main([*argv, "--text", str(part), "--json", str(tmp_path / "b.json")]) == 0
     assert main([*argv, "--text", str(whole), "--json", str(tmp_path / "c.json")]) == 0
@@ -164,10 +160,10 @@ def test_eval_ppl_text_range_reads_that_fraction_of_the_text(tiny, tmp_path, cap
     assert "--text-range must be fractions 0 <= START < END <= 1" in capsys.readouterr().err
 
 
-def test_finetune_on_a_mesh_of_one_device(tiny, tmp_path):
+def test_finetune_on_a_mesh_of_one_device(tiny_sketch, tmp_path):
     """The mesh path end to end on the one device of this process (8 devices: tests/test_mesh_training.py)."""
     run = tmp_path / "run"
-    assert main([*_finetune_argv(tiny, run), "--mesh", "data=1,model=1"]) == 0
+    assert main([*_finetune_argv(tiny_sketch, run), "--mesh", "data=1,model=1"]) == 0
     summary = json.loads((run / "summary.json").read_text())
     assert summary["mesh"] == "data=1,model=1" and summary["step"] == 2
 
@@ -180,16 +176,16 @@ def test_finetune_on_a_mesh_of_one_device(tiny, tmp_path):
         (["--mesh", "model=0"], "--mesh axis 'model' must have a positive integer size"),
     ],
 )
-def test_finetune_refuses_a_bad_mesh_before_any_work(tiny, tmp_path, capsys, extra, message):
-    assert main([*_finetune_argv(tiny, tmp_path / "run"), *extra]) == 2
+def test_finetune_refuses_a_bad_mesh_before_any_work(tiny_sketch, tmp_path, capsys, extra, message):
+    assert main([*_finetune_argv(tiny_sketch, tmp_path / "run"), *extra]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "run").exists()
 
 
-def test_finetune_mesh_is_for_sketch_tuning_only(tiny, tmp_path, capsys):
-    argv = _finetune_argv(tiny, tmp_path / "run")
-    argv[1] = str(tiny["root"] / "hf")
+def test_finetune_mesh_is_for_sketch_tuning_only(tiny_sketch, tmp_path, capsys):
+    argv = _finetune_argv(tiny_sketch, tmp_path / "run")
+    argv[1] = str(tiny_sketch["root"] / "hf")
     assert main([*argv, "--method", "lora", "--mesh", "data=1"]) == 2
     assert "--mesh is supported for method sketch only (for now)" in capsys.readouterr().err
 
@@ -206,8 +202,16 @@ def test_finetune_mesh_is_for_sketch_tuning_only(tiny, tmp_path, capsys):
         ("--bits 4 --layer-tune-steps 0", None),
     ],
 )
-def test_sketch_below_4_bits_hints_at_the_levers_not_yet_on(tiny, capsys, flags, levers):
-    argv = ["sketch", str(tiny["hf"]), *flags.split(), "--calib", str(tiny["calib"]), "--out", str(tiny["sketch"])]
+def test_sketch_below_4_bits_hints_at_the_levers_not_yet_on(tiny_sketch, capsys, flags, levers):
+    argv = [
+        "sketch",
+        str(tiny_sketch["hf"]),
+        *flags.split(),
+        "--calib",
+        str(tiny_sketch["calib"]),
+        "--out",
+        str(tiny_sketch["sketch"]),
+    ]
     # The existing sketch makes the command stop before any work, after the hint.
     assert main(argv) == 2
     err = capsys.readouterr().err
