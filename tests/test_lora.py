@@ -75,7 +75,8 @@ def test_lora_step_changes_only_the_adapters(qtype):
 
 
 def test_peft_loads_our_adapter_with_the_same_logits(tmp_path):
-    peft = pytest.importorskip("peft")
+    import peft  # the test extra has it
+
     hf, config, model = _pair()
     settings = LoraSettings(rank=4, alpha=8.0, targets=("q_proj", "v_proj", "down_proj"))
     ids = random_ids(2, 10, config.vocab_size)
