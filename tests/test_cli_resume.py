@@ -14,7 +14,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import pytest
 from safetensors.numpy import load_file
 
 from sketchtune_jax.cli import main
@@ -128,11 +127,6 @@ def test_a_killed_heal_resumes_to_the_same_healed_sketch(tiny_sketch, tmp_path):
     assert _losses(b / "heal_log.jsonl") == _losses(a / "heal_log.jsonl")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the rerun refuses its own finished sketch in OUT ('exists and is not empty'), and with --overwrite "
-    "it would sketch again and drop OUT.heal: `sketch --heal-steps` cannot resume a heal yet",
-)
 def test_a_sketch_with_heal_steps_killed_while_healing_resumes_the_heal(tiny_sketch, tmp_path):
     def argv(out: Path) -> list[str]:
         return [*_sketch_argv(tiny_sketch, out), "--heal-steps", "4", "--heal-batch-size", "2", "--heal-lr", "1e-3"]
@@ -146,3 +140,17 @@ def test_a_sketch_with_heal_steps_killed_while_healing_resumes_the_heal(tiny_ske
     _assert_same_tensors(
         load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
     )
+
+
+def test_a_heal_left_unfinished_is_not_resumed_onto_another_sketch(tiny_sketch, tmp_path, capsys):
+    out = tmp_path / "b"
+    heal = ["--heal-steps", "4", "--heal-batch-size", "2", "--heal-lr", "1e-3"]
+    _killed("checkpoint", 1, [*_sketch_argv(tiny_sketch, out), *heal])
+    assert (tmp_path / "b.heal").is_dir()
+    other = [*_sketch_argv(tiny_sketch, out), *heal]
+    other[other.index("--kmeans-iters") + 1] = "6"
+    assert main(other) == 2
+    assert "made with other settings" in capsys.readouterr().err and (tmp_path / "b.heal").is_dir()
+    assert main([*other, "--overwrite"]) == 0  # a new sketch, healed from the start
+    record = json.loads((out / "sketch_config.json").read_text())["heal"]
+    assert record["resumed_from"] is None and not (tmp_path / "b.heal").exists()

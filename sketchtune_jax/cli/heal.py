@@ -32,7 +32,11 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument(
         "--allow-sketched-teacher", action="store_true", help="accept a sketched teacher (it passes its own errors on)"
     )
-    p.add_argument("--overwrite", action="store_true", help="replace --out and discard an unfinished heal")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --out and discard an unfinished heal (in place: permits it; an unfinished heal resumes)",
+    )
     add_json_arg(p, "the heal record")
     p.set_defaults(func=run)
 

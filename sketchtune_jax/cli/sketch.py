@@ -20,6 +20,7 @@ from sketchtune_jax.cli._common import (
     write_json,
 )
 from sketchtune_jax.jobs import heal_to_dir, sketch_to_dir
+from sketchtune_jax.jobs.sketch import resumed_sketch_report
 from sketchtune_jax.parallel.distributed import is_primary
 from sketchtune_jax.settings import (
     SettingError,
@@ -76,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
     hint = settings.recovery_hint(heal_steps=heal.steps)
     if hint is not None:
         print(f"hint: {hint.render(flag_namer(args))}", file=sys.stderr)
-    report = sketch_to_dir(
+    resumed = None if args.overwrite or not heal.steps else resumed_sketch_report(args.out, settings)
+    report = resumed or sketch_to_dir(
         args.model,
         args.out,
         settings,

@@ -49,7 +49,8 @@ def heal_to_dir(
     perplexity of ``eval_windows`` windows of ``eval_seq_len`` tokens before and after); the step log is
     ``heal_log.jsonl``. ``out_dir`` may be ``sketch_dir`` itself (healed in place; needs
     ``overwrite``). Checkpoints live in ``<out_dir>.heal`` until the end, so the same call
-    after an interruption resumes. A teacher that is itself a sketch is refused unless
+    after an interruption resumes; ``overwrite`` discards an unfinished heal, except in place,
+    where it only permits replacing the sketch (delete ``<out_dir>.heal`` to start over). A teacher that is itself a sketch is refused unless
     ``allow_sketched_teacher`` (distilling from a sketch copies its errors).
     Returns the ``heal`` record.
     """
@@ -92,7 +93,7 @@ def heal_to_dir(
     if not in_place:
         check_output_dir(out_dir, overwrite=overwrite)
     run_dir = heal_run_dir(out_dir)
-    if overwrite and run_dir.exists():
+    if overwrite and run_dir.exists() and not in_place:
         shutil.rmtree(run_dir)
 
     sketch_config = json.loads((Path(sketch_dir) / SKETCH_CONFIG).read_text())

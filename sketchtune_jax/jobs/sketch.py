@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -12,10 +13,11 @@ from typing import Any
 
 from sketchtune_jax._utils.fileio import check_output_dir, write_json_atomic
 from sketchtune_jax.data.text import is_file_source
-from sketchtune_jax.io.sketched_dir import is_sketched_dir, save_sketched
+from sketchtune_jax.io.sketched_dir import SKETCH_CONFIG, is_sketched_dir, save_sketched
 from sketchtune_jax.jobs._common import dtype_named, load_model
 from sketchtune_jax.parallel.distributed import is_primary
 from sketchtune_jax.parallel.sharding import mesh_spec
+from sketchtune_jax.settings import OutputExistsError
 from sketchtune_jax.sketch.driver import (
     SketchSettings,
     check_sketch_mesh,
@@ -42,7 +44,7 @@ def sketch_to_dir(
     """Sketch ``model_ref`` calibrated on ``settings.calib`` and save it in ``out_dir``; returns the report.
 
     Finished layers are kept in ``<out_dir>.partial`` until the sketch is saved, so the
-    same call after an interruption resumes; ``overwrite`` replaces a finished sketch
+    same call after an interruption resumes; ``overwrite`` replaces a finished sketch (and any heal of it left unfinished)
     and discards an unfinished one. The settings (``calib`` as an absolute path) go to
     ``sketch_config.json``, the report to ``sketch_report.json``. With ``streaming`` the
     checkpoint is read one decoder layer at a time (`sketchtune_jax.sketch.streaming`), except
@@ -84,6 +86,11 @@ def _sketch_into(
     dtype_ = dtype_named(dtype)
     device_mesh = _sketch_mesh(mesh, settings) if mesh is not None else None
     partial = prepare_sketch_output(out_dir, overwrite=overwrite)
+    if overwrite:
+        from sketchtune_jax.jobs.heal import heal_run_dir
+
+        # A heal left unfinished belongs to the sketch being replaced.
+        shutil.rmtree(heal_run_dir(out_dir), ignore_errors=True)
     if partial.exists():
         logger.info("resuming the unfinished sketch in %s", partial)
     from sketchtune_jax.data.calibration import calibration_windows
@@ -170,3 +177,26 @@ def _sketch_mesh(spec: str, settings: SketchSettings):
     mesh = make_mesh(spec)
     check_sketch_mesh(mesh, None, settings.nsamples)
     return mesh
+
+
+def resumed_sketch_report(out_dir: str | os.PathLike, settings: SketchSettings) -> dict[str, Any] | None:
+    """The report of the finished sketch in ``out_dir`` whose in-place heal was interrupted
+    (``<out_dir>.heal`` left behind), so that ``sketch --heal-steps`` run again resumes the heal
+    instead of sketching again; None when there is no such heal. Refuses (`OutputExistsError`)
+    a sketch made with other settings than ``settings``.
+    """
+    from sketchtune_jax.jobs.heal import heal_run_dir
+
+    out = Path(out_dir)
+    if not heal_run_dir(out).is_dir() or not is_sketched_dir(out):
+        return None
+    if is_file_source(settings.calib) and Path(settings.calib).is_file():
+        settings = dataclasses.replace(settings, calib=str(Path(settings.calib).resolve()))
+    saved = json.loads((out / SKETCH_CONFIG).read_text()).get("settings", {})
+    if SketchSettings.from_dict(saved) != settings:
+        raise OutputExistsError(
+            f"{out} holds a sketch made with other settings, and its heal is unfinished; rerun with the "
+            "settings it was made with to resume the heal, or start over ({overwrite})",
+            ("overwrite",),
+        )
+    return json.loads((out / "sketch_report.json").read_text())
