@@ -22,12 +22,12 @@ step install 45 - "$PY" -m pip install --no-deps -q -e .
 # Compiled kernels against their jnp twins (Triton); the lowering tests (Triton, Mosaic GPU,
 # Mosaic TPU) need no device but must still pass beside one.
 step kernel_tests 90 - env SKETCHTUNE_KERNEL_BACKEND=pallas \
-  "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_cuda_lowering.py tests/test_kernel_backends.py
+  "$PY" -m pytest -q -p no:cacheprovider tests/unit/test_kernels.py tests/integration/test_cuda_lowering.py tests/unit/test_kernel_backends.py
 
 # The Mosaic GPU kernels compiled (forward, dx, codebook gradient; interpreted on CPU in
-# tests/test_kernels_mosaic_gpu.py, which runs them compiled here), against the jnp twins
+# tests/unit/test_kernels_mosaic_gpu.py, which runs them compiled here), against the jnp twins
 # at model shapes (pallas_kernels/mosaic_gpu.py). Kernels bench beside it.
-step mosaic_gpu_tests 60 - "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_mosaic_gpu.py
+step mosaic_gpu_tests 60 - "$PY" -m pytest -q -p no:cacheprovider tests/unit/test_kernels_mosaic_gpu.py
 step mosaic_gpu_check 75 mosaic-gpu-check.json "$PY" - <<'PYEOF'
 import json, jax, jax.numpy as jnp, numpy as np
 from pallas_kernels import (pack_codes, sketched_matmul, sketched_matmul_grads,

@@ -21,7 +21,7 @@ record_device
 step install 45 - "$PY" -m pip install --no-deps -q -e .
 
 step kernel_tests 120 - env SKETCHTUNE_KERNEL_INTERPRET=0 \
-  "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_tpu.py tests/test_kernel_backends.py
+  "$PY" -m pytest -q -p no:cacheprovider tests/unit/test_kernels_tpu.py tests/unit/test_kernel_backends.py
 
 
 model_benches 110 60 70 95

@@ -6,10 +6,15 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
-import skip_guard
+
+# The tests' helpers (tiny models, CLI and resume scripts, fake devices, the skip guard) live in support/.
+sys.path.insert(0, str(Path(__file__).resolve().parent / "support"))
+
+import skip_guard  # noqa: E402
 
 # Compiled programs are cached on disk, so tests (and the subprocesses some of them
 # start) that build the same shapes compile each only once per machine.

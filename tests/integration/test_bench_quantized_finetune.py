@@ -1,0 +1,68 @@
+"""bench/quantized_finetune.py: its rows are the issue's table, its sketch commands are the recipes and
+parse, its statistics are right, and bad rows are refused before any work."""
+
+from __future__ import annotations
+
+import importlib
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(ROOT / "bench"))  # bench scripts import their shared module, _common, from bench/
+        yield importlib.import_module("quantized_finetune")
+
+
+def test_rows_are_the_papers_table_and_every_row_is_in_the_run_order(bench):
+    rows = bench.all_rows()
+    expected = {"lora-r64", "full"}
+    expected |= {f"{m}-r64-nf{b}" for m in ("qlora", "loftq") for b in (4, 3, 2)}
+    expected |= {f"sketch-int{b}-g{g}" for b in (4, 3, 2) for g in (1, 4)}
+    assert set(rows) == expected == set(bench.DEFAULT_ORDER)
+    assert all(len(r.lrs) >= 3 for r in rows.values())
+    assert rows["loftq-r64-nf2"].loftq and rows["loftq-r64-nf2"].qtype == "nf2"
+    _, _, method = bench.method_of(rows["loftq-r64-nf3"], 64, 5, 0)
+    assert (method.lora.qtype, method.lora.init, method.lora.loftq_iters, method.lora.alpha) == ("nf3", "loftq", 5, 128)
+
+
+@pytest.mark.parametrize("bits", [4, 3, 2])
+def test_sketch_rows_run_the_recipe_command_and_it_parses(bench, bits, tmp_path):
+    from sketchtune_jax.cli import build_parser
+
+    row = bench.all_rows()[f"sketch-int{bits}-g1"]
+    cmd = bench.sketch_command(row, tmp_path / "s", "text.txt")
+    args = build_parser().parse_args(cmd[3:])
+    assert (args.bits, args.groups_per_row, args.calib_range) == (bits, 1, "0.5:1.0")
+    assert args.heal_steps == (64 if bits == 2 else 32)
+    assert bool(args.act_order) == (bits == 2)
+
+
+def test_bootstrap_stderr_of_a_perplexity_matches_the_delta_method(bench):
+    nll = np.random.default_rng(0).normal(3.4, 0.2, size=200)
+    se = bench.bootstrap_ppl(nll.tolist(), 4000, 0)
+    delta = math.exp(nll.mean()) * nll.std(ddof=1) / math.sqrt(len(nll))
+    assert abs(se - delta) < 0.1 * delta
+    assert bench.bootstrap_ppl([2.0] * 20, 100, 0) < 1e-12
+
+
+def test_paired_difference_is_exact_and_its_stderr_smaller_than_unpaired(bench):
+    rng = np.random.default_rng(1)
+    base = rng.normal(3.4, 0.3, size=20)
+    a = {"test_window_nll_after": (base + 0.05).tolist()}
+    b = {"test_window_nll_after": base.tolist()}
+    diff, se = bench.paired_difference(a, b, 2000, 0)
+    assert diff == pytest.approx(math.exp(base.mean() + 0.05) - math.exp(base.mean()))
+    assert se < 0.25 * bench.bootstrap_ppl(base.tolist(), 2000, 0)
+
+
+def test_unknown_rows_are_refused(bench, capsys):
+    with pytest.raises(SystemExit) as refused:
+        bench.parse_args(["--rows", "qlora-r64-nf5", "--out", "x.json"])
+    assert refused.value.code == 2 and "unknown rows ['qlora-r64-nf5']" in capsys.readouterr().err
