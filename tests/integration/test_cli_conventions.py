@@ -40,7 +40,7 @@ def _parser(prefix: str = "") -> argparse.ArgumentParser:
     return parser
 
 
-def test_flags_are_built_from_the_settings_fields_with_their_defaults_and_help():
+def test_flags_are_built_from_the_settings_fields_with_their_defaults_and_help(capsys):
     parser = _parser()
     assert settings_from_args(_Example, parser.parse_args([])) == _Example()
     args = parser.parse_args(["--steps", "5", "--rate", "0.25", "--mode", "slow", "--limit", "9", "--verbose-log"])
@@ -49,8 +49,10 @@ def test_flags_are_built_from_the_settings_fields_with_their_defaults_and_help()
     text = parser.format_help()
     assert "how many steps (default: 3)" in text and "{fast,slow}" in text
     assert "--internal" not in text  # a field without help is not a flag
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as refused:
         parser.parse_args(["--mode", "medium"])
+    assert refused.value.code == 2
+    assert "--mode: invalid choice: 'medium'" in capsys.readouterr().err
 
 
 def test_a_prefixed_settings_error_names_the_prefixed_flag():
