@@ -77,8 +77,13 @@ def machine() -> str:
 
 def result_header(script: str, argv: Sequence[str] | None = None) -> dict[str, Any]:
     """The keys a result JSON opens with: the bench (``script``'s name), the command that made it
-    (``argv``, by default this process's arguments), the commit, the machine, the date and jax."""
+    (``argv``, by default this process's arguments), the commit, the machine, the date, jax, and the
+    kernel backend the automatic choice takes on this machine (and why)."""
     import jax
+
+    from pallas_kernels import describe
+
+    kernels = describe()
 
     name = Path(script).stem
     return {
@@ -88,6 +93,8 @@ def result_header(script: str, argv: Sequence[str] | None = None) -> dict[str, A
         "machine": machine(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "jax": jax.__version__,
+        "kernel_backend": kernels["kernel_backend"],
+        "kernel_backend_reason": kernels["reason"],
     }
 
 

@@ -35,9 +35,18 @@ def test_the_data_directory_is_shared_data_beside_the_checkout(common):
     assert str(ROOT) in sys.path
 
 
-def test_the_header_names_the_bench_command_commit_machine_date_and_jax(common):
+def test_the_header_names_the_bench_command_commit_machine_date_jax_and_kernel_backend(common):
     header = common.result_header("/anywhere/bench/quality.py", ["--configs", "int4-g4", "--out", "a b.json"])
-    assert list(header) == ["bench", "command", "commit", "machine", "date", "jax"]
+    assert list(header) == [
+        "bench",
+        "command",
+        "commit",
+        "machine",
+        "date",
+        "jax",
+        "kernel_backend",
+        "kernel_backend_reason",
+    ]
     assert header["bench"] == "quality"
     assert header["command"] == "python bench/quality.py --configs int4-g4 --out 'a b.json'"
     dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
@@ -46,6 +55,7 @@ def test_the_header_names_the_bench_command_commit_machine_date_and_jax(common):
     age = datetime.datetime.now(datetime.timezone.utc) - datetime.datetime.fromisoformat(header["date"])
     assert datetime.timedelta(0) <= age < datetime.timedelta(minutes=2)
     assert header["jax"] == jax.__version__
+    assert (header["kernel_backend"], header["kernel_backend_reason"].split(":")[0]) == ("reference", "cpu")
 
 
 def test_the_header_commit_is_none_outside_a_git_checkout(common, monkeypatch, tmp_path):
