@@ -93,25 +93,13 @@ def _sketch_into(
         shutil.rmtree(heal_run_dir(out_dir), ignore_errors=True)
     if partial.exists():
         logger.info("resuming the unfinished sketch in %s", partial)
-    from sketchtune_jax.data.calibration import calibration_windows
-
     if streaming and settings.calib != "self":
         from converters import open_tensors
         from sketchtune_jax.sketch.streaming import assemble_sketch, sketch_streaming
 
         tensors = open_tensors(model_ref)
         try:
-            settings.validate(tensors.config)
-            if device_mesh is not None:
-                check_sketch_mesh(device_mesh, tensors.config, settings.nsamples)
-            calib = calibration_windows(
-                settings.calib,
-                tensors.tokenizer,
-                nsamples=settings.nsamples,
-                seq_len=settings.seq_len,
-                seed=settings.seed,
-                text_range=settings.calib_range,
-            )
+            calib = _checked_calibration(settings, tensors.config, tensors.tokenizer, None, device_mesh)
             report = sketch_streaming(
                 tensors,
                 calib,
@@ -131,18 +119,7 @@ def _sketch_into(
             tensors.close()
     else:
         loaded = load_model(model_ref, dtype)
-        settings.validate(loaded.config)
-        if device_mesh is not None:
-            check_sketch_mesh(device_mesh, loaded.config, settings.nsamples)
-        calib = calibration_windows(
-            settings.calib,
-            loaded.tokenizer,
-            nsamples=settings.nsamples,
-            seq_len=settings.seq_len,
-            seed=settings.seed,
-            model=loaded.model,
-            text_range=settings.calib_range,
-        )
+        calib = _checked_calibration(settings, loaded.config, loaded.tokenizer, loaded.model, device_mesh)
         report = sketch_model(
             loaded.model,
             calib,
@@ -167,6 +144,25 @@ def _sketch_into(
     write_json_atomic(Path(out_dir) / "sketch_report.json", report)
     shutil.rmtree(partial_dir_for(out_dir), ignore_errors=True)
     return report
+
+
+def _checked_calibration(settings: SketchSettings, config: Any, tokenizer: Any, model: Any, device_mesh: Any):
+    """The calibration windows, once ``settings`` (and the mesh) are known to fit the model's ``config``;
+    ``model`` samples the text for calibration ``self``."""
+    from sketchtune_jax.data.calibration import calibration_windows
+
+    settings.validate(config)
+    if device_mesh is not None:
+        check_sketch_mesh(device_mesh, config, settings.nsamples)
+    return calibration_windows(
+        settings.calib,
+        tokenizer,
+        nsamples=settings.nsamples,
+        seq_len=settings.seq_len,
+        seed=settings.seed,
+        model=model,
+        text_range=settings.calib_range,
+    )
 
 
 def _sketch_mesh(spec: str, settings: SketchSettings):
