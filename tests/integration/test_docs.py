@@ -124,3 +124,37 @@ def test_every_results_page_is_one_click_from_the_readme():
     linked = {(ROOT / t.partition("#")[0]).resolve() for t in relative_links(ROOT / "README.md")}
     pages = sorted((ROOT / "docs" / "results").glob("*.md"))
     assert pages and [p.name for p in pages if p.resolve() not in linked] == []
+
+
+def _python_names() -> list[tuple[str, str]]:
+    names = set()
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]:
+        if "notebook" in doc.parts:
+            continue
+        text = doc.read_text()
+        for match in re.finditer(r"\b(?:st|sketchtune_jax)\.((?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*)", text):
+            names.add((doc.relative_to(ROOT).as_posix(), match.group(1)))
+        for match in re.finditer(r"^from sketchtune_jax((?:\.\w+)*) import ([\w, ]+)$", text, re.M):
+            for name in match.group(2).split(","):
+                names.add((doc.relative_to(ROOT).as_posix(), f"{match.group(1)}.{name.strip()}".lstrip(".")))
+    return sorted(names)
+
+
+def test_the_docs_name_python_to_check():
+    assert len(_python_names()) > 50
+
+
+def test_every_python_name_in_the_docs_exists():
+    import importlib
+
+    import sketchtune_jax as st
+
+    missing = []
+    for doc, dotted in _python_names():
+        obj = st
+        try:
+            for part in dotted.split("."):
+                obj = getattr(obj, part) if hasattr(obj, part) else importlib.import_module(f"{obj.__name__}.{part}")
+        except (AttributeError, ImportError):
+            missing.append(f"{doc}: st.{dotted}")
+    assert missing == []
