@@ -188,11 +188,12 @@ def resumed_sketch_report(out_dir: str | os.PathLike, settings: SketchSettings) 
         return None
     if is_file_source(settings.calib) and Path(settings.calib).is_file():
         settings = dataclasses.replace(settings, calib=str(Path(settings.calib).resolve()))
-    saved = json.loads((out / SKETCH_CONFIG).read_text()).get("settings", {})
-    if SketchSettings.from_dict(saved) != settings:
+    saved = json.loads((out / SKETCH_CONFIG).read_text())
+    if SketchSettings.from_dict(saved.get("settings", {})) != settings:
         raise OutputExistsError(
             f"{out} holds a sketch made with other settings, and its heal is unfinished; rerun with the "
             "settings it was made with to resume the heal, or start over ({overwrite})",
             ("overwrite",),
         )
-    return json.loads((out / "sketch_report.json").read_text())
+    # sketch_config.json carries the report too, also once a heal has rewritten the directory.
+    return saved["report"]
