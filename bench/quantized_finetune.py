@@ -203,11 +203,13 @@ def prepare_sketch(row: Row, work: Path, text: str) -> tuple[str, dict[str, Any]
     """The row's sketched directory (made by the recipe command unless already there) and its preparation record."""
     out = work / "sketches" / f"int{row.bits}-g{row.groups_per_row}"
     cmd = sketch_command(row, out, text)
-    if not (out / "sketch_config.json").is_file():
+    config = read_json(out / "sketch_config.json") or {}
+    # Finished once healed: the recipe's command resumes an unfinished sketch or heal.
+    if "heal" not in config:
         print("$ sketchtune", shlex.join(cmd[3:]), flush=True)
         subprocess.run(cmd, check=True, cwd=ROOT)
-    config = read_json(out / "sketch_config.json")
-    report = read_json(out / "sketch_report.json") or {}
+        config = read_json(out / "sketch_config.json")
+    report = config.get("report") or {}
     heal = config.get("heal") or {}
     prep = {
         "command": "sketchtune " + shlex.join(cmd[3:]),
