@@ -72,12 +72,12 @@ def run(args: argparse.Namespace) -> int:
     # Rank, alpha and the QLoRA base are the job's (FinetuneSettings); the rest are --lora-* flags.
     qtype = job.qlora_qtype if job.method == "qlora" else None
     lora = settings_from_args(LoraSettings, args, prefix=LORA_PREFIX, rank=1, alpha=1.0, qtype=qtype, seed=config.seed)
-    with named_as_flags(LoraSettings, args, prefix=LORA_PREFIX):
-        method = method_for(job, lora, sketched=is_sketched_dir(args.model), model=args.model)
     distributed = distributed_settings(args)
-    if distributed is not None and method.name != "sketch":
-        raise SettingError("method", f"{method.name} cannot run over several processes (for now); use sketch")
+    if distributed is not None and job.method not in (None, "sketch"):
+        raise SettingError("method", f"{job.method} cannot run over several processes (for now); use sketch")
     start_distributed(args, distributed)
+    with named_as_flags(LoraSettings, args, prefix=LORA_PREFIX):
+        method_for(job, lora, sketched=is_sketched_dir(args.model), model=args.model)
     summary = finetune_to_dir(
         args.model,
         args.out,
