@@ -56,10 +56,7 @@ def sketch_to_dir(
     same sketch on its own devices and process 0 alone writes it; the others work in a
     temporary directory of their own, removed at the end.
     """
-    if is_file_source(settings.calib):
-        if not Path(settings.calib).is_file():
-            raise FileNotFoundError(f"calibration file not found: {settings.calib}")
-        settings = dataclasses.replace(settings, calib=str(Path(settings.calib).resolve()))
+    settings = _with_absolute_calib(settings)
     if is_sketched_dir(model_ref):
         raise ValueError(f"{model_ref} is already sketched; sketch the dense model it came from")
     dtype_named(dtype)
@@ -146,6 +143,16 @@ def _sketch_into(
     return report
 
 
+def _with_absolute_calib(settings: SketchSettings) -> SketchSettings:
+    """``settings`` with a calibration file named by its absolute path (as a sketch records it);
+    `FileNotFoundError` when the file is not there."""
+    if not is_file_source(settings.calib):
+        return settings
+    if not Path(settings.calib).is_file():
+        raise FileNotFoundError(f"calibration file not found: {settings.calib}")
+    return dataclasses.replace(settings, calib=str(Path(settings.calib).resolve()))
+
+
 def _checked_calibration(settings: SketchSettings, config: Any, tokenizer: Any, model: Any, device_mesh: Any):
     """The calibration windows, once ``settings`` (and the mesh) are known to fit the model's ``config``;
     ``model`` samples the text for calibration ``self``."""
@@ -186,8 +193,7 @@ def resumed_sketch_report(out_dir: str | os.PathLike, settings: SketchSettings) 
     out = Path(out_dir)
     if not heal_run_dir(out).is_dir() or not is_sketched_dir(out):
         return None
-    if is_file_source(settings.calib) and Path(settings.calib).is_file():
-        settings = dataclasses.replace(settings, calib=str(Path(settings.calib).resolve()))
+    settings = _with_absolute_calib(settings)
     saved = json.loads((out / SKETCH_CONFIG).read_text())
     if SketchSettings.from_dict(saved.get("settings", {})) != settings:
         raise OutputExistsError(
