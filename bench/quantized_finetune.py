@@ -454,8 +454,10 @@ def math_scores(model, tokenizer, args: argparse.Namespace) -> dict[str, Any]:
         "nll": nll["nll"],
         "nll_stderr": nll["stderr"],
         "nll_n": nll["n"],
+        "record_nll": nll["record_nll"],
+        "record_tokens": nll["record_tokens"],
         "accuracy": p,
-        "accuracy_stderr": math.sqrt(max(p * (1 - p), 1e-12) / n),
+        "accuracy_stderr": math.sqrt(p * (1 - p) / n),
         "accuracy_n": n,
         "no_answer": acc.get("no_answer"),
     }
@@ -525,13 +527,33 @@ def paired_difference(a: dict[str, Any], b: dict[str, Any], resamples: int, seed
     return float(np.exp(x.mean()) - np.exp(y.mean())), float(np.std(diffs, ddof=1))
 
 
+def paired_nll_difference(a: dict[str, Any], b: dict[str, Any], resamples: int, seed: int) -> tuple[float, float]:
+    """GSM8K reference NLL per token, ``a - b`` after fine-tuning, and its bootstrap standard error over
+    the same test items (each a ratio of summed NLL to tokens)."""
+    import numpy as np
+
+    tokens = np.asarray(a["after"]["record_tokens"], np.float64)
+    x = np.asarray(a["after"]["record_nll"], np.float64)
+    y = np.asarray(b["after"]["record_nll"], np.float64)
+    if len(x) != len(y) or not np.array_equal(tokens, np.asarray(b["after"]["record_tokens"], np.float64)):
+        raise ValueError(f"{a['row']} and {b['row']} were scored on different GSM8K items")
+    idx = np.random.default_rng(seed).integers(0, len(x), size=(resamples, len(x)))
+    diffs = (x[idx].sum(axis=1) - y[idx].sum(axis=1)) / tokens[idx].sum(axis=1)
+    return float((x.sum() - y.sum()) / tokens.sum()), float(np.std(diffs, ddof=1))
+
+
+def rivals(row: dict[str, Any]) -> tuple[str, ...]:
+    """What a sketch row is compared with: QLoRA and LoftQ at its width, and LoRA on the dense model."""
+    return (f"qlora-r64-nf{row['bits']}", f"loftq-r64-nf{row['bits']}", "lora-r64")
+
+
 def comparisons(rows: dict[str, dict[str, Any]], resamples: int, seed: int) -> list[dict[str, Any]]:
     """Each sketch against QLoRA and LoftQ at its width: the paired difference and whether it exceeds 2 stderr."""
     out = []
     for name, r in rows.items():
         if r["method"] != "sketch":
             continue
-        for other in (f"qlora-r64-nf{r['bits']}", f"loftq-r64-nf{r['bits']}", "lora-r64"):
+        for other in rivals(r):
             if other in rows:
                 diff, se = paired_difference(r, rows[other], resamples, seed)
                 out.append(
@@ -546,9 +568,43 @@ def comparisons(rows: dict[str, dict[str, Any]], resamples: int, seed: int) -> l
     return out
 
 
+def math_comparisons(
+    rows: dict[str, dict[str, Any]], maths: dict[str, dict[str, Any]], resamples: int, seed: int
+) -> list[dict[str, Any]]:
+    """Each sketch's GSM8K reference NLL against its rivals' (paired over the same items)."""
+    out = []
+    for name, m in maths.items():
+        if rows[name]["method"] != "sketch":
+            continue
+        for other in rivals(rows[name]):
+            if other in maths:
+                diff, se = paired_nll_difference(m, maths[other], resamples, seed)
+                out.append(
+                    {
+                        "a": name,
+                        "b": other,
+                        "nll_a_minus_b": diff,
+                        "stderr": se,
+                        "beyond_two_stderr": abs(diff) > 2 * se,
+                    }
+                )
+    return out
+
+
+def finished_math(args: argparse.Namespace, rows: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The math columns finished under the current settings, for rows whose text row is finished."""
+    maths = {}
+    for name in rows:
+        m = read_json(Path(args.work) / "rows" / name / "math.json")
+        if m is not None and m.get("settings") == settings_of(args):
+            maths[name] = m
+    return maths
+
+
 def write_report(args: argparse.Namespace, rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
     from sketchtune_jax._utils.fileio import write_json_atomic
 
+    maths = finished_math(args, rows)
     report = {
         **result_header(__file__),
         "benchmark": "quantized-finetune",
@@ -556,20 +612,33 @@ def write_report(args: argparse.Namespace, rows: dict[str, dict[str, Any]]) -> d
         "rows": list(rows.values()),
         "comparisons": comparisons(rows, args.bootstrap, args.seed),
         "missing": [r for r in DEFAULT_ORDER if r not in rows],
-        "math": [m for name in rows if (m := read_json(Path(args.work) / "rows" / name / "math.json"))],
+        "math": list(maths.values()),
+        "math_comparisons": math_comparisons(rows, maths, args.bootstrap, args.seed),
     }
     write_json_atomic(args.out, report)
-    header = (
-        f"{'row':<16} {'trainable':>10} {'proj MB':>8} {'prep s':>7} {'lr':>7} {'ppl before':>16} {'ppl after':>16}"
-    )
-    print(header)
+
+    def ppl_cell(value: float, stderr: float) -> str:
+        # A diverged run's perplexity (QLoRA NF2 reaches 1e9) in the same column width.
+        return f"{value:.2f} ± {stderr:.2f}" if value < 1e4 else f"{value:.3g} ± {stderr:.2g}"
+
+    print(f"{'row':<16} {'trainable':>10} {'proj MB':>8} {'prep s':>7} {'lr':>7} {'ppl before':>20} {'ppl after':>20}")
     for r in rows.values():
         print(
             f"{r['row']:<16} {r['trainable_params']:>10,} {r['projection_bytes'] / 1e6:>8.1f} "
             f"{(r['preparation'].get('seconds') or 0):>7.0f} {r['lr']:>7.0e} "
-            f"{r['test_ppl_before']:>9.2f} ± {r['test_ppl_before_stderr']:<5.2f}"
-            f"{r['test_ppl_after']:>9.2f} ± {r['test_ppl_after_stderr']:<5.2f}"
+            f"{ppl_cell(r['test_ppl_before'], r['test_ppl_before_stderr']):>20} "
+            f"{ppl_cell(r['test_ppl_after'], r['test_ppl_after_stderr']):>20}"
         )
+    if maths:
+        print(
+            f"\n{'row (GSM8K)':<16} {'ref NLL before':>18} {'ref NLL after':>18} {'acc before':>14} {'acc after':>14}"
+        )
+        for name, m in maths.items():
+            b, a = m["before"], m["after"]
+            print(
+                f"{name:<16} {b['nll']:>9.3f} ± {b['nll_stderr']:<6.3f} {a['nll']:>9.3f} ± {a['nll_stderr']:<6.3f} "
+                f"{b['accuracy']:>6.2f} ± {b['accuracy_stderr']:<5.2f} {a['accuracy']:>6.2f} ± {a['accuracy_stderr']:<5.2f}"
+            )
     print(f"wrote {args.out}")
     return report
 

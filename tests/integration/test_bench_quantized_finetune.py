@@ -66,3 +66,37 @@ def test_unknown_rows_are_refused(bench, capsys):
     with pytest.raises(SystemExit) as refused:
         bench.parse_args(["--rows", "qlora-r64-nf5", "--out", "x.json"])
     assert refused.value.code == 2 and "unknown rows ['qlora-r64-nf5']" in capsys.readouterr().err
+
+
+def math_column(row: str, record_nll, record_tokens) -> dict:
+    after = {"record_nll": list(record_nll), "record_tokens": list(record_tokens)}
+    return {"row": row, "after": after}
+
+
+def test_math_nll_difference_is_paired_token_weighted_and_refuses_other_items(bench):
+    rng = np.random.default_rng(2)
+    tokens = rng.integers(50, 200, size=40)
+    per_token = rng.normal(1.2, 0.3, size=40)
+    a = math_column("sketch-int2-g4", tokens * (per_token - 0.1), tokens)
+    b = math_column("qlora-r64-nf2", tokens * per_token, tokens)
+    diff, se = bench.paired_nll_difference(a, b, 2000, 0)
+    assert diff == pytest.approx(-0.1)
+    assert se < 1e-9  # the same shift on every item: no spread to resample
+    c = math_column("lora-r64", tokens[:-1] * per_token[:-1], tokens[:-1])
+    with pytest.raises(ValueError, match="different GSM8K items"):
+        bench.paired_nll_difference(a, c, 100, 0)
+
+
+def test_math_comparisons_set_each_sketch_against_its_width_only(bench):
+    rows = {
+        "sketch-int2-g4": {"method": "sketch", "bits": 2},
+        "qlora-r64-nf2": {"method": "qlora", "bits": 2},
+        "qlora-r64-nf4": {"method": "qlora", "bits": 4},
+    }
+    noise = np.random.default_rng(3).normal(0, 5, size=30)
+    maths = {
+        name: math_column(name, 100 * (1.0 + 0.01 * i) + noise * (i + 1), [100] * 30) for i, name in enumerate(rows)
+    }
+    found = bench.math_comparisons(rows, maths, 500, 0)
+    assert [(c["a"], c["b"]) for c in found] == [("sketch-int2-g4", "qlora-r64-nf2")]
+    assert found[0]["nll_a_minus_b"] == pytest.approx(-0.01 + float(np.mean(noise * -1)) / 100)
