@@ -2,7 +2,8 @@
 
 Every row fine-tunes one model by one method on the same packed windows of WikiText-2 text
 (language modelling, every token scored; same batches, seed, steps), its learning rate picked
-from a grid by short pilot runs scored on validation windows, then is scored once on the test
+from a grid by short pilot runs scored on validation windows (extended half a decade at a time,
+twice at most, while the best pilot is at the grid's edge), then is scored once on the test
 windows, before and after fine-tuning:
 
 - ``lora-r64``: LoRA on the dense model; ``full``: every weight trains (the ceiling);
@@ -60,6 +61,9 @@ SKETCH_RECIPES = {
 LORA_LRS = (1e-4, 3e-4, 1e-3)
 SKETCH_LRS = (1e-4, 3e-4, 1e-3)
 FULL_LRS = (1e-5, 3e-5, 1e-4)
+# A grid whose best point is its edge says the optimum may lie beyond it: pilots go on half a decade
+# at a time in that direction, at most this many points beyond the grid.
+GRID_EXTENSIONS = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,6 +178,7 @@ def settings_of(args: argparse.Namespace) -> dict[str, Any]:
         "rank": args.rank,
         "loftq_iters": args.loftq_iters,
         "seed": args.seed,
+        "lr_grid_extensions": GRID_EXTENSIONS,
     }
 
 
@@ -353,6 +358,33 @@ def memory_of(model_ref: str, method, adapter: str | None, args: argparse.Namesp
     return out
 
 
+def best_lr(scores: dict[float, float]) -> float:
+    """The learning rate of the lowest validation perplexity (a diverged pilot, NaN or inf, never wins)."""
+    return min(scores, key=lambda lr: scores[lr] if math.isfinite(scores[lr]) else math.inf)
+
+
+def next_pilot_lr(scores: dict[float, float], grid: tuple[float, ...]) -> float | None:
+    """The next pilot while the best learning rate is at an edge of those tried: half a decade beyond it
+    (1e-3 -> 3e-3 -> 1e-2), at most ``GRID_EXTENSIONS`` beyond ``grid``; None once the best is inside."""
+    tried = sorted(scores)
+    best = best_lr(scores)
+    if best == tried[-1] and sum(lr > max(grid) for lr in tried) < GRID_EXTENSIONS:
+        return half_decade(best, up=True)
+    if best == tried[0] and sum(lr < min(grid) for lr in tried) < GRID_EXTENSIONS:
+        return half_decade(best, up=False)
+    return None
+
+
+def half_decade(lr: float, *, up: bool) -> float:
+    """The neighbour of ``lr`` on the 1, 3, 10, 30 ... ladder."""
+    exponent = math.floor(math.log10(lr) + 1e-9)
+    mantissa = round(lr / 10**exponent)
+    if mantissa not in (1, 3):
+        raise ValueError(f"learning rate {lr:g} is not on the 1, 3, 10 ladder")
+    factor = {(1, True): 3, (3, True): 10 / 3, (1, False): 0.3, (3, False): 1 / 3}[mantissa, up]
+    return float(f"{lr * factor:.0e}")
+
+
 def run_row(row: Row, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from sketchtune_jax.data.text import read_text, text_fraction
 
@@ -380,8 +412,7 @@ def run_row(row: Row, args: argparse.Namespace, work: Path) -> dict[str, Any]:
         what = {"lora": "adapters", "full": "none", "qlora": "quantize"}[row.method]
         prep = {"seconds": costs["prepare_seconds"], "what": what}
 
-    pilots = []
-    for lr in row.lrs:
+    def pilot(lr: float) -> dict[str, Any]:
         pilot_dir = row_dir / f"pilot-lr{lr:g}"
         scored = read_json(pilot_dir / "val.json")
         if scored is None:
@@ -391,9 +422,13 @@ def run_row(row: Row, args: argparse.Namespace, work: Path) -> dict[str, Any]:
             scored["train_loss"] = summary["loss"]
             (pilot_dir / "val.json").write_text(json.dumps(scored, indent=2))
         print(f"{row.name}: pilot lr {lr:g}: validation perplexity {scored['val']['ppl']:.3f}", flush=True)
-        pilots.append(scored)
-    best = min(pilots, key=lambda p: p["val"]["ppl"] if math.isfinite(p["val"]["ppl"]) else math.inf)
-    lr = best["lr"]
+        return scored
+
+    pilots = {lr: pilot(lr) for lr in row.lrs}
+    while (lr := next_pilot_lr({lr: p["val"]["ppl"] for lr, p in pilots.items()}, row.lrs)) is not None:
+        pilots[lr] = pilot(lr)
+    pilots = [pilots[lr] for lr in sorted(pilots)]
+    lr = best_lr({p["lr"]: p["val"]["ppl"] for p in pilots})
 
     final_dir = row_dir / f"final-lr{lr:g}"
     summary = finetune_run(model_ref, adapter, job, lora, lr, args.steps, final_dir, args)

@@ -100,3 +100,22 @@ def test_math_comparisons_set_each_sketch_against_its_width_only(bench):
     found = bench.math_comparisons(rows, maths, 500, 0)
     assert [(c["a"], c["b"]) for c in found] == [("sketch-int2-g4", "qlora-r64-nf2")]
     assert found[0]["nll_a_minus_b"] == pytest.approx(-0.01 + float(np.mean(noise * -1)) / 100)
+
+
+def test_half_decade_ladder_runs_both_ways_and_refuses_other_rates(bench):
+    assert [bench.half_decade(x, up=True) for x in (1e-4, 3e-4, 1e-3, 3e-3)] == [3e-4, 1e-3, 3e-3, 1e-2]
+    assert [bench.half_decade(x, up=False) for x in (1e-4, 3e-5, 1e-5)] == [3e-5, 1e-5, 3e-6]
+    with pytest.raises(ValueError, match="ladder"):
+        bench.half_decade(5e-4, up=True)
+
+
+def test_the_grid_grows_past_its_edge_twice_at_most_and_never_for_an_inside_best(bench):
+    grid = (1e-4, 3e-4, 1e-3)
+    assert bench.next_pilot_lr({1e-4: 40.0, 3e-4: 30.0, 1e-3: 35.0}, grid) is None
+    assert bench.next_pilot_lr({1e-4: 40.0, 3e-4: 30.0, 1e-3: 25.0}, grid) == 3e-3
+    assert bench.next_pilot_lr({1e-4: 40.0, 3e-4: 30.0, 1e-3: 25.0, 3e-3: 24.0}, grid) == 1e-2
+    assert bench.next_pilot_lr({1e-4: 40.0, 3e-4: 30.0, 1e-3: 25.0, 3e-3: 24.0, 1e-2: 23.0}, grid) is None
+    assert bench.next_pilot_lr({1e-4: 20.0, 3e-4: 30.0, 1e-3: 35.0}, grid) == 3e-5
+    # A diverged top point is no edge to follow.
+    assert bench.next_pilot_lr({1e-4: 40.0, 3e-4: 30.0, 1e-3: float("nan")}, grid) is None
+    assert bench.best_lr({1e-4: float("inf"), 3e-4: 30.0, 1e-3: float("nan")}) == 3e-4
