@@ -45,7 +45,7 @@ def heal_to_dir(
     ``windows`` distinct windows (default ``steps * batch_size``, at most what the text
     holds without overlap) are cycled over. ``out_dir`` receives a sketched directory with
     the same codes and the healed codebooks, and ``sketch_config.json`` gains a ``heal``
-    record (settings, seconds, first and final KL, and with ``eval_text`` the held-out
+    record (settings, seconds (a resumed heal's included the runs it continued), first and final KL, and with ``eval_text`` the held-out
     perplexity of ``eval_windows`` windows of ``eval_seq_len`` tokens before and after); the step log is
     ``heal_log.jsonl``. ``out_dir`` may be ``sketch_dir`` itself (healed in place; needs
     ``overwrite``). Checkpoints live in ``<out_dir>.heal`` until the end, so the same call
@@ -161,7 +161,7 @@ def heal_to_dir(
         warmup_steps=config.warmup_steps,
         train_norms=train_norms,
         seed=seed,
-        seconds=wall,
+        seconds=wall + result.earlier_seconds,
         cpu_seconds=cpu,
         resumed_from=result.resumed_from,
         first_kl=losses[0] if losses else None,

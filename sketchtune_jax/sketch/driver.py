@@ -337,7 +337,9 @@ def sketch_model(
 
     ``calib_ids``: int32 ``[nsamples, seq_len]``; the report's settings record that shape (whatever
     ``settings.nsamples`` and ``seq_len`` say). With ``work_dir``, each finished layer
-    is saved there and a later call with the same settings resumes from it.
+    is saved there and a later call with the same settings resumes from it; the report's
+    ``seconds`` then adds the time the resumed layers took when they were made (``resumed_layers``
+    counts them), so it is the sketch's time however often it was stopped.
     ``on_layer_done(index)`` is called after each decoder layer is finished (and saved).
     With ``mesh`` the work is split over its devices (see `check_sketch_mesh`) and the
     model ends up on it (`sketchtune_jax.parallel.sharding.shard_model` then lays it out for fine-tuning).
@@ -450,6 +452,7 @@ def sketch_layers(
     dense_hidden = hidden
     report: list[dict[str, Any]] = []
     start = time.perf_counter()
+    resumed_seconds, resumed_layers = 0.0, 0
     for index in progress(range(num_layers), desc="sketching layers", disable=not show_progress):
         layer = layer_at(index)
         seed = settings.seed + 1000 * index
@@ -463,7 +466,10 @@ def sketch_layers(
             if mesh is not None:
                 _replicate(layer, mesh)
             rows = done[1]
+            resumed_seconds += rows[0].get("layer_seconds", 0.0)
+            resumed_layers += 1
         else:
+            layer_start = time.perf_counter()
             rows = [{"layer": index, **r} for r in _sketch_layer(layer, hidden, settings, batch_size, seed, mesh)]
             if tune:
                 tuned = tune_layer_codebooks(
@@ -476,6 +482,8 @@ def sketch_layers(
                     seed=seed,
                 )
                 rows = [{**r, **tuned} for r in rows]
+            # Kept with the layer, so that a resumed sketch still reports the time all its layers took.
+            rows = [{**r, "layer_seconds": time.perf_counter() - layer_start} for r in rows]
             if resume:
                 resume.save_layer(index, layer, rows)
         report += rows
@@ -489,7 +497,8 @@ def sketch_layers(
         "modules": report,
         "mean_rel_output_error": float(np.mean([r["rel_output_error"] for r in report])),
         **({"mean_layer_error_after_tuning": float(np.mean([r["layer_error_after"] for r in report]))} if tune else {}),
-        "seconds": time.perf_counter() - start,
+        "seconds": time.perf_counter() - start + resumed_seconds,
+        "resumed_layers": resumed_layers,
     }
 
 

@@ -1,7 +1,8 @@
 """The training log: one JSON object per line (``train_log.jsonl``), and its loss plot.
 
-Records are ``{"step", "epoch", "loss", "lr", "grad_norm", "loss_tokens", "tokens_per_s"}``
-per logged step and ``{"step", "val_loss"}`` per validation. The plot needs the
+Records are ``{"step", "epoch", "loss", "lr", "grad_norm", "loss_tokens", "tokens_per_s", "elapsed_s"}``
+per logged step (``elapsed_s``: training wall seconds so far, over every run a resume continued)
+and ``{"step", "val_loss"}`` per validation. The plot needs the
 ``examples`` extra (matplotlib); without it `plot_loss_curve` logs one info line.
 """
 
@@ -41,6 +42,12 @@ class MetricsLog:
             return
         keep = [r for r in read_log(self.path) if r.get("step", 0) <= step]
         atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in keep).encode())
+
+    def elapsed_seconds(self) -> float:
+        """Training seconds the log records so far (its last ``elapsed_s``; 0 if none, or off process 0)."""
+        if not is_primary() or not os.path.exists(self.path):
+            return 0.0
+        return max((r["elapsed_s"] for r in read_log(self.path) if "elapsed_s" in r), default=0.0)
 
 
 def read_log(path: str | os.PathLike) -> list[dict[str, Any]]:

@@ -58,7 +58,8 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclasses.dataclass
 class TrainResult:
-    """What a run produced: final step, last logged loss, paths of its outputs."""
+    """What a run produced: final step, last logged loss, paths of its outputs; ``earlier_seconds`` is
+    the training time of the runs this one resumed (0 for a fresh run)."""
 
     step: int
     loss: float | None
@@ -67,6 +68,7 @@ class TrainResult:
     result_path: str
     log_path: str
     resumed_from: int | None
+    earlier_seconds: float = 0.0
 
 
 class Trainer:
@@ -272,6 +274,8 @@ class Trainer:
             self._unstack_layers()
             raise
         self.log.truncate_after(self.step)
+        earlier_seconds = self.log.elapsed_seconds()
+        run_start = time.perf_counter()
         bar = tqdm(
             total=self.total_steps,
             initial=self.step,
@@ -301,6 +305,7 @@ class Trainer:
                     "grad_norm": values["grad_norm"],
                     "loss_tokens": int(values["tokens"]),
                     "tokens_per_s": tokens_since / max(now - t_last, 1e-9),
+                    "elapsed_s": earlier_seconds + now - run_start,
                 }
                 self.log.append(record)
                 t_last, tokens_since = now, 0
@@ -383,6 +388,7 @@ class Trainer:
             result_path=result_path,
             log_path=self.log_path,
             resumed_from=resumed_from,
+            earlier_seconds=earlier_seconds,
         )
 
 

@@ -120,6 +120,8 @@ def test_a_killed_heal_resumes_to_the_same_healed_sketch(tiny_sketch, tmp_path):
     assert not (tmp_path / "b.heal").exists()
     record = json.loads((b / "sketch_config.json").read_text())["heal"]
     assert record["resumed_from"] == 2 and record["steps"] == 6
+    # Its time counts the killed run's two steps too, as the log's running total does.
+    assert record["seconds"] >= read_log(b / "heal_log.jsonl")[-1]["elapsed_s"]
     unbroken = load_file(a / "model.safetensors")
     _assert_same_tensors(unbroken, load_file(b / "model.safetensors"))
     sketch = load_file(tiny_sketch["sketch"] / "model.safetensors")

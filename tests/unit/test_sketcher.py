@@ -228,6 +228,20 @@ def test_a_killed_sketch_resumes_to_the_same_result(tmp_path):
         np.testing.assert_array_equal(full[key], kill[key], err_msg=key)
 
 
+def test_a_resumed_sketch_reports_the_time_its_resumed_layers_took(tmp_path):
+    ids, settings = random_ids(8, 16, seed=1), SketchSettings(bits=2, groups_per_row=1)
+    first = sketch_model(_tiny()[1], ids, settings, work_dir=tmp_path, show_progress=False)
+    (tmp_path / "layer_0001.safetensors").unlink()  # as if stopped before the second layer was saved
+    again = sketch_model(_tiny()[1], ids, settings, work_dir=tmp_path, show_progress=False)
+    per_layer = {r["layer"]: r["layer_seconds"] for r in first["modules"]}
+    assert first["resumed_layers"] == 0 and again["resumed_layers"] == len(per_layer) - 1
+    assert {r["layer"]: r["layer_seconds"] for r in again["modules"] if r["layer"] != 1} == {
+        k: v for k, v in per_layer.items() if k != 1
+    }
+    assert all(v > 0 for v in per_layer.values())
+    assert again["seconds"] > sum(v for k, v in per_layer.items() if k != 1)
+
+
 def test_whole_model_gradients_match_between_pallas_and_the_jnp_twins(sketched):
     """Codebook gradients of a whole sketched model: Pallas kernels (interpret mode) = jnp reference."""
     import jax

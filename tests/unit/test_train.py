@@ -216,12 +216,16 @@ def test_finetune_outputs_and_resume_in_process(tmp_path):
     log = read_log(result.log_path)
     train_records = [r for r in log if "loss" in r]
     assert [r["step"] for r in train_records] == list(range(1, 9))
-    assert {"lr", "grad_norm", "tokens_per_s", "loss_tokens"} <= set(train_records[0])
+    assert {"lr", "grad_norm", "tokens_per_s", "loss_tokens", "elapsed_s"} <= set(train_records[0])
+    elapsed = [r["elapsed_s"] for r in train_records]
+    assert 0 < elapsed[0] and all(a < b for a, b in zip(elapsed, elapsed[1:]))
+    assert result.earlier_seconds == 0.0
     assert [r["step"] for r in log if "val_loss" in r] == [4, 8]
     # Same command again: resumes from step 8, does nothing more, same codebooks.
     again = TinyCausalLM()
     result2 = finetune(again, batches, config, tmp_path / "run", val_batches=val, progress=False)
     assert result2.resumed_from == 8 and result2.step == 8
+    assert result2.earlier_seconds == elapsed[-1]  # a resumed run knows how long the runs before it trained
     for k, v in codebook_state(model).items():
         assert np.array_equal(v, codebook_state(again)[k])
     with pytest.raises(ValueError, match="batch_size"):
