@@ -582,48 +582,37 @@ def rivals(row: dict[str, Any]) -> tuple[str, ...]:
     return (f"qlora-r64-nf{row['bits']}", f"loftq-r64-nf{row['bits']}", "lora-r64")
 
 
-def comparisons(rows: dict[str, dict[str, Any]], resamples: int, seed: int) -> list[dict[str, Any]]:
-    """Each sketch against QLoRA and LoftQ at its width: the paired difference and whether it exceeds 2 stderr."""
+def sketch_comparisons(
+    rows: dict[str, dict[str, Any]],
+    scored: dict[str, dict[str, Any]],
+    difference,
+    figure: str,
+    resamples: int,
+    seed: int,
+) -> list[dict[str, Any]]:
+    """Each sketch in ``scored`` against its `rivals` there: ``difference(a, b, resamples, seed)`` gives
+    ``(a - b, stderr)``, reported under ``figure`` with whether it exceeds 2 stderr."""
     out = []
-    for name, r in rows.items():
-        if r["method"] != "sketch":
+    for name, a in scored.items():
+        if rows[name]["method"] != "sketch":
             continue
-        for other in rivals(r):
-            if other in rows:
-                diff, se = paired_difference(r, rows[other], resamples, seed)
-                out.append(
-                    {
-                        "a": name,
-                        "b": other,
-                        "ppl_a_minus_b": diff,
-                        "stderr": se,
-                        "beyond_two_stderr": abs(diff) > 2 * se,
-                    }
-                )
+        for other in rivals(rows[name]):
+            if other in scored:
+                diff, se = difference(a, scored[other], resamples, seed)
+                out.append({"a": name, "b": other, figure: diff, "stderr": se, "beyond_two_stderr": abs(diff) > 2 * se})
     return out
+
+
+def comparisons(rows: dict[str, dict[str, Any]], resamples: int, seed: int) -> list[dict[str, Any]]:
+    """Each sketch's test perplexity against its rivals' (paired over the same test windows)."""
+    return sketch_comparisons(rows, rows, paired_difference, "ppl_a_minus_b", resamples, seed)
 
 
 def math_comparisons(
     rows: dict[str, dict[str, Any]], maths: dict[str, dict[str, Any]], resamples: int, seed: int
 ) -> list[dict[str, Any]]:
     """Each sketch's GSM8K reference NLL against its rivals' (paired over the same items)."""
-    out = []
-    for name, m in maths.items():
-        if rows[name]["method"] != "sketch":
-            continue
-        for other in rivals(rows[name]):
-            if other in maths:
-                diff, se = paired_nll_difference(m, maths[other], resamples, seed)
-                out.append(
-                    {
-                        "a": name,
-                        "b": other,
-                        "nll_a_minus_b": diff,
-                        "stderr": se,
-                        "beyond_two_stderr": abs(diff) > 2 * se,
-                    }
-                )
-    return out
+    return sketch_comparisons(rows, maths, paired_nll_difference, "nll_a_minus_b", resamples, seed)
 
 
 def finished_math(args: argparse.Namespace, rows: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
