@@ -385,6 +385,19 @@ def half_decade(lr: float, *, up: bool) -> float:
     return float(f"{lr * factor:.0e}")
 
 
+def row_identity(row: Row) -> dict[str, Any]:
+    """What a row is, as its JSON record names it: method, base width, groups per row, adapter init."""
+    return {
+        "row": row.name,
+        "family": row.family,
+        "method": row.method,
+        "qtype": row.qtype,
+        "init": "loftq" if row.loftq else None,
+        "bits": row.bits or (int(row.qtype[-1]) if row.qtype else None),
+        "groups_per_row": row.groups_per_row,
+    }
+
+
 def run_row(row: Row, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from sketchtune_jax.data.text import read_text, text_fraction
 
@@ -441,13 +454,7 @@ def run_row(row: Row, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     loaded = load_result(row, model_ref, final_dir)
     after = ppl(loaded.model, loaded.tokenizer, test_text, args.test_windows, args.seq_len)
     result = {
-        "row": row.name,
-        "family": row.family,
-        "method": row.method,
-        "qtype": row.qtype,
-        "init": "loftq" if row.loftq else None,
-        "bits": row.bits or (int(row.qtype[-1]) if row.qtype else None),
-        "groups_per_row": row.groups_per_row,
+        **row_identity(row),
         "model": model_ref,
         "preparation": prep,
         "lr_grid": [{"lr": p["lr"], "val_ppl": p["val"]["ppl"], "train_loss": p["train_loss"]} for p in pilots],
@@ -577,12 +584,22 @@ def paired_nll_difference(a: dict[str, Any], b: dict[str, Any], resamples: int, 
     return float((x.sum() - y.sum()) / tokens.sum()), float(np.std(diffs, ddof=1))
 
 
-def rivals(row: dict[str, Any]) -> tuple[str, ...]:
-    """What a sketch row is compared with: QLoRA and LoftQ at its width, and LoRA on the dense model."""
-    return (f"qlora-r64-nf{row['bits']}", f"loftq-r64-nf{row['bits']}", "lora-r64")
+def references(row: dict[str, Any]) -> tuple[str, ...]:
+    """The rows ``row`` is read against: a sketch against QLoRA and LoftQ at its width, LoRA and full
+    fine-tuning on the dense model, and a GPR 1 sketch also against GPR 4 at its width; LoftQ against
+    QLoRA at its width; full fine-tuning against LoRA."""
+    if row["method"] == "sketch":
+        bits = row["bits"]
+        sibling = (f"sketch-int{bits}-g4",) if row["groups_per_row"] == 1 else ()
+        return (f"qlora-r64-nf{bits}", f"loftq-r64-nf{bits}", "lora-r64", "full", *sibling)
+    if row.get("init") == "loftq":
+        return (f"qlora-r64-{row['qtype']}",)
+    if row["method"] == "full":
+        return ("lora-r64",)
+    return ()
 
 
-def sketch_comparisons(
+def paired_comparisons(
     rows: dict[str, dict[str, Any]],
     scored: dict[str, dict[str, Any]],
     difference,
@@ -590,29 +607,28 @@ def sketch_comparisons(
     resamples: int,
     seed: int,
 ) -> list[dict[str, Any]]:
-    """Each sketch in ``scored`` against its `rivals` there: ``difference(a, b, resamples, seed)`` gives
+    """Each row in ``scored`` against its `references` there: ``difference(a, b, resamples, seed)`` gives
     ``(a - b, stderr)``, reported under ``figure`` with whether it exceeds 2 stderr."""
     out = []
     for name, a in scored.items():
-        if rows[name]["method"] != "sketch":
-            continue
-        for other in rivals(rows[name]):
-            if other in scored:
-                diff, se = difference(a, scored[other], resamples, seed)
-                out.append({"a": name, "b": other, figure: diff, "stderr": se, "beyond_two_stderr": abs(diff) > 2 * se})
+        for other in references(rows[name]):
+            if other not in scored:
+                continue
+            diff, se = difference(a, scored[other], resamples, seed)
+            out.append({"a": name, "b": other, figure: diff, "stderr": se, "beyond_two_stderr": abs(diff) > 2 * se})
     return out
 
 
 def comparisons(rows: dict[str, dict[str, Any]], resamples: int, seed: int) -> list[dict[str, Any]]:
-    """Each sketch's test perplexity against its rivals' (paired over the same test windows)."""
-    return sketch_comparisons(rows, rows, paired_difference, "ppl_a_minus_b", resamples, seed)
+    """Each row's test perplexity against its references' (paired over the same test windows)."""
+    return paired_comparisons(rows, rows, paired_difference, "ppl_a_minus_b", resamples, seed)
 
 
 def math_comparisons(
     rows: dict[str, dict[str, Any]], maths: dict[str, dict[str, Any]], resamples: int, seed: int
 ) -> list[dict[str, Any]]:
-    """Each sketch's GSM8K reference NLL against its rivals' (paired over the same items)."""
-    return sketch_comparisons(rows, maths, paired_nll_difference, "nll_a_minus_b", resamples, seed)
+    """Each row's GSM8K reference NLL against its references' (paired over the same items)."""
+    return paired_comparisons(rows, maths, paired_nll_difference, "nll_a_minus_b", resamples, seed)
 
 
 def finished_math(args: argparse.Namespace, rows: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -89,7 +89,7 @@ def test_math_nll_difference_is_paired_token_weighted_and_refuses_other_items(be
 
 def test_math_comparisons_set_each_sketch_against_its_width_only(bench):
     rows = {
-        "sketch-int2-g4": {"method": "sketch", "bits": 2},
+        "sketch-int2-g4": {"method": "sketch", "bits": 2, "groups_per_row": 4},
         "qlora-r64-nf2": {"method": "qlora", "bits": 2},
         "qlora-r64-nf4": {"method": "qlora", "bits": 4},
     }
@@ -100,6 +100,25 @@ def test_math_comparisons_set_each_sketch_against_its_width_only(bench):
     found = bench.math_comparisons(rows, maths, 500, 0)
     assert [(c["a"], c["b"]) for c in found] == [("sketch-int2-g4", "qlora-r64-nf2")]
     assert found[0]["nll_a_minus_b"] == pytest.approx(-0.01 + float(np.mean(noise * -1)) / 100)
+
+
+def test_each_row_is_read_against_its_width_its_bound_and_its_sibling(bench):
+    rows = {name: bench.row_identity(row) for name, row in bench.all_rows().items()}
+    refs = {name: bench.references(r) for name, r in rows.items()}
+    assert refs["sketch-int3-g1"] == ("qlora-r64-nf3", "loftq-r64-nf3", "lora-r64", "full", "sketch-int3-g4")
+    assert refs["sketch-int3-g4"] == ("qlora-r64-nf3", "loftq-r64-nf3", "lora-r64", "full")
+    assert refs["loftq-r64-nf2"] == ("qlora-r64-nf2",) and refs["full"] == ("lora-r64",)
+    assert refs["qlora-r64-nf4"] == refs["lora-r64"] == ()
+    assert all(set(r) <= set(rows) for r in refs.values())
+
+    # Only finished rows are compared: without full and the GPR 1 sketches, none of their pairs appear.
+    windows = np.random.default_rng(4).normal(3.0, 0.2, size=20)
+    done = [n for n in rows if n != "full" and not n.endswith("-g1")]
+    scored = {n: rows[n] | {"test_window_nll_after": (windows + 0.01 * i).tolist()} for i, n in enumerate(done)}
+    pairs = {(c["a"], c["b"]) for c in bench.comparisons(scored, 200, 0)}
+    assert pairs == {(n, ref) for n in done for ref in refs[n] if ref in scored}
+    assert ("loftq-r64-nf3", "qlora-r64-nf3") in pairs and ("sketch-int2-g4", "lora-r64") in pairs
+    assert not any("full" in p or "-g1" in "".join(p) for p in pairs)
 
 
 def test_half_decade_ladder_runs_both_ways_and_refuses_other_rates(bench):
